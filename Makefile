@@ -1,0 +1,44 @@
+# Every target bootstraps .venv on first use, so a newcomer types one command.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_CPU_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow bench lint format clean
+
+setup: $(STAMP)
+
+# No NVIDIA GPU: install the CPU wheel of torch first, or pip would resolve `torch` to the CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hdpo_ds.walkthrough
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/token_stats_memory.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
