@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+DEMO_RANKS ?= 2
 
-.PHONY: setup demo test test-slow bench lint format clean
+.PHONY: setup demo demo-assets test test-slow bench lint format clean
 
 setup: $(STAMP)
 
@@ -20,8 +21,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the embedded defaults: tiny Llama, bundled data, 2 ZeRO-3 ranks, MLflow in ./mlflow.db.
 demo: $(STAMP)
-	$(PY) -m hdpo_ds.walkthrough
+	$(VENV)/bin/deepspeed --num_accelerators $(DEMO_RANKS) launch/train.py \
+	  --ds ds_configs/zero3.json --config configs/demo.yaml
+
+# Regenerates configs/data/demo and configs/models/tiny-demo (committed; byte-identical for a seed).
+demo-assets: $(STAMP)
+	$(PY) -m hdpo_ds.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -31,6 +38,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/token_stats_memory.py
+	$(PY) bench/train_throughput.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

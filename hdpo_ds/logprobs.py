@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SegmentSums", "TokenStats", "segment_sums", "token_stats"]
+__all__ = ["SegmentSums", "TokenStats", "segment_sums", "token_logps", "token_stats"]
 
 
 class TokenStats(NamedTuple):
@@ -190,6 +190,33 @@ def token_stats(
     safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
     stats = _TokenStatsFunction.apply(logits, safe_labels, valid, top_k, chunk_size)
     return TokenStats(*(s.view(labels.shape) for s in stats))
+
+
+@torch.no_grad()
+def token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024, ignore_index: int = -100
+) -> torch.Tensor:
+    """Log-prob of each label only, without gradient: the reference pass's share of `token_stats`.
+
+    Shapes, shifting and dtypes as in `token_stats`; 0 at masked positions. Extra memory is one
+    (chunk_size, V) buffer in the computation dtype.
+    """
+    if logits.dim() < 2 or logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits must be (..., T, V) with labels (..., T); got {tuple(logits.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    cdtype = _compute_dtype(logits.dtype)
+    flat_labels = labels.reshape(-1)
+    valid = flat_labels != ignore_index
+    safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
+    out = torch.zeros(flat_labels.numel(), dtype=cdtype, device=logits.device)
+    for block, start, stop, flat in _chunk_ranges(_row_blocks(logits), chunk_size):
+        x = block[start:stop]
+        rows = slice(flat, flat + stop - start)
+        lse = x.to(cdtype).logsumexp(dim=-1)
+        out[rows] = x.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1).to(cdtype) - lse
+    return out.masked_fill_(~valid, 0.0).view(labels.shape)
 
 
 def segment_sums(

@@ -183,3 +183,16 @@ def test_segment_sums_matches_python_loop():
     got.sums.sum().backward()
     expected_grad = ((seq_index >= 0) & mask).float()
     torch.testing.assert_close(values.grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_token_logps_equals_token_stats_logps(dtype):
+    from hdpo_ds.logprobs import token_logps
+
+    logits, labels = _random_case(11, 90, seed=13)
+    x = logits.to(dtype)
+    got = token_logps(x[:, :-1], labels[:, 1:], chunk_size=4)
+    expected = token_stats(x[:, :-1], labels[:, 1:], chunk_size=4).logps
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+    assert not got.requires_grad and (got[labels[:, 1:] == IGNORE] == 0).all()

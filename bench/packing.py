@@ -1,0 +1,258 @@
+"""Packed vs padded micro-batches: forward + backward + AdamW throughput in real tokens/s, in one run.
+
+The same long-tailed pairs (lognormal lengths capped at --max-length, like chat preference data) go through
+a tiny Llama three ways, each with its own copy of the model and optimizer:
+
+- packed: hdpo_ds.data.plan_step(packing=True), one row per micro-batch, position_ids restart per sequence;
+- padded: plan_step(packing=False), one sequence per row padded to the longest, pairs grouped by length;
+- padded, arrival order: micro-batches filled in sampling order until rows × longest reaches the budget
+  (what a loader without packing or length grouping does);
+- packed, per-sequence attention: the packed rows again, with attention computed sequence by sequence
+  (sdpa, is_causal) through a bench-local transformers AttentionInterface instead of one dense
+  block-diagonal mask over the row. Its cost is the sum of squared sequence lengths rather than the square
+  of the row length; checked against the sdpa packed forward before timing.
+
+All three use the same token budget per micro-batch (--budget, default 2 × max length). Optimizer steps of the
+three modes are interleaved (step k of each mode, then step k + 1 ...), so background load on a shared
+machine hits them alike. Real tokens are non-padding tokens. Usage:
+
+    .venv/bin/python bench/packing.py [--pairs 256] [--pairs-per-step 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hdpo_ds.data import IGNORE_INDEX, MicroBatchPlan, TokenizedPair, collate, plan_stats, plan_step
+
+PER_SEQUENCE = "per_sequence_sdpa"
+
+
+def per_sequence_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal sdpa on each sequence of a packed row (B == 1); sequences start where position_ids are 0.
+    query (1, H, L, D), key/value (1, H_kv, L, D) -> (1, L, H, D), as transformers' attention functions."""
+    starts = [*torch.nonzero(kwargs["position_ids"][0] == 0)[:, 0].tolist(), query.shape[2]]  # host sync
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+            for s, e in itertools.pairwise(starts)
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_per_sequence_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(PER_SEQUENCE, per_sequence_attention)
+    # No mask at all: the function finds the sequences from position_ids.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PER_SEQUENCE, lambda *args, **kwargs: None)
+
+
+def lognormal_pairs(num_pairs: int, vocab: int, max_length: int, seed: int) -> list[TokenizedPair]:
+    """A shared prompt (median 60 tokens) and two responses (median 120), lognormal sigma 0.8, each sequence
+    capped at max_length by cutting its response."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(num_pairs):
+        prompt_len = min(int(np.ceil(rng.lognormal(np.log(60), 0.8))), max_length // 2)
+        responses = []
+        for _ in range(2):
+            n = int(np.ceil(rng.lognormal(np.log(120), 0.8)))
+            responses.append(rng.integers(3, vocab, min(n, max_length - prompt_len)).tolist())
+        pairs.append(
+            TokenizedPair(f"p{i}", rng.integers(3, vocab, prompt_len).tolist(), *responses, False, False)
+        )
+    return pairs
+
+
+def arrival_order_plan(lengths: np.ndarray, budget: int) -> list[MicroBatchPlan]:
+    """Padded micro-batches in sampling order: add pairs while 2 × pairs × longest fits the budget."""
+    mbs, current, width = [], [], 0
+    for i, (c, r) in enumerate(lengths.tolist()):
+        w = max(width, c, r)
+        if current and 2 * (len(current) + 1) * w > budget:
+            mbs.append(current)
+            current, w = [], max(c, r)
+        current.append(i)
+        width = w
+    mbs.append(current)
+    plans = []
+    for members in mbs:
+        tokens = int(lengths[members].sum())
+        plans.append(
+            MicroBatchPlan(tuple(members), False, tokens, 2 * len(members) * int(lengths[members].max()))
+        )
+    return plans
+
+
+def build_model(args, seed: int, attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        intermediate_size=3 * args.hidden,
+        vocab_size=args.vocab,
+        max_position_embeddings=max(args.budget, args.max_length),
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.train()
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def run_step(model, optimizer, pairs, micro_batches, packing: bool) -> int:
+    """One optimizer step of a DPO-shaped loss (reference log-probs 0). Returns the real tokens processed."""
+    num_pairs = sum(len(mb.pairs) for mb in micro_batches)
+    real = 0
+    for mb in micro_batches:
+        batch = collate(pairs, mb, pad_token_id=0, packing=packing)
+        logits = model(**batch.model_inputs()).logits
+        logps = torch.log_softmax(logits.float(), dim=-1)
+        mask = batch.labels != IGNORE_INDEX
+        token_logps = torch.where(mask, logps.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0], 0.0)
+        seq = torch.zeros(batch.num_seqs).index_add(0, batch.seq_index[mask], token_logps[mask])
+        margin = seq[batch.is_chosen] - seq[~batch.is_chosen]
+        loss = -F.logsigmoid(0.1 * margin).sum() / num_pairs
+        loss.backward()
+        real += batch.num_real_tokens
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return real
+
+
+def check_per_sequence_attention(args, pairs, micro_batch: MicroBatchPlan) -> None:
+    """The per-sequence attention must give the packed sdpa forward's logits before its speed counts."""
+    batch = collate(pairs, micro_batch, pad_token_id=0, packing=True)
+    with torch.no_grad():
+        reference = build_model(args, args.seed, args.attn)[0](**batch.model_inputs()).logits
+        candidate = build_model(args, args.seed, PER_SEQUENCE)[0](**batch.model_inputs()).logits
+    torch.testing.assert_close(candidate, reference, rtol=1e-4, atol=1e-4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--pairs-per-step", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument(
+        "--budget", type=int, default=None, help="tokens per micro-batch (default 2 × max length)"
+    )
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.budget = args.budget or 2 * args.max_length
+    torch.set_num_threads(args.threads)
+
+    pairs = lognormal_pairs(args.pairs, args.vocab, args.max_length, args.seed)
+    lengths = np.array([[p.chosen_length, p.rejected_length] for p in pairs])
+    perm = np.random.default_rng(args.seed + 1).permutation(len(pairs))
+    steps = [perm[s : s + args.pairs_per_step] for s in range(0, len(perm), args.pairs_per_step)]
+
+    modes = {}
+    variants = (
+        ("packed", True, args.attn),
+        ("padded", False, args.attn),
+        ("padded, arrival order", False, args.attn),
+        ("packed, per-sequence attention", True, PER_SEQUENCE),
+    )
+    for name, packing, attn in variants:
+        plans = []
+        for idx in steps:
+            if name == "padded, arrival order":
+                mbs = arrival_order_plan(lengths[idx], args.budget)
+            else:
+                mbs = plan_step(
+                    lengths[idx], world_size=1, max_tokens_per_micro_batch=args.budget, packing=packing
+                )
+                mbs = list(mbs.ranks[0])
+            plans.append(mbs)
+        mbs_all = [mb for step in plans for mb in step]
+        tensor = sum(mb.tensor_tokens for mb in mbs_all)
+        real = sum(mb.tokens for mb in mbs_all)
+        modes[name] = {
+            "packing": packing,
+            "attn": attn,
+            "plans": plans,
+            "micro_batches": len(mbs_all),
+            "fill": real / (len(mbs_all) * args.budget),
+            "padding_fraction": (tensor - real) / tensor,
+        }
+    if plan_stats(
+        plan_step(lengths, world_size=1, max_tokens_per_micro_batch=args.budget)
+    ).real_tokens != int(lengths.sum()):
+        raise AssertionError("plan lost tokens")
+    register_per_sequence_attention()
+    check_per_sequence_attention(args, [pairs[i] for i in steps[0]], modes["packed"]["plans"][0][0])
+
+    for mode in modes.values():
+        model, optimizer = build_model(args, args.seed, mode["attn"])
+        mode.update(model=model, optimizer=optimizer, seconds=0.0, tokens=0)
+        step_pairs = [pairs[i] for i in steps[0]]
+        run_step(model, optimizer, step_pairs, mode["plans"][0][:1], mode["packing"])  # warm-up, untimed
+
+    for k, idx in enumerate(steps):
+        step_pairs = [pairs[i] for i in idx]
+        for mode in modes.values():
+            start = time.perf_counter()
+            mode["tokens"] += run_step(
+                mode["model"], mode["optimizer"], step_pairs, mode["plans"][k], mode["packing"]
+            )
+            mode["seconds"] += time.perf_counter() - start
+
+    params = sum(p.numel() for p in modes["packed"]["model"].parameters())
+    packed_rate = modes["packed"]["tokens"] / modes["packed"]["seconds"]
+    print(
+        f"# {args.pairs} pairs ({int(lengths.sum())} real tokens), steps of {args.pairs_per_step} pairs, budget "
+        f"{args.budget} tokens/micro-batch, Llama {params / 1e6:.1f}M params ({args.layers} layers, hidden "
+        f"{args.hidden}, vocab {args.vocab}), {args.attn}, fp32, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, {platform.processor() or platform.machine()}"
+    )
+    print("| mode | micro-batches | fill | padding | seconds | real tokens/s | packed speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    results = {}
+    for name, mode in modes.items():
+        rate = mode["tokens"] / mode["seconds"]
+        results[name] = {
+            k: mode[k] for k in ("micro_batches", "fill", "padding_fraction", "seconds", "tokens")
+        }
+        results[name]["tokens_per_s"] = rate
+        print(
+            f"| {name} | {mode['micro_batches']} | {mode['fill']:.3f} | {mode['padding_fraction']:.3f} | "
+            f"{mode['seconds']:.1f} | {rate:,.0f} | {packed_rate / rate:.2f}× |"
+        )
+    print(json.dumps({"args": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""The run configuration: typed dataclasses with every default, YAML loading, dotted overrides.
+
+    cfg = load_config("configs/demo.yaml", ["loss.alpha=0.9", "train.max_steps=10"])
+
+An unknown key, a value of the wrong type, or an inconsistent combination raises `ConfigError`
+naming the dotted key, before anything expensive is built. Key names that scripts and docs outside
+the package rely on are listed in DESIGN.md §3 and keep their names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from hdpo_ds.losses import canonical_loss_type
+
+__all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the dotted key."""
+
+
+@dataclass
+class ModelConfig:
+    # A local directory or hub id loaded with AutoModelForCausalLM (offline), or, with from_scratch,
+    # a directory (or config.json) whose config builds a randomly initialised model.
+    name_or_path: str = ""
+    tokenizer: str = ""  # default: name_or_path
+    from_scratch: bool = False
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: follows the ds_config
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ReferenceConfig:
+    mode: Literal["online", "cached", "auto"] = "online"
+    name_or_path: str = ""  # default: the policy's initial weights
+    ds_config: str = "ds_configs/zero3_infer.json"
+    cache_path: str = ""
+    offload: bool = False  # ZeRO-3 parameter offload to CPU for the reference engine
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    split: str = ""
+    rows: str = ""  # a row slice like "0:1000"
+    eval_rows: str = ""
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    max_tokens_per_micro_batch: int = 4096
+    truncation: Literal["keep_end", "keep_start", "drop"] = "keep_end"
+    on_bad_record: Literal["error", "skip"] = "error"
+    chat_template: str = ""  # a Jinja file, for tokenizers without a template
+    packing: bool = True
+    cache_dir: str = ""  # default: <output_dir>/cache
+
+
+@dataclass
+class LossConfig:
+    type: str = "hdpo"
+    beta: float = 0.1
+    alpha: float = 1.0
+    label_smoothing: float = 0.0
+    f_alpha: float = 0.5
+    nll_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    pairs_per_step: int = 64
+    seed: int = 42
+    save_every: int = 0  # 0: only at the end
+    resume: str = "auto"  # auto | never | PATH
+    eval_every: int = 0  # 0: only at the end
+    eval_pairs: int = 0  # 0: the whole eval set
+    top_k: int = 10
+    logits_chunk_size: int = 1024
+    # Diagnostics: write the full gathered gradient of these steps to output_dir/diagnostics/.
+    dump_gradients_at: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    tracking_uri: str = ""
+    experiment: str = "hdpo_ds"
+    run_name: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "outputs/run"
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check (and gently convert) `value` against a field annotation; errors name the key."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {annotation}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str | int | float) and item_type is str:
+            value = [value]  # a single file where a list is expected
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads "3e-4" as a string; accept the number it plainly is.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            valid = ", ".join(sorted(names))
+            raise ConfigError(f"{key}: unknown key (valid keys here: {valid})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted.key=value")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = {}
+    node = nested
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides (values parsed as YAML); validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError as e:
+            raise ConfigError(f"--config: no such file {path}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: expected a mapping at the top level")
+        _apply(cfg, data)
+    for item in overrides or []:
+        _apply(cfg, _parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no files or engines; the trainer checks paths before it builds anything."""
+    try:
+        name = canonical_loss_type(cfg.loss.type)
+    except ValueError as e:
+        raise ConfigError(f"loss.type: {e}") from None
+    if not cfg.loss.beta > 0:
+        raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
+    if not cfg.loss.alpha > 0:
+        raise ConfigError(f"loss.alpha: must be > 0, got {cfg.loss.alpha}")
+    if cfg.loss.type in ("dpo", "sigmoid") and cfg.loss.alpha != 1.0:
+        raise ConfigError(f"loss.alpha: loss.type={cfg.loss.type} means alpha=1; use loss.type=hdpo")
+    if not 0 < cfg.loss.f_alpha < 1:
+        raise ConfigError(f"loss.f_alpha: must lie in (0, 1), got {cfg.loss.f_alpha}")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing: must lie in [0, 0.5), got {cfg.loss.label_smoothing}")
+    if cfg.loss.label_smoothing > 0 and name in ("ipo", "hinge"):
+        raise ConfigError(f"loss.label_smoothing: does not apply to loss.type={cfg.loss.type}")
+    if cfg.loss.nll_weight < 0:
+        raise ConfigError(f"loss.nll_weight: must be >= 0, got {cfg.loss.nll_weight}")
+    if not cfg.model.name_or_path:
+        raise ConfigError("model.name_or_path: required (a local model directory, hub id, or config)")
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files: required (one or more files or dataset directories)")
+    if cfg.reference.mode != "online":
+        raise ConfigError(
+            f"reference.mode: {cfg.reference.mode!r} needs the offline reference cache, which this "
+            "version does not have yet; use reference.mode=online"
+        )
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.pairs_per_step": cfg.train.pairs_per_step,
+        "data.max_length": cfg.data.max_length,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "data.max_tokens_per_micro_batch": cfg.data.max_tokens_per_micro_batch,
+        "train.top_k": cfg.train.top_k,
+        "train.logits_chunk_size": cfg.train.logits_chunk_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.data.max_prompt_length >= cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_prompt_length: must be < data.max_length ({cfg.data.max_length}), "
+            f"got {cfg.data.max_prompt_length}"
+        )
+    if cfg.data.max_tokens_per_micro_batch < 2 * cfg.data.max_length:
+        raise ConfigError(
+            f"data.max_tokens_per_micro_batch: must be >= 2 * data.max_length = {2 * cfg.data.max_length} "
+            f"so a pair fits in one micro-batch, got {cfg.data.max_tokens_per_micro_batch}"
+        )
+    for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every,
+                       "train.eval_pairs": cfg.train.eval_pairs, "optim.warmup_steps": cfg.optim.warmup_steps}.items():  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not cfg.optim.lr >= 0:
+        raise ConfigError(f"optim.lr: must be >= 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
+    if cfg.optim.max_grad_norm < 0:
+        raise ConfigError(
+            f"optim.max_grad_norm: must be >= 0 (0 disables clipping), got {cfg.optim.max_grad_norm}"
+        )
+    if cfg.optim.warmup_steps > cfg.train.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys used for overrides and MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, prefix=f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out

@@ -1,0 +1,46 @@
+"""Preference data: records -> tokenized pairs -> packed micro-batches (DESIGN.md §1)."""
+
+from hdpo_ds.data.packing import (
+    IGNORE_INDEX,
+    MicroBatchPlan,
+    PackedBatch,
+    PlanStats,
+    StepPlan,
+    collate,
+    plan_stats,
+    plan_step,
+)
+from hdpo_ds.data.records import DataError, LoadResult, PreferenceRecord, load_records, normalise_record
+from hdpo_ds.data.sampler import PairSampler, StepAssignment
+from hdpo_ds.data.tokenize import (
+    TokenizedPair,
+    TokenizedPairs,
+    TokenizeResult,
+    resolve_chat_template,
+    tokenize_pairs,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "LoadResult",
+    "MicroBatchPlan",
+    "PackedBatch",
+    "PairSampler",
+    "PlanStats",
+    "PreferenceRecord",
+    "StepAssignment",
+    "StepPlan",
+    "TokenizeResult",
+    "TokenizedPair",
+    "TokenizedPairs",
+    "collate",
+    "load_records",
+    "normalise_record",
+    "plan_stats",
+    "plan_step",
+    "resolve_chat_template",
+    "tokenize_pairs",
+    "tokenizer_fingerprint",
+]

@@ -1,0 +1,192 @@
+"""The distributed step sampler: which pairs make each optimizer step, and how each rank's share is packed.
+
+Each epoch the pairs are shuffled with a permutation that depends only on (seed, epoch): sorting PCG64 raw
+64-bit draws, whose streams NumPy keeps stable across versions (unlike ``Generator.permutation``). Steps take
+consecutive slices of ``pairs_per_step`` pairs (global, not per rank); each step is planned with
+:func:`~hdpo_ds.data.packing.plan_step`, which balances tokens, not pair counts, across ranks and gives every
+rank the same number of micro-batches. Every rank computes the same permutation and plans, so no
+communication is needed. ``state_dict`` holds (epoch, steps consumed in the epoch) for exact resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from hdpo_ds.data.packing import MicroBatchPlan, StepPlan, plan_step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAssignment:
+    """One optimizer step as seen by one rank.
+
+    ``pair_indices`` (num_pairs,): dataset indices of all the step's pairs (every rank's), in step order; the
+    plan's pair positions index it. ``micro_batches``: this rank's micro-batches. ``num_pairs``: the step's
+    global pair count (the loss is the mean over these).
+    """
+
+    epoch: int
+    step: int
+    rank: int
+    pair_indices: np.ndarray
+    plan: StepPlan
+
+    @property
+    def micro_batches(self) -> tuple[MicroBatchPlan, ...]:
+        return self.plan.for_rank(self.rank)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pair_indices)
+
+    def pairs(self, dataset: Sequence[Any]) -> _StepPairs:
+        """A lazy view for :func:`~hdpo_ds.data.packing.collate`: ``view[pos] = dataset[pair_indices[pos]]``,
+        so a rank reads only the pairs of its own micro-batches."""
+        return _StepPairs(dataset, self.pair_indices)
+
+
+class _StepPairs:
+    def __init__(self, dataset: Sequence[Any], indices: np.ndarray) -> None:
+        self._dataset = dataset
+        self._indices = indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, pos: int) -> Any:
+        return self._dataset[int(self._indices[pos])]
+
+
+class PairSampler:
+    """Deterministic, resumable step sampler over pairs of known lengths.
+
+    ``lengths``: (num_pairs, 2) token lengths of each pair's chosen and rejected sequence, prompt included
+    (``TokenizedPairs.lengths``). ``pairs_per_step``: global pairs per optimizer step (``train.pairs_per_step``).
+    ``max_length``: the configured ``data.max_length``, used to validate the budget (default: the longest
+    sequence present). ``drop_last``: drop the final partial step of an epoch; without it that step is
+    shorter (``StepAssignment.num_pairs`` says by how much). Iterating runs from the current position to
+    the end of the epoch, then moves to the next epoch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[Sequence[int]] | np.ndarray,
+        *,
+        pairs_per_step: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        max_tokens_per_micro_batch: int,
+        max_length: int | None = None,
+        packing: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+        num_pairs = len(self.lengths)
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if num_pairs == 0:
+            raise ValueError("no pairs to sample from")
+        if not isinstance(pairs_per_step, int) or pairs_per_step < world_size:
+            raise ValueError(
+                f"train.pairs_per_step must be an integer >= the world size ({world_size}): every rank needs a pair "
+                f"to work on; got {pairs_per_step!r}"
+            )
+        if drop_last and pairs_per_step > num_pairs:
+            raise ValueError(
+                f"train.pairs_per_step ({pairs_per_step}) exceeds the number of pairs ({num_pairs}): with drop_last "
+                "an epoch would have no step"
+            )
+        longest = int(self.lengths.max())
+        if max_length is not None and longest > max_length:
+            raise ValueError(
+                f"a pair has a sequence of {longest} tokens, more than data.max_length ({max_length})"
+            )
+        max_length = longest if max_length is None else max_length
+        if max_tokens_per_micro_batch < 2 * max_length:
+            raise ValueError(
+                f"data.max_tokens_per_micro_batch ({max_tokens_per_micro_batch}) must be >= 2 × data.max_length "
+                f"({2 * max_length}) so that any pair fits in one micro-batch"
+            )
+        self.pairs_per_step = pairs_per_step
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = int(seed)
+        self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
+        self.packing = packing
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.offset = 0  # steps of the current epoch already handed out
+        self._perm_epoch: int | None = None
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Optimizer steps per epoch."""
+        n = len(self.lengths)
+        return n // self.pairs_per_step if self.drop_last else -(-n // self.pairs_per_step)
+
+    def __iter__(self) -> Iterator[StepAssignment]:
+        while self.offset < len(self):
+            assignment = self.assignment(self.epoch, self.offset)
+            self.offset += 1  # before yielding: a state_dict taken after this step resumes with the next one
+            yield assignment
+        self.epoch += 1
+        self.offset = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.offset = 0
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The order of all pairs in ``epoch`` (same on every rank and every run)."""
+        if self._perm_epoch != epoch:
+            keys = np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])).random_raw(
+                len(self.lengths)
+            )
+            self._perm = np.argsort(keys, kind="stable")
+            self._perm_epoch = epoch
+        return self._perm
+
+    def assignment(self, epoch: int, step: int) -> StepAssignment:
+        """Step ``step`` of ``epoch`` for this rank: a pure function of the arguments and the constructor's."""
+        if not 0 <= step < len(self):
+            raise IndexError(f"step {step} out of range: an epoch has {len(self)} steps")
+        indices = self.permutation(epoch)[step * self.pairs_per_step : (step + 1) * self.pairs_per_step]
+        plan = plan_step(
+            self.lengths[indices],
+            world_size=self.world_size,
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            packing=self.packing,
+        )
+        return StepAssignment(int(epoch), int(step), self.rank, indices.copy(), plan)
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "seed": self.seed,
+            "num_pairs": len(self.lengths),
+            "pairs_per_step": self.pairs_per_step,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at the saved position. The data, seed and pairs_per_step must be those of the saved run (a
+        different world size is allowed: the pairs of each step stay the same, only their packing differs)."""
+        for key, mine in (
+            ("seed", self.seed),
+            ("num_pairs", len(self.lengths)),
+            ("pairs_per_step", self.pairs_per_step),
+        ):
+            if int(state[key]) != mine:
+                raise ValueError(
+                    f"cannot resume the sampler: the checkpoint has {key}={state[key]} but this run has {mine}"
+                )
+        if not 0 <= int(state["offset"]) <= len(self):
+            raise ValueError(
+                f"cannot resume the sampler: offset {state['offset']} is outside [0, {len(self)}]"
+            )
+        self.epoch = int(state["epoch"])
+        self.offset = int(state["offset"])

@@ -1,0 +1,106 @@
+"""Rank helpers, barriers, and the one-collective reductions (DESIGN.md §5).
+
+Everything that asks "which rank am I", waits for the others, or combines numbers across ranks goes
+through here, so that one process without any launcher behaves as a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as tdist
+
+__all__ = [
+    "all_agree",
+    "barrier",
+    "fill_single_process_env",
+    "is_initialized",
+    "is_main_process",
+    "local_rank",
+    "rank",
+    "reduce_sums",
+    "world_size",
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_single_process_env() -> bool:
+    """Give a launcher-less `python script.py` the rendezvous variables of a world of one.
+
+    DeepSpeed's init otherwise looks for MPI (shared/notes/deepspeed-on-cpu.md). Returns True when it
+    filled them, False when a launcher (deepspeed, torchrun, srun wrapper) already set them.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return False
+    os.environ.update(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port())),
+        }
+    )
+    return True
+
+
+def is_initialized() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        tdist.barrier()
+
+
+def reduce_sums(
+    values: Mapping[str, torch.Tensor | float], device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Sum named scalars over all ranks with one all-reduce and one host sync.
+
+    Values may be 0-d tensors still on the device (no sync happens before the stack) or Python
+    numbers. Returns plain floats, identical on every rank.
+    """
+    names = list(values)
+    if not names:
+        return {}
+    stacked = torch.stack(
+        [v.detach().to(device=device, dtype=torch.float64).reshape(()) if torch.is_tensor(v)
+         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values.values()]
+    )  # fmt: skip
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(stacked, op=tdist.ReduceOp.SUM)
+    return dict(zip(names, stacked.tolist(), strict=True))  # host sync: once per call
+
+
+def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is True on any rank: a control-flow decision made together."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())

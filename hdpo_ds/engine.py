@@ -1,0 +1,236 @@
+"""DeepSpeed engines: the ds_config "auto" filling, the ZeRO-3 policy engine and the reference engine.
+
+With checkpoint.py and plan.py, the only modules that import deepspeed. A step is
+`train.pairs_per_step` pairs packed into token-budget micro-batches; DeepSpeed counts samples, so its
+batch keys are fixed to one "sample" (micro-batch) per rank and accumulation step, and the trainer
+marks the accumulation boundary itself (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hdpo_ds.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "build_policy_engine",
+    "build_reference_engine",
+    "fill_ds_config",
+    "full_gradients",
+    "init_distributed",
+    "load_ds_config",
+    "resolve_dtype",
+    "zero3_loading",
+]
+
+
+def load_ds_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--ds: no such DeepSpeed config {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--ds: {path} is not valid JSON: {e}") from None
+
+
+def resolve_dtype(cfg: Config, ds_config: dict) -> torch.dtype:
+    """The training dtype: model.dtype when set, else the ds_config's bf16/fp16 switch, else bf16 on
+    GPUs that support it and float32 on CPU (where exact comparisons in tests need float32)."""
+    names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if cfg.model.dtype != "auto":
+        return names[cfg.model.dtype]
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _set_auto(section: dict, key: str, value: Any, path: str) -> None:
+    """Fill `key` when it is "auto" or absent; an explicit value that disagrees is an error."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value:
+        raise ConfigError(
+            f"ds_config.{path}: {current!r} conflicts with the run config, which needs {value!r}"
+        )
+
+
+def fill_ds_config(
+    ds_config: dict,
+    cfg: Config,
+    *,
+    world_size: int,
+    device_type: str,
+    hidden_size: int | None = None,
+    training: bool = True,
+) -> dict:
+    """Return a copy of `ds_config` with every "auto" value filled from the run config.
+
+    This is the one place that maps our run config onto DeepSpeed's keys:
+    - batch keys: one micro-batch per rank per DeepSpeed "step", gradient_accumulation_steps 1; the
+      trainer sets the accumulation boundary on each rank's last micro-batch of an optimizer step;
+    - optimizer lr / betas / eps / weight_decay from `optim.*` (on CPU, torch's AdamW, which needs no
+      compiled op); gradient_clipping from `optim.max_grad_norm`;
+    - bf16 / fp16 from the resolved dtype;
+    - ZeRO-3 bucket sizes from the hidden size, as transformers' integration does.
+    A key that is still "auto" afterwards, or a value that contradicts the run config, raises
+    ConfigError naming the ds_config key.
+    """
+    if cfg.train.pairs_per_step % world_size:
+        raise ConfigError(
+            f"train.pairs_per_step: {cfg.train.pairs_per_step} is not divisible by the world size {world_size}"
+        )
+    ds = copy.deepcopy(ds_config)
+    _set_auto(ds, "train_micro_batch_size_per_gpu", 1, "train_micro_batch_size_per_gpu")
+    _set_auto(ds, "gradient_accumulation_steps", 1, "gradient_accumulation_steps")
+    _set_auto(ds, "train_batch_size", world_size, "train_batch_size")
+
+    dtype = resolve_dtype(cfg, ds_config)
+    for key, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = wanted
+        elif section["enabled"] != wanted:
+            raise ConfigError(
+                f"ds_config.{key}.enabled: {section['enabled']} conflicts with model.dtype={dtype}"
+            )
+
+    if "scheduler" in ds:
+        raise ConfigError(
+            "ds_config.scheduler: remove it; the learning-rate schedule comes from optim.schedule"
+        )
+    if training:
+        optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+        params = optimizer.setdefault("params", {})
+        for key, value in (("lr", cfg.optim.lr), ("betas", list(cfg.optim.betas)), ("eps", cfg.optim.eps),
+                           ("weight_decay", cfg.optim.weight_decay)):  # fmt: skip
+            _set_auto(params, key, value, f"optimizer.params.{key}")
+        if device_type == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
+            zero = ds.get("zero_optimization", {})
+            offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+            if not offloaded:
+                params.setdefault("torch_adam", True)
+        _set_auto(ds, "gradient_clipping", cfg.optim.max_grad_norm, "gradient_clipping")
+    else:
+        if "optimizer" in ds:
+            raise ConfigError("ds_config.optimizer: the reference engine takes no optimizer; remove it")
+        ds.pop("gradient_clipping", None)
+
+    zero = ds.get("zero_optimization", {})
+    if hidden_size:
+        auto_sizes = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
+        for key, value in auto_sizes.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
+    for key in ("offload_param", "offload_optimizer"):
+        section = zero.get(key)
+        if isinstance(section, dict) and section.get("device") not in (None, "none") and device_type == "cpu":
+            section["pin_memory"] = False  # no pinned host memory without an accelerator
+
+    _reject_leftover_auto(ds)
+    return ds
+
+
+def _reject_leftover_auto(node: Any, path: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _reject_leftover_auto(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _reject_leftover_auto(value, f"{path}[{i}]")
+    elif node == "auto":
+        raise ConfigError(f"ds_config.{path}: 'auto' is not a value hdpo_ds can fill; set it explicitly")
+
+
+def init_distributed() -> None:
+    """Join the process group (gloo on CPU, nccl on GPUs); DeepSpeed picks the backend."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=None, verbose=False)
+
+
+def device_type() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def current_device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, get_accelerator().current_device())
+
+
+def zero3_loading(ds_config: dict):
+    """Make transformers build or load the next model straight into ZeRO-3 partitions.
+
+    Returns the HfDeepSpeedConfig handle (the caller keeps it referenced while loading), or None when
+    the config is not ZeRO stage 3. With it, `from_pretrained` / `from_config` run inside
+    `deepspeed.zero.Init`, so a large model is never whole on one rank.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def build_policy_engine(model: torch.nn.Module, ds_config: dict, lr_lambda: Callable[[int], float]):
+    """The ZeRO training engine; `lr_lambda(step)` multiplies optim.lr (warmup and decay)."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=scheduler,
+    )
+    return engine
+
+
+def build_reference_engine(model: torch.nn.Module, ds_config: dict):
+    """A DeepSpeed engine without optimizer, in eval mode, parameters frozen."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def full_gradients(engine) -> dict[str, torch.Tensor]:
+    """Every parameter's full (gathered) gradient, on CPU in float32. Collective: all ranks call it.
+
+    Valid after the last backward of an optimizer step and before `engine.step()`.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {}
+    for name, param in engine.module.named_parameters():
+        grad = safe_get_full_grad(param)
+        if grad is not None:
+            grads[name] = grad.detach().float().cpu().clone()
+    return grads

@@ -1,0 +1,143 @@
+"""Config loading and validation, the ds_config filling, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
+from hdpo_ds.engine import fill_ds_config, load_ds_config
+from hdpo_ds.trainer import lr_multiplier
+
+BASE = ["model.name_or_path=configs/models/tiny-demo", "data.train_files=[a.jsonl]"]
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "loss:\n  type: hdpo\n  alpha: 0.8\ntrain:\n  max_steps: 7\ndata:\n  train_files: x.jsonl\n"
+    )
+    cfg = load_config(path, ["model.name_or_path=m", "loss.alpha=0.95", "optim.betas=[0.8, 0.9]"])
+    assert cfg.loss.alpha == 0.95  # the override wins over the file
+    assert cfg.train.max_steps == 7
+    assert cfg.data.train_files == ["x.jsonl"]  # a single file becomes a list
+    assert cfg.optim.betas == [0.8, 0.9]
+    assert cfg.loss.beta == 0.1  # a default
+    assert flatten(to_dict(cfg))["loss.alpha"] == 0.95
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("loss.alpah=0.9", "loss.alpah: unknown key"),
+        ("bogus=1", "bogus: unknown key"),
+        ("loss.alpha=high", "loss.alpha: expected a number"),
+        ("train.max_steps=1.5", "train.max_steps: expected an integer"),
+        ("data.packing=maybe", "data.packing: expected true or false"),
+        ("loss.type=kto", "loss.type: unknown loss_type 'kto'"),
+        ("loss.beta=0", "loss.beta: must be > 0"),
+        ("loss.alpha=-1", "loss.alpha: must be > 0"),
+        ("loss.f_alpha=1.5", "loss.f_alpha"),
+        ("loss.label_smoothing=0.6", "loss.label_smoothing"),
+        ("data.truncation=middle", "data.truncation: 'middle' is not one of"),
+        ("reference.mode=cached", "reference.mode"),
+        (
+            "data.max_tokens_per_micro_batch=100",
+            "data.max_tokens_per_micro_batch: must be >= 2 * data.max_length",
+        ),
+        ("data.max_prompt_length=5000", "data.max_prompt_length: must be < data.max_length"),
+        ("optim.warmup_steps=1000", "optim.warmup_steps"),
+        ("model=3", "model: expected a mapping"),
+        ("loss.alpha", "expected dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("(", r"\(").replace("*", r"\*")):
+        load_config(None, [*BASE, override])
+
+
+def test_required_keys():
+    with pytest.raises(ConfigError, match="model.name_or_path: required"):
+        load_config(None, ["data.train_files=[a.jsonl]"])
+    with pytest.raises(ConfigError, match="data.train_files: required"):
+        load_config(None, ["model.name_or_path=m"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="--config: no such file"):
+        load_config("/nonexistent/run.yaml")
+
+
+def _cfg(*overrides):
+    return load_config(None, [*BASE, *overrides])
+
+
+def test_fill_ds_config_fills_every_auto_key():
+    ds = load_ds_config("ds_configs/zero3.json")
+    cfg = _cfg("optim.lr=3e-4", "optim.max_grad_norm=0.5", "train.pairs_per_step=8")
+    filled = fill_ds_config(ds, cfg, world_size=4, device_type="cpu", hidden_size=64)
+    assert filled["train_micro_batch_size_per_gpu"] == 1
+    assert filled["gradient_accumulation_steps"] == 1
+    assert filled["train_batch_size"] == 4  # micro-batch 1 x accumulation 1 x world 4
+    assert filled["optimizer"]["params"]["lr"] == 3e-4
+    assert filled["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert filled["optimizer"]["params"]["torch_adam"] is True  # CPU: no compiled fused Adam
+    assert filled["gradient_clipping"] == 0.5
+    assert filled["bf16"]["enabled"] is False and filled["fp16"]["enabled"] is False  # float32 on CPU
+    zero = filled["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 64 * 64
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 640
+    assert "auto" not in json.dumps(filled)
+    assert ds["optimizer"]["params"]["lr"] == "auto"  # the input is not modified
+
+
+def test_fill_ds_config_bf16_and_reference():
+    ds = load_ds_config("ds_configs/zero3_infer.json")
+    filled = fill_ds_config(ds, _cfg("model.dtype=bfloat16"), world_size=2, device_type="cuda",
+                            hidden_size=32, training=False)  # fmt: skip
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert "optimizer" not in filled and "gradient_clipping" not in filled
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(gradient_accumulation_steps=4), "ds_config.gradient_accumulation_steps"),
+        (lambda d: d.update(scheduler={"type": "WarmupLR"}), "ds_config.scheduler"),
+        (
+            lambda d: d["zero_optimization"].update(sub_group_size="auto"),
+            "ds_config.zero_optimization.sub_group_size",
+        ),
+        (lambda d: d["bf16"].update(enabled=True), "ds_config.bf16.enabled"),
+    ],
+)
+def test_fill_ds_config_conflicts_name_the_key(mutate, message):
+    ds = load_ds_config("ds_configs/zero3.json")
+    mutate(ds)
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        fill_ds_config(ds, _cfg("model.dtype=float32"), world_size=2, device_type="cpu", hidden_size=64)
+
+
+def test_pairs_per_step_must_divide_by_world_size():
+    ds = load_ds_config("ds_configs/zero3.json")
+    with pytest.raises(ConfigError, match="train.pairs_per_step: 10 is not divisible by the world size 4"):
+        fill_ds_config(ds, _cfg("train.pairs_per_step=10"), world_size=4, device_type="cpu", hidden_size=64)
+
+
+def test_lr_multiplier_hand_worked():
+    """warmup 2 of 10 steps: 1/2, 2/2; then cosine over the 8 remaining steps to min ratio 0.1:
+    step 6 is halfway (progress 4/8): 0.1 + 0.9 * 0.5 * (1 + cos(pi/2)) = 0.55."""
+    kw = {"warmup_steps": 2, "max_steps": 10, "min_lr_ratio": 0.1}
+    assert lr_multiplier(0, schedule="cosine", **kw) == 0.5
+    assert lr_multiplier(1, schedule="cosine", **kw) == 1.0
+    assert lr_multiplier(2, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_multiplier(6, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_multiplier(10, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_multiplier(6, schedule="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(6, schedule="constant", **kw) == 1.0
+    assert math.isclose(
+        lr_multiplier(4, schedule="cosine", **kw), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    )
