@@ -38,7 +38,9 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/token_stats_memory.py
+	$(PY) bench/packing.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/ref_modes.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -67,9 +67,16 @@ def register_per_sequence_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(PER_SEQUENCE, lambda *args, **kwargs: None)
 
 
+def lognormal_lengths(num_pairs: int, max_length: int, rng: np.random.Generator) -> np.ndarray:
+    """(num_pairs, 3) token counts: a shared prompt (median 60, at most max_length / 2) and two responses
+    (median 120), lognormal with sigma 0.8, each response cut so that prompt + response <= max_length."""
+    prompt = np.minimum(np.ceil(rng.lognormal(np.log(60), 0.8, num_pairs)), max_length // 2).astype(np.int64)
+    responses = np.ceil(rng.lognormal(np.log(120), 0.8, (num_pairs, 2))).astype(np.int64)
+    return np.concatenate([prompt[:, None], np.minimum(responses, max_length - prompt[:, None])], axis=1)
+
+
 def lognormal_pairs(num_pairs: int, vocab: int, max_length: int, seed: int) -> list[TokenizedPair]:
-    """A shared prompt (median 60 tokens) and two responses (median 120), lognormal sigma 0.8, each sequence
-    capped at max_length by cutting its response."""
+    """Pairs of random token ids whose lengths follow lognormal_lengths (drawn pair by pair)."""
     rng = np.random.default_rng(seed)
     pairs = []
     for i in range(num_pairs):
@@ -82,6 +89,38 @@ def lognormal_pairs(num_pairs: int, vocab: int, max_length: int, seed: int) -> l
             TokenizedPair(f"p{i}", rng.integers(3, vocab, prompt_len).tolist(), *responses, False, False)
         )
     return pairs
+
+
+def fill_table(args) -> None:
+    """Plan fill (fillers included) on random steps of lognormal pairs, by step size and world size."""
+    rng = np.random.default_rng(args.seed)
+    print(f"## plan fill over {args.fill_steps} random steps, budget {args.budget} (min / mean)")
+    print(
+        "| pairs per step | world size | packed fill | padded fill (length-grouped) | padded padding fraction |"
+    )
+    print("|---|---|---|---|---|")
+    for pairs_per_step in (256, 512):
+        for world_size in range(1, 9):
+            packed, padded, padding = [], [], []
+            for _ in range(args.fill_steps):
+                counts = lognormal_lengths(pairs_per_step, args.max_length, rng)
+                lengths = counts[:, :1] + counts[:, 1:]
+                for packing, out in ((True, packed), (False, padded)):
+                    stats = plan_stats(
+                        plan_step(
+                            lengths,
+                            world_size=world_size,
+                            max_tokens_per_micro_batch=args.budget,
+                            packing=packing,
+                        )
+                    )
+                    out.append(stats.fill)
+                    if not packing:
+                        padding.append(stats.padding_fraction)
+            print(
+                f"| {pairs_per_step} | {world_size} | {min(packed):.3f} / {np.mean(packed):.3f} | "
+                f"{min(padded):.3f} / {np.mean(padded):.3f} | {np.mean(padding):.3f} |"
+            )
 
 
 def arrival_order_plan(lengths: np.ndarray, budget: int) -> list[MicroBatchPlan]:
@@ -170,9 +209,12 @@ def main() -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fill-steps", type=int, default=20, help="random steps per row of the fill table")
     args = parser.parse_args()
     args.budget = args.budget or 2 * args.max_length
     torch.set_num_threads(args.threads)
+    load_before = _load_average()
+    fill_table(args)
 
     pairs = lognormal_pairs(args.pairs, args.vocab, args.max_length, args.seed)
     lengths = np.array([[p.chosen_length, p.rejected_length] for p in pairs])
@@ -221,6 +263,7 @@ def main() -> None:
         step_pairs = [pairs[i] for i in steps[0]]
         run_step(model, optimizer, step_pairs, mode["plans"][0][:1], mode["packing"])  # warm-up, untimed
 
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     for k, idx in enumerate(steps):
         step_pairs = [pairs[i] for i in idx]
         for mode in modes.values():
@@ -230,6 +273,7 @@ def main() -> None:
             )
             mode["seconds"] += time.perf_counter() - start
 
+    cpu_per_wall = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
     params = sum(p.numel() for p in modes["packed"]["model"].parameters())
     packed_rate = modes["packed"]["tokens"] / modes["packed"]["seconds"]
     print(
@@ -251,7 +295,20 @@ def main() -> None:
             f"| {name} | {mode['micro_batches']} | {mode['fill']:.3f} | {mode['padding_fraction']:.3f} | "
             f"{mode['seconds']:.1f} | {rate:,.0f} | {packed_rate / rate:.2f}× |"
         )
-    print(json.dumps({"args": vars(args), "results": results}))
+    # Another busy process skews the ratios (small micro-batches suffer most): check these before trusting them.
+    print(
+        f"# 1-minute load average before {load_before}, after {_load_average()}; process CPU time / wall time "
+        f"{cpu_per_wall:.2f} (about {args.threads} when nothing else competes for the cores)"
+    )
+    print(json.dumps({"args": vars(args), "results": results, "cpu_per_wall": cpu_per_wall}))
+
+
+def _load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "n/a"
 
 
 if __name__ == "__main__":

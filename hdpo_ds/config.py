@@ -45,7 +45,9 @@ class ReferenceConfig:
     mode: Literal["online", "cached", "auto"] = "online"
     name_or_path: str = ""  # default: the policy's initial weights
     ds_config: str = "ds_configs/zero3_infer.json"
-    cache_path: str = ""
+    cache_path: str = ""  # cached: required; auto: default <output_dir>/reference_cache
+    rebuild_stale: bool = False  # auto: rebuild a stale cache (logged) instead of stopping
+    shard_pairs: int = 4096  # pairs per cache shard: the unit a killed precompute resumes from
     offload: bool = False  # ZeRO-3 parameter offload to CPU for the reference engine
 
 
@@ -94,7 +96,11 @@ class TrainConfig:
     pairs_per_step: int = 64
     seed: int = 42
     save_every: int = 0  # 0: only at the end
-    resume: str = "auto"  # auto | never | PATH
+    resume: str = "auto"  # auto | never | PATH (a checkpoint folder or a checkpoints root)
+    resume_force: bool = False  # resume even when the config changes the math (the keys are logged)
+    keep_checkpoints: int = 3  # complete checkpoints kept (latest and protected ones never go)
+    max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before stopping
+    export_hf: bool = True  # write <output_dir>/hf (safetensors, tokenizer) at the end
     eval_every: int = 0  # 0: only at the end
     eval_pairs: int = 0  # 0: the whole eval set
     top_k: int = 10
@@ -247,11 +253,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.name_or_path: required (a local model directory, hub id, or config)")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files: required (one or more files or dataset directories)")
-    if cfg.reference.mode != "online":
-        raise ConfigError(
-            f"reference.mode: {cfg.reference.mode!r} needs the offline reference cache, which this "
-            "version does not have yet; use reference.mode=online"
-        )
+    if cfg.reference.mode == "cached" and not cfg.reference.cache_path:
+        raise ConfigError("reference.cache_path: required with reference.mode=cached (the precomputed cache)")
     positive = {
         "train.max_steps": cfg.train.max_steps,
         "train.pairs_per_step": cfg.train.pairs_per_step,
@@ -260,6 +263,8 @@ def validate(cfg: Config) -> None:
         "data.max_tokens_per_micro_batch": cfg.data.max_tokens_per_micro_batch,
         "train.top_k": cfg.train.top_k,
         "train.logits_chunk_size": cfg.train.logits_chunk_size,
+        "reference.shard_pairs": cfg.reference.shard_pairs,
+        "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
     }
     for key, value in positive.items():
         if value < 1:

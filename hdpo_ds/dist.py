@@ -16,7 +16,9 @@ import torch.distributed as tdist
 __all__ = [
     "all_agree",
     "barrier",
+    "broadcast_object",
     "fill_single_process_env",
+    "gather_objects",
     "is_initialized",
     "is_main_process",
     "local_rank",
@@ -104,3 +106,21 @@ def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
     if is_initialized() and world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank (small payloads only)."""
+    if not (is_initialized() and world_size() > 1):
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every rank (e.g. a hash only the main process computed)."""
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]

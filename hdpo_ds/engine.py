@@ -234,3 +234,14 @@ def full_gradients(engine) -> dict[str, torch.Tensor]:
         if grad is not None:
             grads[name] = grad.detach().float().cpu().clone()
     return grads
+
+
+def discard_gradients(policy) -> None:
+    """Drop the step's accumulated gradients without an optimizer update (a skipped step).
+
+    As DeepSpeed does after its own update: the ZeRO optimizer's zero_grad also resets its micro-step
+    count, so the next step's gradients start fresh instead of adding to these."""
+    if hasattr(policy.optimizer, "zero_grad"):
+        policy.optimizer.zero_grad()
+    else:
+        policy.zero_grad()

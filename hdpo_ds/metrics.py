@@ -25,6 +25,7 @@ __all__ = [
     "NullLogger",
     "StepAccumulator",
     "package_versions",
+    "peak_memory_mib",
     "resolve_tracking_uri",
 ]
 
@@ -157,6 +158,21 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak host RSS and, on CUDA, peak allocated device memory (MiB)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    out["peak_host_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["peak_device_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 class NullLogger:
     """What ranks other than 0 hold: the same interface, doing nothing."""
 
@@ -177,6 +193,12 @@ class NullLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+    def reopen(self) -> None:
+        pass
+
+    def discard_redone_steps(self, resume_step: int) -> int:
+        return 0
 
 
 class MlflowLogger:
@@ -228,3 +250,56 @@ class MlflowLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def reopen(self) -> None:
+        """Mark a resumed run as running again."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def discard_redone_steps(self, resume_step: int) -> int:
+        """Before a resumed run logs steps again: remove the points it will log anew, so that they
+        replace the old ones instead of standing twice (MLflow has no API for it: issue mlflow#2973).
+
+        Removes training metrics at steps >= resume_step and evaluation metrics at steps > resume_step
+        (the evaluation at resume_step ran before the checkpoint was written). Works on database
+        tracking stores (sqlite, postgresql, mysql); a remote tracking server cannot delete points,
+        so there the old points stay and a warning and a `hdpo_ds.resumed_at_step` tag say so.
+        Returns the number of points removed.
+        """
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        self.set_tags({f"hdpo_ds.resumed_at_step.{int(time.time())}": str(resume_step)})
+        store = self.client._tracking_client.store
+        if not isinstance(store, SqlAlchemyStore):
+            logger.warning(
+                "MLflow at %s cannot delete metric points: steps from %d on, logged before the restart, "
+                "appear twice in run %s", self.tracking_uri, resume_step, self.run_id,
+            )  # fmt: skip
+            return 0
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+        from sqlalchemy import and_, or_
+
+        redone = or_(
+            and_(~SqlMetric.key.like("eval/%"), SqlMetric.step >= resume_step),
+            SqlMetric.step > resume_step,
+        )
+        with store.ManagedSessionMaker(read_only=False) as session:
+            removed = (
+                session.query(SqlMetric)
+                .filter(SqlMetric.run_uuid == self.run_id, redone)
+                .delete(synchronize_session=False)
+            )
+            # latest_metrics holds one row per key; rebuild it from the points that remain
+            session.query(SqlLatestMetric).filter(SqlLatestMetric.run_uuid == self.run_id).delete(
+                synchronize_session=False
+            )
+            latest: dict[str, SqlMetric] = {}
+            for m in session.query(SqlMetric).filter(SqlMetric.run_uuid == self.run_id):
+                best = latest.get(m.key)
+                if best is None or (m.step, m.timestamp, m.value) > (best.step, best.timestamp, best.value):
+                    latest[m.key] = m
+            for m in latest.values():
+                session.add(SqlLatestMetric(key=m.key, value=m.value, timestamp=m.timestamp, step=m.step,
+                                            is_nan=m.is_nan, run_uuid=m.run_uuid))  # fmt: skip
+        logger.info("MLflow run %s: removed %d metric point(s) from step %d on, to be logged again",
+                    self.run_id, removed, resume_step)  # fmt: skip
+        return removed

@@ -19,7 +19,14 @@ from hdpo_ds.config import ConfigError, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoadedModel", "check_model_source", "load_model", "load_tokenizer", "select_attention"]
+__all__ = [
+    "LoadedModel",
+    "check_model_source",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "select_attention",
+]
 
 
 @dataclass
@@ -67,12 +74,23 @@ def check_model_source(cfg: ModelConfig, key: str = "model.name_or_path") -> Non
         )
 
 
+def _config_source(path: str) -> str:
+    """A directory or hub id; a path to a config.json means its directory."""
+    return (os.path.dirname(path) or ".") if path.endswith(".json") else path
+
+
+def load_model_config(cfg: ModelConfig):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        _config_source(cfg.name_or_path), trust_remote_code=cfg.trust_remote_code
+    )
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    source = cfg.tokenizer or cfg.name_or_path
-    if source.endswith(".json") and os.path.isfile(source):
-        source = os.path.dirname(source) or "."
+    source = _config_source(cfg.tokenizer or cfg.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding only fills the padded mode and filler rows, which labels mask out.
@@ -90,14 +108,13 @@ def load_model(
     for_training: bool = True,
 ) -> LoadedModel:
     """Build or load one causal LM. `name_or_path` overrides cfg.name_or_path (the reference)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     source = name_or_path or cfg.name_or_path
     attn = select_attention(cfg.attn_implementation, device_type)
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": attn}
     if cfg.from_scratch and not name_or_path:
-        config_source = source if not source.endswith(".json") else os.path.dirname(source) or "."
-        config = AutoConfig.from_pretrained(config_source, trust_remote_code=cfg.trust_remote_code)
+        config = load_model_config(cfg)
         # Every rank seeds identically, so a from-scratch model starts from the same weights everywhere.
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)

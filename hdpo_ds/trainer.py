@@ -11,31 +11,34 @@ boundary is each rank's last micro-batch. Metrics: one all-reduce and one host s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from hdpo_ds import dist, engine
+from hdpo_ds import checkpoint, dist, engine
+from hdpo_ds.atomic import write_json
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
-from hdpo_ds.data import (
-    PackedBatch,
-    PairSampler,
-    collate,
-    load_records,
-    plan_stats,
-    plan_step,
-    tokenize_pairs,
-)
-from hdpo_ds.logprobs import segment_sums, token_logps, token_stats
+from hdpo_ds.data import PackedBatch, PairSampler, collate, plan_stats, plan_step
+from hdpo_ds.logprobs import segment_sums, token_stats
 from hdpo_ds.losses import preference_loss
-from hdpo_ds.metrics import MlflowLogger, NullLogger, StepAccumulator, package_versions, resolve_tracking_uri
-from hdpo_ds.models import check_model_source, load_model, load_tokenizer
+from hdpo_ds.metrics import (
+    MlflowLogger,
+    NullLogger,
+    StepAccumulator,
+    package_versions,
+    peak_memory_mib,
+    resolve_tracking_uri,
+)
+from hdpo_ds.models import check_model_source, load_model, load_model_config, load_tokenizer
+from hdpo_ds.precompute import build_reference_engine, ensure_reference_caches
+from hdpo_ds.reference import CachedReference, pair_sequence_indices
+from hdpo_ds.splits import load_split_records, tokenize_split
 
 logger = logging.getLogger(__name__)
 
@@ -77,26 +80,13 @@ class _BatchResult:
     token_sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _pair_order(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence indices of each pair's chosen and rejected sequence, in pair order."""
-    seqs = torch.arange(batch.num_seqs, device=batch.pair_index.device)
-    chosen = torch.empty(batch.num_pairs, dtype=torch.long, device=seqs.device)
-    rejected = torch.empty_like(chosen)
-    chosen[batch.pair_index[batch.is_chosen]] = seqs[batch.is_chosen]
-    rejected[batch.pair_index[~batch.is_chosen]] = seqs[~batch.is_chosen]
-    return chosen, rejected
-
-
 def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad: bool) -> _BatchResult:
-    """Forward the policy (and the reference) on one micro-batch and compute the per-pair losses."""
+    """Forward the policy on one micro-batch, get the reference's values (engine or cache), and
+    compute the per-pair losses."""
     inputs = batch.model_inputs()
     mask = batch.labels != -100
     num_seqs = batch.num_seqs
-    with torch.no_grad():
-        ref_logits = reference(**inputs).logits
-        ref_tokens = token_logps(ref_logits, batch.labels, chunk_size=cfg.train.logits_chunk_size)
-        ref_seq = segment_sums(ref_tokens, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32).sums
-        del ref_logits
+    ref_seq = reference.sequence_logps(batch)
     with torch.set_grad_enabled(track_grad):
         logits = policy(**inputs).logits
         stats = token_stats(
@@ -109,7 +99,7 @@ def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad
         ).sums
         for name in ("entropy", "topk_mass", "topk_entropy")
     }
-    chosen, rejected = _pair_order(batch)
+    chosen, rejected = pair_sequence_indices(batch)
     out = preference_loss(
         seq.sums[chosen],
         seq.sums[rejected],
@@ -153,26 +143,12 @@ def _accumulate(acc: StepAccumulator, result: _BatchResult) -> None:
     )
 
 
-def _write_json_atomically(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _check_before_engines(cfg: Config) -> None:
     """Everything that can be checked without building an engine (the keys are named in errors)."""
     check_model_source(cfg.model)
     if cfg.reference.name_or_path:
         check_model_source(dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
                            key="reference.name_or_path")  # fmt: skip
-    if cfg.train.save_every or cfg.train.resume not in ("auto", "never"):
-        raise ConfigError(
-            "train.save_every / train.resume: this version writes no checkpoints yet; set "
-            "train.save_every=0 and train.resume=auto or never"
-        )
 
 
 def train(cfg: Config, ds_config_path: str) -> TrainResult:
@@ -182,82 +158,68 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     infer_ds_config = engine.load_ds_config(cfg.reference.ds_config)
     _check_before_engines(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    train_records = load_records(
-        cfg.data.train_files, split=cfg.data.split or None, rows=cfg.data.rows or None,
-        on_bad_record=cfg.data.on_bad_record,
-    )  # fmt: skip
-    eval_records = (
-        load_records(cfg.data.eval_files, split=cfg.data.split or None, rows=cfg.data.eval_rows or None,
-                     on_bad_record=cfg.data.on_bad_record)
-        if cfg.data.eval_files else None
-    )  # fmt: skip
+    records = load_split_records(cfg)
 
     engine.init_distributed()
     rank, world_size = dist.rank(), dist.world_size()
     device_type = engine.device_type()
     device = engine.current_device()
-    cache_dir = cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache")
     if dist.is_main_process():
         os.makedirs(cfg.output_dir, exist_ok=True)
-
-    def tokenize(records):
-        return tokenize_pairs(
-            records, tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-            truncation=cfg.data.truncation, chat_template=cfg.data.chat_template or None, cache_dir=cache_dir,
-            is_main_process=dist.is_main_process(), barrier=dist.barrier, on_bad_record=cfg.data.on_bad_record,
-        )  # fmt: skip
-
-    train_data = tokenize(train_records)
-    eval_data = tokenize(eval_records) if eval_records is not None else None
+    splits = {name: tokenize_split(cfg, name, recs, tokenizer) for name, recs in records.items()}
+    train_data = splits["train"].data
+    eval_data = splits["eval"].data if "eval" in splits else None
     sampler = PairSampler(
         train_data.pairs.lengths, pairs_per_step=cfg.train.pairs_per_step, world_size=world_size, rank=rank,
         seed=cfg.train.seed, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
         max_length=cfg.data.max_length, packing=cfg.data.packing,
     )  # fmt: skip
+    resume_folder, resume_state = _resume_point(cfg, world_size)
 
     dtype = engine.resolve_dtype(cfg, ds_config)
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(
-        cfg.model.name_or_path if not cfg.model.name_or_path.endswith(".json")
-        else os.path.dirname(cfg.model.name_or_path) or ".",
-        trust_remote_code=cfg.model.trust_remote_code,
-    )  # fmt: skip
-    hidden = getattr(model_config, "hidden_size", None)
-    policy_ds = engine.fill_ds_config(
-        ds_config, cfg, world_size=world_size, device_type=device_type, hidden_size=hidden
-    )
-    ref_ds = engine.fill_ds_config(
-        infer_ds_config,
-        cfg,
-        world_size=world_size,
-        device_type=device_type,
-        hidden_size=hidden,
-        training=False,
-    )
+    hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
+    policy_ds = engine.fill_ds_config(ds_config, cfg, world_size=world_size, device_type=device_type,
+                                      hidden_size=hidden)  # fmt: skip
+    ref_ds = engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
+                                   hidden_size=hidden, training=False)  # fmt: skip
     if cfg.reference.offload:
-        ref_ds.setdefault("zero_optimization", {})["offload_param"] = {
-            "device": "cpu",
-            "pin_memory": device_type != "cpu",
-        }
+        ref_ds.setdefault("zero_optimization", {})["offload_param"] = {"device": "cpu",
+                                                                      "pin_memory": device_type != "cpu"}  # fmt: skip
 
     # ---- models and engines (built inside zero.Init under ZeRO-3: never whole on one rank)
     zero3_handle = engine.zero3_loading(policy_ds)
     loaded = load_model(cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed)
+    del zero3_handle
     schedule = dict(warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                     schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)  # fmt: skip
     policy = engine.build_policy_engine(loaded.model, policy_ds, lambda s: lr_multiplier(s, **schedule))
-    zero3_handle = engine.zero3_loading(ref_ds)
-    ref_model = load_model(
-        cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed,
-        name_or_path=cfg.reference.name_or_path or None, for_training=False,
-    ).model  # fmt: skip
-    reference = engine.build_reference_engine(ref_model, ref_ds)
-    del zero3_handle
+    # The reference: its own engine (online), or cached values and no engine at all (cached / auto).
+    cache_actions: dict[str, str] = {}
+    if cfg.reference.mode == "online":
+        online = build_reference_engine(cfg, ref_ds, dtype, device_type)
+        references = dict.fromkeys(splits, online)
+    else:
+        caches, cache_actions = ensure_reference_caches(
+            cfg, splits, ref_ds=ref_ds, dtype=dtype, device_type=device_type, device=device,
+            pad_token_id=tokenizer.pad_token_id, compute_missing=cfg.reference.mode == "auto",
+        )  # fmt: skip
+        references = {name: CachedReference(cache, device) for name, cache in caches.items()}
+
+    step, nonfinite = 0, {"skipped_total": 0, "consecutive": 0}
+    if resume_folder:
+        checkpoint.load(policy, resume_folder)
+        step, nonfinite = resume_state["step"], resume_state["nonfinite"]
+        sampler.load_state_dict(resume_state["sampler"])
+        logger.info("resumed from %s at step %d", resume_folder, step)
 
     # ---- logging (rank 0 only)
     run_logger = NullLogger()
-    if dist.is_main_process():
+    if dist.is_main_process() and resume_state:
+        run_logger = MlflowLogger(resolve_tracking_uri(cfg.logging.tracking_uri), cfg.logging.experiment,
+                                  cfg.logging.run_name, run_id=resume_state["mlflow_run_id"])  # fmt: skip
+        run_logger.reopen()
+        run_logger.discard_redone_steps(step)
+    elif dist.is_main_process():
         run_logger = MlflowLogger(resolve_tracking_uri(cfg.logging.tracking_uri), cfg.logging.experiment,
                                   cfg.logging.run_name)  # fmt: skip
         params = {f"config.{k}": v for k, v in flatten(to_dict(cfg)).items()}
@@ -269,8 +231,10 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             "run.train_pairs": len(train_data.pairs), "run.eval_pairs": len(eval_data.pairs) if eval_data else 0,
             "run.torch_threads": torch.get_num_threads(),
         })  # fmt: skip
-        for name, count in {**train_records.skipped, **train_data.stats}.items():
+        for name, count in {**splits["train"].records.skipped, **train_data.stats}.items():
             params[f"data.{name}"] = count
+        params["run.reference_mode"] = cfg.reference.mode
+        params.update({f"run.reference_cache.{name}": action for name, action in cache_actions.items()})
         run_logger.log_params(params)
         run_logger.log_json_artifact("ds_config.json", policy_ds)
         run_logger.log_json_artifact("ds_config_reference.json", ref_ds)
@@ -282,17 +246,29 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     if dist.is_main_process() and cfg.logging.progress_bar:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.train.max_steps, desc="H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)
+        progress = tqdm(total=cfg.train.max_steps, initial=step,
+                        desc="H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)  # fmt: skip
+
+    def save_checkpoint() -> None:
+        state = {"step": step, "sampler": sampler.state_dict(), "mlflow_run_id": run_logger.run_id,
+                 "config": to_dict(cfg), "world_size": world_size, "dtype": str(dtype).removeprefix("torch."),
+                 "nonfinite": dict(nonfinite)}  # fmt: skip
+        # Every rank needs the same client state; only rank 0 knows the MLflow run id.
+        state["mlflow_run_id"] = dist.broadcast_object(state["mlflow_run_id"])
+        checkpoint.save(
+            policy, cfg.output_dir, step, state, keep=cfg.train.keep_checkpoints, tokenizer=tokenizer
+        )
 
     # ---- the loop
     result = TrainResult(run_logger.run_id, run_logger.tracking_uri, cfg.output_dir, 0)
-    step = 0
+    faults = _Faults.from_env()
     steps = iter(())
     while step < cfg.train.max_steps:
         assignment = next(steps, None)
         if assignment is None:
-            steps = iter(sampler)  # the next epoch
+            steps = iter(sampler)  # the next epoch, or the rest of the resumed one
             continue
+        faults.maybe_kill(step)
         started = time.perf_counter()
         lr = policy.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         policy.train()
@@ -300,16 +276,32 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         micro_batches = assignment.micro_batches
         scale = world_size / assignment.num_pairs
         real_tokens = 0
+        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss on this rank
         for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
             batch = collate(assignment.pairs(train_data.pairs), mb, pad_token_id=tokenizer.pad_token_id,
                             packing=cfg.data.packing).to(device)  # fmt: skip
-            policy.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            out = _run_batch(cfg, policy, reference, batch, track_grad=True)
-            # A filler runs a real forward and backward (ZeRO-3 needs every rank in it) but weighs 0.
-            policy.backward(out.losses.sum() * (scale * batch.weight))
-            if i == len(micro_batches) - 1 and step in cfg.train.dump_gradients_at:
-                _dump_gradients(policy, cfg.output_dir, step)
-            policy.step()
+            policy.set_gradient_accumulation_boundary(last)
+            out = _run_batch(cfg, policy, references["train"], batch, track_grad=True)
+            out.losses = faults.plant_nan(step, i, out.losses)
+            finite = torch.isfinite(out.losses).all()
+            bad |= ~finite
+            # A filler runs a real forward and backward (ZeRO-3 needs every rank in it) but weighs 0;
+            # a non-finite loss backs off to 0 here and the step is then skipped on all ranks.
+            loss = torch.where(
+                finite, out.losses.sum(), torch.zeros((), device=device, dtype=out.losses.dtype)
+            )
+            policy.backward(loss * (scale * batch.weight))
+            if not last:
+                policy.step()
+            elif skip_step := dist.all_agree(
+                bool(bad), device=device
+            ):  # one collective decides for all ranks
+                engine.discard_gradients(policy)  # no update: optimizer, scheduler and step counters stay put
+            else:
+                if step in cfg.train.dump_gradients_at:
+                    _dump_gradients(policy, cfg.output_dir, step)
+                policy.step()
             if not mb.filler:
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
@@ -318,8 +310,16 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         elapsed = time.perf_counter() - started
         metrics = acc.metrics(sums)
         stats = plan_stats(assignment.plan)
+        if skip_step:
+            nonfinite["skipped_total"] += 1
+            nonfinite["consecutive"] += 1
+            logger.warning("step %d: non-finite loss on some rank; the update was skipped (%d in a row, %d in all)",
+                           step, nonfinite["consecutive"], nonfinite["skipped_total"])  # fmt: skip
+        else:
+            nonfinite["consecutive"] = 0
         metrics.update({
-            "alpha": cfg.loss.alpha, "grad_norm": _grad_norm(policy), "lr": lr,
+            "nonfinite/skipped_steps": nonfinite["skipped_total"],
+            "alpha": cfg.loss.alpha, "grad_norm": float("nan") if skip_step else _grad_norm(policy), "lr": lr,
             "tokens_per_second": sums["real_tokens"] / elapsed, "padding_fraction": stats.padding_fraction,
             "packing_fill": stats.fill,
         })  # fmt: skip
@@ -331,29 +331,107 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                                  acc=f"{metrics['rewards/accuracies']:.2f}",
                                  tok_s=f"{metrics['tokens_per_second']:.0f}")  # fmt: skip
         step += 1
+        if nonfinite["consecutive"] >= cfg.train.max_nonfinite_steps:
+            # The weights are those of the last good step: skipped steps never updated them.
+            save_checkpoint()
+            run_logger.finish("FAILED")
+            raise NonFiniteTrainingError(
+                f"{nonfinite['consecutive']} consecutive steps had a non-finite loss "
+                f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped at step {step} with a good "
+                f"checkpoint in {checkpoint.checkpoint_root(cfg.output_dir)}"
+            )
         if (
             eval_data is not None
             and cfg.train.eval_every
             and step % cfg.train.eval_every == 0
             and step < cfg.train.max_steps
         ):
-            run_logger.log_metrics(_evaluate(cfg, policy, reference, eval_data, tokenizer, device), step=step)
+            run_logger.log_metrics(
+                _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device), step=step
+            )
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+            save_checkpoint()
 
     if eval_data is not None:
-        run_logger.log_metrics(_evaluate(cfg, policy, reference, eval_data, tokenizer, device), step=step)
+        run_logger.log_metrics(
+            _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device), step=step
+        )
     if progress is not None:
         progress.close()
+    save_checkpoint()
+    if cfg.train.export_hf:
+        checkpoint.export_hf(policy, tokenizer, os.path.join(cfg.output_dir, "hf"))
+    memory = dist.gather_objects(peak_memory_mib())
+    for key in memory[0]:
+        run_logger.log_metrics({f"memory/{key}_max_over_ranks": max(m[key] for m in memory)}, step=step)
     result.steps = step
     run_logger.finish("FINISHED")
     if dist.is_main_process():
-        _write_json_atomically(
+        write_json(
             os.path.join(cfg.output_dir, "run_info.json"),
             {"run_id": result.run_id, "tracking_uri": result.tracking_uri, "steps": step,
              "experiment": cfg.logging.experiment, "world_size": world_size,
-             "attn_implementation": loaded.attn_implementation, "final_loss": result.losses[-1]},
+             "attn_implementation": loaded.attn_implementation,
+             "final_loss": result.losses[-1] if result.losses else None},
         )  # fmt: skip
     dist.barrier()
     return result
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive non-finite steps; a good checkpoint was written before stopping."""
+
+
+class _Faults:
+    """Documented fault injection for tests (docs/checkpoints.md), read from the environment:
+    HDPO_FAULT_KILL_AT_STEP=s: rank 0 SIGKILLs its process group (launcher and ranks) as step s starts;
+    HDPO_FAULT_NAN_LOSS_AT_STEPS=a,b: rank 0 adds NaN to its first micro-batch's losses at those steps."""
+
+    def __init__(self, kill_at: int | None, nan_at: set[int]) -> None:
+        self.kill_at, self.nan_at = kill_at, nan_at
+
+    @classmethod
+    def from_env(cls) -> _Faults:
+        kill = os.environ.get("HDPO_FAULT_KILL_AT_STEP")
+        nan = os.environ.get("HDPO_FAULT_NAN_LOSS_AT_STEPS", "")
+        return cls(int(kill) if kill else None, {int(x) for x in nan.split(",") if x.strip()})
+
+    def maybe_kill(self, step: int) -> None:
+        if self.kill_at == step and dist.is_main_process():
+            logger.warning("HDPO_FAULT_KILL_AT_STEP=%d: killing the whole job on purpose", step)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    def plant_nan(self, step: int, micro_batch: int, losses: torch.Tensor) -> torch.Tensor:
+        if step in self.nan_at and micro_batch == 0 and dist.is_main_process():
+            return losses + float("nan")
+        return losses
+
+
+def _resume_point(cfg: Config, world_size: int) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from (rank 0 decides), checked against this run before any engine."""
+    folder = dist.broadcast_object(
+        checkpoint.find_resume_checkpoint(cfg.output_dir, cfg.train.resume)
+        if dist.is_main_process()
+        else None
+    )
+    if folder is None:
+        return None, None
+    state = checkpoint.read_client_state(folder)
+    differences = checkpoint.math_differences(flatten(state["config"]), flatten(to_dict(cfg)))
+    if differences and not cfg.train.resume_force:
+        raise ConfigError(
+            f"train.resume: {folder} was trained with a different configuration, and resuming would change the "
+            "math (set train.resume_force=true to resume anyway):\n  " + "\n  ".join(differences)
+        )
+    if differences:
+        logger.warning("train.resume_force: resuming %s despite: %s", folder, "; ".join(differences))
+    if state["world_size"] != world_size:
+        raise checkpoint.CheckpointError(
+            f"train.resume: {folder} was written by {state['world_size']} ranks and this run has {world_size}; "
+            "ZeRO-3 shards do not reload across world sizes (convert it with DeepSpeed's universal checkpoint "
+            "tools, or resume with the same world size)"
+        )
+    return folder, state
 
 
 def _grad_norm(policy) -> float:

@@ -42,7 +42,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
         ("loss.f_alpha=1.5", "loss.f_alpha"),
         ("loss.label_smoothing=0.6", "loss.label_smoothing"),
         ("data.truncation=middle", "data.truncation: 'middle' is not one of"),
-        ("reference.mode=cached", "reference.mode"),
+        ("reference.mode=cached", "reference.cache_path: required with reference.mode=cached"),
         (
             "data.max_tokens_per_micro_batch=100",
             "data.max_tokens_per_micro_batch: must be >= 2 * data.max_length",

@@ -7,11 +7,11 @@ import os
 import threading
 
 import pytest
-from data_helpers import CHAT_TEMPLATE, make_tokenizer
 
 from hdpo_ds.data import tokenize as tokenize_module
 from hdpo_ds.data.records import DataError, PreferenceRecord, load_records
 from hdpo_ds.data.tokenize import tokenize_pairs, tokenizer_fingerprint
+from tests.data_helpers import CHAT_TEMPLATE, make_tokenizer
 
 BOS, EOS = 1, 2
 USER = {"role": "user", "content": "Say hello."}

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from data_helpers import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +24,7 @@ from hdpo_ds.data.packing import (
 )
 from hdpo_ds.data.sampler import PairSampler
 from hdpo_ds.data.tokenize import TokenizedPair
+from tests.data_helpers import tiny_llama
 
 MAX_LENGTH = 512
 BUDGET = 2 * MAX_LENGTH
@@ -322,15 +322,15 @@ def test_sampler_validates_its_settings():
 
 PLAN_DIGEST = """
 import hashlib, sys
-sys.path.insert(0, {tests!r})
-from test_packing import lognormal_lengths, make_sampler
+sys.path.insert(0, {root!r})
+from tests.test_packing import lognormal_lengths, make_sampler
 s = make_sampler(lognormal_lengths(120, seed=9), rank=2, world_size=3, pairs_per_step=40)
 print(hashlib.sha256(repr([(a.pair_indices.tolist(), a.plan) for _ in range(2) for a in s]).encode()).hexdigest())
 """
 
 
 def test_plans_do_not_depend_on_the_python_hash_seed():
-    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s = make_sampler(lognormal_lengths(120, seed=9), rank=2, world_size=3, pairs_per_step=40)
     local = hashlib.sha256(
         repr([(a.pair_indices.tolist(), a.plan) for _ in range(2) for a in s]).encode()
@@ -339,12 +339,12 @@ def test_plans_do_not_depend_on_the_python_hash_seed():
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         out = subprocess.run(
-            [sys.executable, "-c", PLAN_DIGEST.format(tests=here)],
+            [sys.executable, "-c", PLAN_DIGEST.format(root=root)],
             env=env,
             check=True,
             capture_output=True,
             text=True,
-            cwd=os.path.dirname(here),
+            cwd=root,
         )
         digests.add(out.stdout.strip())
     assert digests == {local}

@@ -1,12 +1,9 @@
 """The trainer end to end: 2 ranks of ZeRO-3 on CPU against one process and against plain math.
 
-Runs shared by the tests of this module (each launch costs 15-40 s here):
+Runs shared by the tests of this module (each launch costs 15-40 s here; assets: tests/run_helpers.py):
 - `ds2`: the deepspeed launcher, 2 ranks, 5 steps, full gradient dumped at step 0;
 - `py1`: plain `python launch/train.py`, one process, the same 5 steps;
 - `tr2`: torchrun, 2 ranks, 2 steps.
-All use stage3_param_persistence_threshold 0 (so the tiny model is really partitioned), one thread per
-process, and a data seed chosen so that step 0 gives the two ranks unequal pair counts and one rank a
-zero-weight filler micro-batch.
 """
 
 from __future__ import annotations
@@ -14,131 +11,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from hdpo_ds.data import PairSampler, load_records, tokenize_pairs
+from hdpo_ds.data import PairSampler
 from hdpo_ds.losses import preference_loss
 from hdpo_ds.metrics import STEP_METRICS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV_BIN = os.path.dirname(sys.executable)
-MAX_LENGTH, BUDGET, PAIRS_PER_STEP, STEPS = 96, 192, 4, 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _records(count: int, seed: int) -> list[dict]:
-    import random
-
-    rng = random.Random(seed)
-    words = (
-        "apple banana cherry date fig grape kiwi lemon mango olive peach pear plum sage thyme mint".split()
-    )
-    out = []
-    for i in range(count):
-        n = max(2, min(30, round(rng.lognormvariate(1.5, 0.8))))
-        items = [rng.choice(words) for _ in range(n)]
-        good = ", ".join(sorted(items)) + "."
-        bad = ", ".join(reversed(sorted(items))) + ". " + rng.choice(words)
-        out.append({"id": f"p{i}", "prompt": f"Sort: {' '.join(items)}\n", "chosen": good, "rejected": bad})
-    return out
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny saved Llama (untied, hidden 32), the demo tokenizer, data, and ZeRO-3 configs with
-    persistence threshold 0; plus a training seed whose step 0 has unequal pairs and a filler."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("trainer")
-    model_dir = root / "model"
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "configs/models/tiny-demo"))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-
-    train_file, eval_file = root / "train.jsonl", root / "eval.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in _records(40, seed=1)))
-    eval_file.write_text("".join(json.dumps(r) + "\n" for r in _records(6, seed=2)))
-
-    for name in ("zero3.json", "zero3_infer.json"):
-        with open(os.path.join(ROOT, "ds_configs", name)) as f:
-            ds = json.load(f)
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        (root / name).write_text(json.dumps(ds))
-
-    pairs = tokenize_pairs(load_records([str(train_file)]), tokenizer, max_length=MAX_LENGTH,
-                           max_prompt_length=64).pairs  # fmt: skip
-    for seed in range(200):
-        plan = PairSampler(pairs.lengths, pairs_per_step=PAIRS_PER_STEP, world_size=2, rank=0, seed=seed,
-                           max_tokens_per_micro_batch=BUDGET).assignment(0, 0).plan  # fmt: skip
-        counts = [sum(len(mb.pairs) for mb in rank if not mb.filler) for rank in plan.ranks]
-        if counts[0] != counts[1] and any(mb.filler for rank in plan.ranks for mb in rank):
-            break
-    else:
-        raise AssertionError("no seed gives step 0 a filler and unequal pair counts")
-    return {"root": root, "model": str(model_dir), "train": str(train_file), "eval": str(eval_file),
-            "seed": seed, "pairs": pairs, "tokenizer": tokenizer}  # fmt: skip
-
-
-def _overrides(assets, name: str, steps: int) -> list[str]:
-    root = assets["root"]
-    return [
-        f"model.name_or_path={assets['model']}",
-        f"data.train_files=[{assets['train']}]",
-        f"data.eval_files=[{assets['eval']}]",
-        f"data.max_length={MAX_LENGTH}", "data.max_prompt_length=64",
-        f"data.max_tokens_per_micro_batch={BUDGET}",
-        f"train.pairs_per_step={PAIRS_PER_STEP}", f"train.max_steps={steps}", f"train.seed={assets['seed']}",
-        "train.eval_every=2", "train.dump_gradients_at=[0]",
-        "loss.type=hdpo", "loss.alpha=0.9", "loss.beta=0.5",
-        "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
-        f"reference.ds_config={root / 'zero3_infer.json'}",
-        f"output_dir={root / name}",
-        f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-        "logging.progress_bar=false",
-    ]  # fmt: skip
-
-
-def _launch(assets, name: str, launcher: str, steps: int) -> dict:
-    cmd = {
-        "deepspeed": [os.path.join(VENV_BIN, "deepspeed"), "--num_accelerators", "2",
-                      "--master_port", str(_free_port())],
-        "torchrun": [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2",
-                     "--master-port", str(_free_port())],
-        "python": [sys.executable],
-    }[launcher]  # fmt: skip
-    cmd += ["launch/train.py", "--ds", str(assets["root"] / "zero3.json"), *_overrides(assets, name, steps)]
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    }
-    env["OMP_NUM_THREADS"] = "1"  # compared runs use the same thread count
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{launcher} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    with open(assets["root"] / name / "run_info.json") as f:
-        info = json.load(f)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(info["tracking_uri"])
-    run = client.get_run(info["run_id"])
-    history = {
-        k: {m.step: m.value for m in client.get_metric_history(info["run_id"], k)} for k in run.data.metrics
-    }
-    return {"info": info, "params": run.data.params, "metrics": history, "dir": assets["root"] / name}
+from tests.run_helpers import BUDGET, PAIRS_PER_STEP, ROOT, STEPS, overrides
+from tests.run_helpers import launch as _launch
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +148,7 @@ def test_bad_input_fails_before_any_engine(assets, monkeypatch, capsys, override
     monkeypatch.setattr(engine, "init_distributed", forbidden)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    args = ["--ds", "ds_configs/zero3.json", *_overrides(assets, "bad", 1), override]
+    args = ["--ds", "ds_configs/zero3.json", *overrides(assets, "bad", 1), override]
     assert launch_train.main(args) == 2
     assert message in capsys.readouterr().err
 
@@ -283,3 +168,80 @@ def test_demo_assets_are_reproducible(tmp_path):
     ):
         assert json.load(a) == json.load(b)
     shutil.rmtree(tmp_path)
+
+
+# ---------------------------------------------------------------- the offline reference cache (issue #7)
+
+
+def _cache_values(cache_dir) -> dict:
+    from hdpo_ds.data.refcache import RefCache, read_manifest
+
+    manifest = read_manifest(str(cache_dir))
+    cache = RefCache.load(str(cache_dir), manifest["fingerprint"])
+    order = sorted(cache.ids, key=cache.ids.get)
+    return {"ids": order, "chosen": cache.chosen, "rejected": cache.rejected,
+            "tokens": (cache.chosen_tokens, cache.rejected_tokens), "manifest": manifest}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def py1_cached(assets):
+    """reference.mode=auto with no cache yet: computes it first (1 process), then trains from it."""
+    return _launch(assets, "py1_cached", "python", STEPS,
+                   extra=["reference.mode=auto", "reference.shard_pairs=8"])  # fmt: skip
+
+
+def test_cached_training_follows_the_online_trajectory(py1, py1_cached):
+    assert py1_cached["params"]["run.reference_mode"] == "auto"
+    assert py1_cached["params"]["run.reference_cache.train"] == "computed"
+    assert py1_cached["params"]["run.reference_cache.eval"] == "computed"
+    for step in range(STEPS):
+        assert py1_cached["metrics"]["loss"][step] == pytest.approx(py1["metrics"]["loss"][step], rel=1e-5)
+    for step in (2, 4, STEPS):
+        assert py1_cached["metrics"]["eval/loss"][step] == pytest.approx(
+            py1["metrics"]["eval/loss"][step], rel=1e-5
+        )
+
+
+def _precompute(assets, name: str, launcher: str, extra: list[str], env_extra: dict | None = None):
+    run = _launch(assets, name, launcher, 1, extra=extra, env_extra=env_extra, expect_success=False,
+                  script="launch/precompute_ref.py")  # fmt: skip
+    return SimpleNamespace(returncode=run["returncode"], stderr=run["stderr"])
+
+
+@pytest.mark.distributed
+def test_two_rank_precompute_with_other_packing_equals_one_process(assets, py1_cached):
+    """World size 2 and a 5x larger packing budget against world size 1: same values (rtol 1e-5)."""
+    cache = assets["root"] / "pc2" / "cache"
+    proc = _precompute(assets, "pc2", "deepspeed", [f"reference.cache_path={cache}", "reference.shard_pairs=16",
+                                                    "data.max_tokens_per_micro_batch=1024"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for split in ("train", "eval"):
+        two = _cache_values(cache / split)
+        one = _cache_values(py1_cached["dir"] / "reference_cache" / split)
+        assert two["ids"] == one["ids"]
+        np.testing.assert_allclose(two["chosen"], one["chosen"], rtol=1e-5)
+        np.testing.assert_allclose(two["rejected"], one["rejected"], rtol=1e-5)
+        assert (two["tokens"][0] == one["tokens"][0]).all() and (two["tokens"][1] == one["tokens"][1]).all()
+        assert len(two["manifest"]["shards"]) != len(one["manifest"]["shards"]) or split == "eval"
+
+
+def test_killed_precompute_resumes_to_the_same_cache(assets, py1_cached):
+    cache = assets["root"] / "pck" / "cache"
+    args = [f"reference.cache_path={cache}", "reference.shard_pairs=8"]
+    killed = _precompute(assets, "pck", "python", args, {"HDPO_FAULT_EXIT_AFTER_SHARDS": "2"})
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    assert not (cache / "train" / "manifest.json").exists()  # unfinished: never readable as a cache
+    assert sorted(p.name for p in (cache / "train").glob("shard-*.arrow")) == [
+        "shard-00000.arrow",
+        "shard-00001.arrow",
+    ]
+    (cache / "train" / "shard-00002.arrow.tmp-999").write_bytes(b"half a shard")  # a torn write is ignored
+    resumed = _precompute(assets, "pck", "python", args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming, 2 of 5 shards already complete" in resumed.stderr
+    for split in ("train", "eval"):
+        got = _cache_values(cache / split)
+        expected = _cache_values(py1_cached["dir"] / "reference_cache" / split)
+        assert got["ids"] == expected["ids"]
+        assert (got["chosen"] == expected["chosen"]).all() and (got["rejected"] == expected["rejected"]).all()
+        assert got["manifest"]["shards"] == expected["manifest"]["shards"]  # byte-identical shards (sha256)

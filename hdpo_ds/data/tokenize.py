@@ -337,8 +337,8 @@ def _validate_token_ids(
             continue
         for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
             ids = getattr(r, name)
-            bad = next((t for t in ids if t >= vocab_size), None)
-            if bad is not None:
+            if ids and max(ids) >= vocab_size:
+                bad = next(t for t in ids if t >= vocab_size)
                 err = DataError(
                     f"token id {bad} is outside the tokenizer's vocabulary (size {vocab_size})",
                     source=r.source,

@@ -1,0 +1,74 @@
+"""Training throughput and peak memory with the reference online vs cached, same data, same run shape.
+
+Three `deepspeed --num_accelerators 2 launch/train.py` runs on the demo config (2 ranks, ZeRO-3, CPU):
+online (a reference engine forwards every micro-batch), then `reference.mode=auto` once to build the
+cache (its precompute time is reported apart), then cached. Tokens/s comes from the runs' MLflow
+metrics (median after step 1); peak memory is the largest peak RSS over the ranks.
+
+    .venv/bin/python bench/ref_modes.py [--steps 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(name: str, overrides: list[str], args, workdir: str) -> dict:
+    out = os.path.join(workdir, name)
+    uri = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", "2",
+        "launch/train.py", "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml",
+        f"train.max_steps={args.steps}", "train.eval_every=0", "data.eval_files=[]", "optim.warmup_steps=0",
+        f"output_dir={out}", f"logging.tracking_uri={uri}", "logging.progress_bar=false",
+        f"reference.cache_path={os.path.join(workdir, 'refcache')}", *overrides,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    with open(os.path.join(out, "run_info.json")) as f:
+        info = json.load(f)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    speed = {m.step: m.value for m in client.get_metric_history(info["run_id"], "tokens_per_second")}
+    memory = client.get_metric_history(info["run_id"], "memory/peak_host_rss_mib_max_over_ranks")
+    return {
+        "name": name,
+        "tokens_per_second": statistics.median(v for s, v in speed.items() if s >= 2),
+        "peak_rss_mib": memory[-1].value,
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        online = run("online", ["reference.mode=online"], args, workdir)
+        build = run("auto-build", ["reference.mode=auto"], args, workdir)
+        cached = run("cached", ["reference.mode=cached"], args, workdir)
+    print(f"\n2 ranks, ZeRO-3, CPU, demo config, {args.steps} steps, median tokens/s after step 1\n")
+    print(
+        "| reference | real tokens/s | vs online | peak RSS per rank (max, MiB) | wall s (incl. start-up) |"
+    )
+    print("|---|---|---|---|---|")
+    for r in (online, build, cached):
+        print(f"| {r['name']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
+              f"| {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

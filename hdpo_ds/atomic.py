@@ -1,0 +1,30 @@
+"""Atomic file writes: a temporary name, fsync, rename, fsync of the directory.
+
+A reader sees the old file or the new one, never half of one, even when the writer is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["fsync_dir", "write_json"]
+
+
+def fsync_dir(path: str) -> None:
+    """Persist a rename inside `path` (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,46 @@
+"""The data splits of a run (train, eval): records loaded and validated, then tokenized (cached).
+
+Shared by training and the offline reference pass, so both see exactly the same pairs, ids and
+token ids. Every rank calls `prepare_splits`; rank 0 tokenizes first and the others read its cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hdpo_ds import dist
+from hdpo_ds.config import Config
+from hdpo_ds.data import LoadResult, TokenizeResult, load_records, tokenize_pairs, tokenizer_fingerprint
+
+__all__ = ["Split", "load_split_records", "tokenize_split"]
+
+
+@dataclass
+class Split:
+    name: str
+    records: LoadResult
+    data: TokenizeResult
+    tokenizer_fingerprint: str
+
+
+def load_split_records(cfg: Config) -> dict[str, LoadResult]:
+    """Read and validate the records of every configured split (before any engine is built)."""
+    splits = {"train": load_records(cfg.data.train_files, split=cfg.data.split or None,
+                                    rows=cfg.data.rows or None, on_bad_record=cfg.data.on_bad_record)}  # fmt: skip
+    if cfg.data.eval_files:
+        splits["eval"] = load_records(cfg.data.eval_files, split=cfg.data.split or None,
+                                      rows=cfg.data.eval_rows or None, on_bad_record=cfg.data.on_bad_record)  # fmt: skip
+    return splits
+
+
+def tokenize_split(cfg: Config, name: str, records: LoadResult, tokenizer) -> Split:
+    """Tokenize one split; collective (rank 0 writes the Arrow cache, the others wait and read it)."""
+    template_source = cfg.data.chat_template or None
+    data = tokenize_pairs(
+        records, tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+        truncation=cfg.data.truncation, chat_template=template_source,
+        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"),
+        is_main_process=dist.is_main_process(), barrier=dist.barrier, on_bad_record=cfg.data.on_bad_record,
+    )  # fmt: skip
+    return Split(name, records, data, tokenizer_fingerprint(tokenizer, template_source))

@@ -1,0 +1,201 @@
+"""The reference cache in one process: values against plain per-pair math, and every way it refuses.
+
+A plain transformers model stands in for the reference engine (the cache code only calls it), so these
+tests need no launcher; the 2-rank and killed-precompute checks live in test_trainer.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hdpo_ds.config import load_config
+from hdpo_ds.data.refcache import (
+    RefCache,
+    RefCacheError,
+    cache_status,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from hdpo_ds.precompute import precompute_split
+from hdpo_ds.reference import OnlineReference, reference_fingerprint
+from hdpo_ds.splits import load_split_records, tokenize_split
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("refcache")
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "configs/models/tiny-demo"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    data = root / "train.jsonl"
+    with open(os.path.join(ROOT, "configs/data/demo/train.jsonl")) as f:
+        data.write_text("".join(next(f) for _ in range(30)))
+    return {"root": root, "model": model, "tokenizer": tokenizer, "data": str(data)}
+
+
+def _cfg(setup, *extra):
+    return load_config(None, [f"model.name_or_path={setup['root'] / 'model'}", f"data.train_files=[{setup['data']}]",
+                              "data.max_length=256", "data.max_prompt_length=192", "data.max_tokens_per_micro_batch=512",
+                              f"output_dir={setup['root'] / 'out'}", "reference.shard_pairs=7", *extra])  # fmt: skip
+
+
+def _build(setup, cache_dir, *extra, tokenizer=None):
+    cfg = _cfg(setup, *extra)
+    tokenizer = tokenizer or setup["tokenizer"]
+    split = tokenize_split(cfg, "train", load_split_records(cfg)["train"], tokenizer)
+    fingerprint = reference_fingerprint(cfg, data_fingerprint=split.records.fingerprint,
+                                        tokenizer_fingerprint=split.tokenizer_fingerprint, dtype=torch.float32)  # fmt: skip
+    precompute_split(cfg, split, OnlineReference(setup["model"], 64), str(cache_dir), fingerprint, {"torch": "x"},
+                     pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))  # fmt: skip
+    return cfg, split, fingerprint
+
+
+@pytest.fixture(scope="module")
+def built(setup):
+    cache_dir = setup["root"] / "cache"
+    cfg, split, fingerprint = _build(setup, cache_dir)
+    return {"dir": cache_dir, "cfg": cfg, "split": split, "fingerprint": fingerprint}
+
+
+def test_values_equal_plain_per_pair_math(setup, built):
+    """Each pair's reference sums, one unpacked forward per sequence in float64, against the cache."""
+    cache = RefCache.load(str(built["dir"]), built["fingerprint"])
+    pairs = built["split"].data.pairs
+    rows = cache.check_covers(pairs.ids)
+    model = setup["model"]
+    with torch.no_grad():
+        for k in range(len(pairs)):
+            pair = pairs[k]
+            for response, column, counts in ((pair.chosen_ids, cache.chosen, cache.chosen_tokens),
+                                             (pair.rejected_ids, cache.rejected, cache.rejected_tokens)):  # fmt: skip
+                ids = torch.tensor([list(pair.prompt_ids) + list(response)])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+                start = len(pair.prompt_ids) - 1
+                expected = logp[start:].gather(-1, ids[0, 1:][start:, None]).sum().item()
+                assert column[rows[k]] == pytest.approx(expected, rel=1e-5)
+                assert counts[rows[k]] == len(response)
+    assert len(read_manifest(str(built["dir"]))["shards"]) == -(-len(pairs) // 7)
+
+
+@pytest.mark.parametrize(
+    ("change", "entry"),
+    [
+        (["data.max_length=200"], "data.max_length: 256 in the cache, 200 now"),
+        (["data.truncation=keep_start"], "data.truncation: 'keep_end' in the cache, 'keep_start' now"),
+        ("tokenizer", "tokenizer_and_template:"),
+        ("data", "data: '"),
+        ("weights", "reference.weights_sha256:"),
+    ],
+)
+def test_stale_cache_names_what_differs(setup, built, tmp_path, change, entry):
+    extra, tokenizer = [], None
+    cfg = built["cfg"]
+    if change == "tokenizer":
+        tokenizer = setup["tokenizer"].__class__.from_pretrained(
+            os.path.join(ROOT, "configs/models/tiny-demo")
+        )
+        tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    elif change == "data":
+        data = tmp_path / "train.jsonl"
+        with open(setup["data"]) as f:
+            data.write_text("".join(list(f)[:29]))
+        extra = [f"data.train_files=[{data}]"]
+    elif change == "weights":
+        shutil.copytree(setup["root"] / "model", tmp_path / "model")
+        sd = {k: v + 1e-3 for k, v in setup["model"].state_dict().items()}
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model" / "model.safetensors")
+        extra = [f"model.name_or_path={tmp_path / 'model'}"]
+    else:
+        extra = change
+    cfg = _cfg(setup, *extra)
+    split = tokenize_split(cfg, "train", load_split_records(cfg)["train"], tokenizer or setup["tokenizer"])
+    expected = reference_fingerprint(cfg, data_fingerprint=split.records.fingerprint,
+                                     tokenizer_fingerprint=split.tokenizer_fingerprint, dtype=torch.float32)  # fmt: skip
+    status, differences = cache_status(str(built["dir"]), expected)
+    assert status == "stale"
+    assert any(line.startswith(entry) for line in differences), differences
+    with pytest.raises(RefCacheError, match="is stale") as info:
+        RefCache.load(str(built["dir"]), expected)
+    assert entry in str(info.value)
+
+
+def _copy(built, tmp_path):
+    target = tmp_path / "cache"
+    shutil.copytree(built["dir"], target)
+    return target
+
+
+def test_truncated_shard_is_refused(built, tmp_path):
+    cache = _copy(built, tmp_path)
+    shard = cache / "shard-00001.arrow"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(
+        RefCacheError, match=r"shard .*shard-00001\.arrow is unreadable \(truncated or corrupt\?\)"
+    ):
+        RefCache.load(str(cache), built["fingerprint"])
+
+
+def test_modified_shard_is_refused(built, tmp_path):
+    cache = _copy(built, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RefCacheError, match="does not match its sha256"):
+        RefCache.load(str(cache), built["fingerprint"])
+
+
+def test_missing_id_is_refused(built):
+    cache = RefCache.load(str(built["dir"]), built["fingerprint"])
+    ids = [*built["split"].data.pairs.ids[:-1], "not-in-the-cache"]
+    with pytest.raises(
+        RefCacheError, match=r"has no values for 1 of 30 pair\(s\), e\.g\. ids \['not-in-the-cache'\]"
+    ):
+        cache.check_covers(ids)
+    with pytest.raises(RefCacheError, match="holds 30 pairs, the data has 29"):
+        cache.check_covers(built["split"].data.pairs.ids[:-1])
+
+
+def test_nan_value_is_refused(built, tmp_path):
+    cache = tmp_path / "nan"
+    cache.mkdir()
+    sha = write_shard(str(cache), 0, {"id": ["a", "b"], "ref_chosen_logps": [-1.0, float("nan")],
+                                      "ref_rejected_logps": [-2.0, -3.0], "chosen_tokens": [1, 2],
+                                      "rejected_tokens": [1, 2]}, built["fingerprint"])  # fmt: skip
+    write_manifest(
+        str(cache), built["fingerprint"], {}, [{"file": "shard-00000.arrow", "rows": 2, "sha256": sha}], 2
+    )
+    with pytest.raises(RefCacheError, match=r"has 1 non-finite value\(s\), e\.g\. pair ids \['b'\]"):
+        RefCache.load(str(cache), built["fingerprint"])
+
+
+def test_missing_cache_says_how_to_make_one(built, tmp_path):
+    assert cache_status(str(tmp_path / "none"), built["fingerprint"]) == ("missing", [])
+    with pytest.raises(RefCacheError, match="no reference cache at .*precompute_ref.py"):
+        RefCache.load(str(tmp_path / "none"), built["fingerprint"])
+
+
+def test_wrong_row_count_is_refused(built, tmp_path):
+    cache = _copy(built, tmp_path)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["num_pairs"] += 1
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RefCacheError, match="holds 30 rows, the manifest says 31"):
+        RefCache.load(str(cache), built["fingerprint"])
+    assert np.isfinite(RefCache.load(str(built["dir"]), built["fingerprint"]).chosen).all()
