@@ -1,11 +1,12 @@
 """Training throughput and peak memory with the reference online vs cached, same data, same run shape.
 
-Three `deepspeed --num_accelerators 2 launch/train.py` runs on the demo config (2 ranks, ZeRO-3, CPU):
+Three `deepspeed --num_accelerators 2 launch/train.py` runs on the demo config (2 ranks, ZeRO-3, CPU), with
+the demo model widened to --hidden (random init; the demo width is 128):
 online (a reference engine forwards every micro-batch), then `reference.mode=auto` once to build the
 cache (its precompute time is reported apart), then cached. Tokens/s comes from the runs' MLflow
 metrics (median after step 1); peak memory is the largest peak RSS over the ranks.
 
-    .venv/bin/python bench/ref_modes.py [--steps 12]
+    .venv/bin/python bench/ref_modes.py [--steps 12] [--hidden 256] [--layers 4]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -20,6 +22,21 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def model_dir(workdir: str, hidden: int, layers: int) -> str:
+    """The demo tokenizer with a wider Llama config (random init): the reference pass's share of the
+    step then reflects compute rather than the tiny demo model's per-call overheads."""
+    path = os.path.join(workdir, f"llama-h{hidden}-l{layers}")
+    shutil.copytree(os.path.join(ROOT, "configs/models/tiny-demo"), path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(
+        hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, head_dim=hidden // 4
+    )
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
 
 
 def run(name: str, overrides: list[str], args, workdir: str) -> dict:
@@ -55,12 +72,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=256, help="model width (the demo model has 128)")
+    parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
-        online = run("online", ["reference.mode=online"], args, workdir)
-        build = run("auto-build", ["reference.mode=auto"], args, workdir)
-        cached = run("cached", ["reference.mode=cached"], args, workdir)
-    print(f"\n2 ranks, ZeRO-3, CPU, demo config, {args.steps} steps, median tokens/s after step 1\n")
+        model = [f"model.name_or_path={model_dir(workdir, args.hidden, args.layers)}"]
+        online = run("online", ["reference.mode=online", *model], args, workdir)
+        build = run("auto-build", ["reference.mode=auto", *model], args, workdir)
+        cached = run("cached", ["reference.mode=cached", *model], args, workdir)
+    print(
+        f"\n2 ranks, ZeRO-3, CPU, demo data, Llama hidden {args.hidden} x {args.layers} layers, {args.steps} steps, "
+        "median tokens/s after step 1\n"
+    )
     print(
         "| reference | real tokens/s | vs online | peak RSS per rank (max, MiB) | wall s (incl. start-up) |"
     )

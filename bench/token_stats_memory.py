@@ -43,10 +43,18 @@ def _naive(logits, labels, top_k):
     return logps, entropy.detach(), mass.detach(), topk_entropy.detach()
 
 
+def _naive_kl(policy, reference):
+    import torch
+
+    log_pol = torch.log_softmax(policy.float(), dim=-1)
+    log_ref = torch.log_softmax(reference.float(), dim=-1)
+    return (log_ref.exp() * (log_ref - log_pol)).sum(-1)
+
+
 def child(args) -> None:
     import torch
 
-    from hdpo_ds.logprobs import token_stats
+    from hdpo_ds.logprobs import token_kl, token_stats
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -55,7 +63,13 @@ def child(args) -> None:
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=g)
     logits_bytes = logits.numel() * logits.element_size()
 
+    reference = (torch.randn(args.tokens, args.vocab, generator=g) * 2).to(dtype) if args.kl else None
+
     def forward():
+        if args.kl:  # TDPO's per-token KL against a second (reference) logits tensor
+            if args.variant == "naive":
+                return (_naive_kl(logits, reference),)
+            return (token_kl(logits, reference, labels, chunk_size=args.chunk_size),)
         if args.variant == "naive":
             return _naive(logits, labels, 10)
         return token_stats(logits, labels, top_k=10, chunk_size=args.chunk_size)
@@ -113,6 +127,7 @@ def main() -> None:
     parser.add_argument("--chunk-sizes", default="1024,512,256")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kl", action="store_true", help="measure token_kl (TDPO) instead of token_stats")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="naive", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -129,7 +144,7 @@ def main() -> None:
             cmd = [
                 sys.executable, __file__, "--child", "--variant", variant, "--dtype", dtype,
                 "--chunk-size", str(chunk or 1024), "--vocab", str(args.vocab), "--tokens", str(args.tokens),
-                "--reps", str(args.reps), "--threads", str(args.threads),
+                "--reps", str(args.reps), "--threads", str(args.threads), *(["--kl"] if args.kl else []),
             ]  # fmt: skip
             # A fixed mmap threshold makes glibc return every large block to the OS when it is freed, so
             # RSS follows the live tensors instead of what the allocator kept from earlier chunks.
@@ -139,7 +154,7 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
 
     print(
-        f"\nT={args.tokens}, V={args.vocab}, threads={args.threads}, median of {args.reps} after a warm-up\n"
+        f"\n{'token_kl (TDPO; a second logits tensor is the reference)' if args.kl else 'token_stats'}: T={args.tokens}, V={args.vocab}, threads={args.threads}, median of {args.reps} after a warm-up\n"
     )
     print(
         "| logits | variant | chunk | forward extra (x logits) | backward extra beyond the gradient (x logits) "

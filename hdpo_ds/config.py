@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hdpo_ds.losses import canonical_loss_type
+from hdpo_ds.losses import TDPO_LOSS_TYPES, canonical_loss_type
 
 __all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
 
@@ -35,7 +35,7 @@ class ModelConfig:
     tokenizer: str = ""  # default: name_or_path
     from_scratch: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: follows the ds_config
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_packed", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
 
@@ -76,6 +76,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     f_alpha: float = 0.5
     nll_weight: float = 0.0
+    tdpo_alpha: float = 0.5  # TDPO2's weight of the sequential-KL margin (the paper code's default)
 
 
 @dataclass
@@ -231,10 +232,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
-    try:
-        name = canonical_loss_type(cfg.loss.type)
-    except ValueError as e:
-        raise ConfigError(f"loss.type: {e}") from None
+    if cfg.loss.type in TDPO_LOSS_TYPES:
+        _validate_tdpo(cfg)
+        name = cfg.loss.type
+    else:
+        try:
+            name = canonical_loss_type(cfg.loss.type)
+        except ValueError as e:
+            raise ConfigError(f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)})") from None
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
     if not cfg.loss.alpha > 0:
@@ -297,6 +302,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}"
         )
+
+
+def _validate_tdpo(cfg: Config) -> None:
+    if cfg.reference.mode != "online":
+        raise ConfigError(
+            f"reference.mode: loss.type={cfg.loss.type} needs the reference's full next-token distribution at "
+            f"every response position, which the cache (one log-prob per sequence) does not hold; use "
+            f"reference.mode=online"
+        )
+    if not cfg.loss.tdpo_alpha > 0:
+        raise ConfigError(f"loss.tdpo_alpha: must be > 0, got {cfg.loss.tdpo_alpha}")
+    for key, value, default in (("loss.alpha", cfg.loss.alpha, 1.0), ("loss.label_smoothing", cfg.loss.label_smoothing, 0.0),
+                                ("loss.nll_weight", cfg.loss.nll_weight, 0.0)):  # fmt: skip
+        if value != default:
+            raise ConfigError(f"{key}: does not apply to loss.type={cfg.loss.type}; leave it at {default}")
 
 
 def to_dict(cfg: Config) -> dict:

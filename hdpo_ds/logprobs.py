@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SegmentSums", "TokenStats", "segment_sums", "token_logps", "token_stats"]
+__all__ = ["SegmentSums", "TokenStats", "segment_sums", "token_kl", "token_logps", "token_stats"]
 
 
 class TokenStats(NamedTuple):
@@ -217,6 +217,86 @@ def token_logps(
         lse = x.to(cdtype).logsumexp(dim=-1)
         out[rows] = x.gather(-1, safe_labels[rows].unsqueeze(-1)).squeeze(-1).to(cdtype) - lse
     return out.masked_fill_(~valid, 0.0).view(labels.shape)
+
+
+class _TokenKLFunction(torch.autograd.Function):
+    """kl_t = sum_v p_ref(v) (log p_ref(v) - log p_pol(v)), chunk by chunk; gradient to the policy's
+    logits only: d kl_t / d x_pol = p_pol - p_ref (recomputed per chunk in the backward)."""
+
+    @staticmethod
+    def forward(ctx, policy_logits, reference_logits, valid, chunk_size):
+        cdtype = _compute_dtype(policy_logits.dtype)
+        kl = torch.zeros(valid.numel(), dtype=cdtype, device=policy_logits.device)
+        pairs = zip(
+            _chunk_ranges(_row_blocks(policy_logits), chunk_size),
+            _chunk_ranges(_row_blocks(reference_logits), chunk_size),
+            strict=True,
+        )
+        for (pol_block, start, stop, flat), (ref_block, _, _, _) in pairs:
+            rows = slice(flat, flat + stop - start)
+            # log_softmax, not log of softmax: a vanishing probability stays finite.
+            log_ref = torch.log_softmax(ref_block[start:stop].to(cdtype), dim=-1)
+            log_pol = torch.log_softmax(pol_block[start:stop].to(cdtype), dim=-1)
+            log_pol.neg_().add_(log_ref)  # log p_ref - log p_pol, in place
+            kl[rows] = log_ref.exp_().mul_(log_pol).sum(dim=-1)  # p_ref * (log p_ref - log p_pol), in place
+            del log_ref, log_pol
+        kl.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(policy_logits, reference_logits, valid)
+        ctx.chunk_size = chunk_size
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        policy_logits, reference_logits, valid = ctx.saved_tensors
+        cdtype = _compute_dtype(policy_logits.dtype)
+        g = torch.where(valid, grad_kl.to(cdtype), torch.zeros((), dtype=cdtype, device=valid.device))
+        grad = torch.empty(policy_logits.shape, dtype=policy_logits.dtype, device=policy_logits.device)
+        pairs = zip(
+            _chunk_ranges(_row_blocks(policy_logits), ctx.chunk_size),
+            _chunk_ranges(_row_blocks(reference_logits), ctx.chunk_size),
+            _grad_block_views(grad, _row_blocks(policy_logits), ctx.chunk_size),
+            strict=True,
+        )
+        for (pol_block, start, stop, flat), (ref_block, _, _, _), grad_block in pairs:
+            rows = slice(flat, flat + stop - start)
+            p_pol = torch.softmax(pol_block[start:stop].to(cdtype), dim=-1)
+            p_pol.sub_(torch.softmax(ref_block[start:stop].to(cdtype), dim=-1)).mul_(g[rows].unsqueeze(-1))
+            grad_block.copy_(p_pol)
+            del p_pol
+        return grad, None, None, None
+
+
+def token_kl(
+    policy_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-token forward KL from the reference's to the policy's next-token distribution (TDPO).
+
+    kl_t = sum_v p_ref(v) * (log p_ref(v) - log p_pol(v)): Zeng et al., "Token-level Direct Preference
+    Optimization" (ICML 2024), Sec. 4, the sequential KL D_SeqKL summed over response positions.
+
+    Args:
+        policy_logits, reference_logits: (..., T, V), same shape; position t predicts `labels[..., t]`
+            (already shifted). Low-precision inputs compute in float32.
+        labels: (..., T); positions equal to `ignore_index` give 0 (only response tokens count).
+        chunk_size: tokens per chunk; beyond the two logits tensors (and the policy's gradient) forward
+            and backward hold O(chunk_size * V) floats (two chunk buffers).
+
+    Returns:
+        (..., T) float32 (float64 for float64 logits); differentiable in `policy_logits` only.
+    """
+    if policy_logits.shape != reference_logits.shape or policy_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"policy_logits {tuple(policy_logits.shape)}, reference_logits {tuple(reference_logits.shape)} "
+            f"and labels {tuple(labels.shape)} do not match"
+        )
+    valid = labels.reshape(-1) != ignore_index
+    kl = _TokenKLFunction.apply(policy_logits, reference_logits.detach(), valid, chunk_size)
+    return kl.view(labels.shape)
 
 
 def segment_sums(

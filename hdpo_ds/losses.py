@@ -15,6 +15,8 @@ References
   Preferences" (2023), Eq. (17) (empirical IPO loss).
 - Hinge: Zhao et al., "SLiC-HF" (2023), the calibration loss; Liu et al., "Statistical Rejection
   Sampling" (RSO, 2023), its hinge loss on the normalised likelihood ratio.
+- TDPO: Zeng et al., "Token-level Direct Preference Optimization" (ICML 2024), Sec. 4: TDPO1 and
+  TDPO2 (the latter with a stop-gradient on the chosen sequential KL and its own alpha).
 - f-DPO: Wang et al., "Beyond Reverse KL: Generalizing DPO with Diverse Divergence Constraints"
   (2023), Sec. 4: the f-DPO loss with f'(pi/ref) in place of log(pi/ref), and its table of f'(u).
 """
@@ -29,9 +31,12 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOSS_TYPES",
+    "TDPO_LOSS_TYPES",
     "PreferenceLossOutput",
+    "TDPOLossOutput",
     "canonical_loss_type",
     "preference_loss",
+    "tdpo_loss",
 ]
 
 # Canonical names, then aliases that map onto them.
@@ -193,3 +198,66 @@ def preference_loss(
         losses = losses + nll_weight * (-lp_w / counts)
 
     return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+TDPO_LOSS_TYPES = ("tdpo1", "tdpo2")
+
+
+class TDPOLossOutput(NamedTuple):
+    """Per-pair outputs, each (num_pairs,); rewards and KL terms detached."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_kl: torch.Tensor
+    rejected_kl: torch.Tensor
+
+
+def tdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_seq_kl: torch.Tensor,
+    rejected_seq_kl: torch.Tensor,
+    *,
+    loss_type: str = "tdpo2",
+    beta: float = 0.1,
+    tdpo_alpha: float = 0.5,
+) -> TDPOLossOutput:
+    """Token-level DPO (Zeng et al. 2024, Sec. 4), per pair.
+
+    Args:
+        policy_*_logps, reference_*_logps: (num_pairs,) summed response log-probs (as for
+            `preference_loss`).
+        chosen_seq_kl, rejected_seq_kl: (num_pairs,) sequential KL, the sum over response tokens of
+            KL(p_ref || p_pol) at each position (`logprobs.token_kl`); they carry gradient.
+        loss_type: "tdpo1" or "tdpo2" (the paper code's default).
+        beta: > 0 (default 0.1). tdpo_alpha: TDPO2's KL weight, > 0 (default 0.5).
+
+    Formulas, with U = (lp_w - ref_w) - (lp_l - ref_l):
+        TDPO1: loss = -logsigmoid(beta * (U - (SeqKL_l - SeqKL_w)))
+        TDPO2: loss = -logsigmoid(beta * (U - tdpo_alpha * (SeqKL_l - stopgrad(SeqKL_w))))
+    Rewards (as the paper's code logs them): beta * (lp - ref), detached.
+    """
+    if loss_type not in TDPO_LOSS_TYPES:
+        raise ValueError(f"unknown TDPO loss_type {loss_type!r}; valid: {', '.join(TDPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got beta={beta!r}")
+    if not tdpo_alpha > 0:
+        raise ValueError(f"tdpo_alpha must be > 0, got tdpo_alpha={tdpo_alpha!r}")
+    inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+              chosen_seq_kl, rejected_seq_kl)  # fmt: skip
+    shape = policy_chosen_logps.shape
+    if policy_chosen_logps.dim() != 1 or any(t.shape != shape for t in inputs):
+        raise ValueError("all six tensors must have the same shape (num_pairs,), got "
+                         + ", ".join(str(tuple(t.shape)) for t in inputs))  # fmt: skip
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    lp_w, lp_l, ref_w, ref_l, kl_w, kl_l = (t.to(dtype) for t in inputs)
+    ref_w, ref_l = ref_w.detach(), ref_l.detach()
+    u = (lp_w - ref_w) - (lp_l - ref_l)
+    # TDPO2 stops the gradient through the chosen response's KL and weighs the KL margin by tdpo_alpha.
+    logits = u - (kl_l - kl_w) if loss_type == "tdpo1" else u - tdpo_alpha * (kl_l - kl_w.detach())
+    losses = -F.logsigmoid(beta * logits)
+    return TDPOLossOutput(losses, (beta * (lp_w - ref_w)).detach(), (beta * (lp_l - ref_l)).detach(),
+                          kl_w.detach(), kl_l.detach())  # fmt: skip

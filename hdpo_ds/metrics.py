@@ -50,6 +50,7 @@ PAIR_METRICS = (
     "topk_entropy/rejected",
 )
 STEP_METRICS = (*PAIR_METRICS, "alpha", "grad_norm", "lr", "tokens_per_second", "padding_fraction")
+TDPO_METRICS = ("kl/chosen", "kl/rejected", "kl/margin")  # also logged (and under eval/) for TDPO runs
 
 
 class StepAccumulator:
@@ -65,11 +66,12 @@ class StepAccumulator:
         "logps/chosen", "logps/rejected", "tokens/chosen", "tokens/rejected",
         "logratio/chosen", "logratio/rejected", "entropy/chosen", "entropy/rejected",
         "topk_mass/chosen", "topk_mass/rejected", "topk_entropy/chosen", "topk_entropy/rejected",
-        "real_tokens",
+        "real_tokens", "kl/chosen", "kl/rejected",
     )  # fmt: skip
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, with_kl: bool = False) -> None:
         self.device = device
+        self.with_kl = with_kl
         self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(self.SUM_KEYS, 0.0)
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
@@ -121,6 +123,10 @@ class StepAccumulator:
             "rewards/margins": (global_sums["rewards/chosen"] - global_sums["rewards/rejected"]) / pairs,
             "rewards/accuracies": global_sums["rewards/accuracies"] / pairs,
         }
+        if self.with_kl:  # TDPO: the sequential KL per pair, and rejected minus chosen
+            out["kl/chosen"] = global_sums["kl/chosen"] / pairs
+            out["kl/rejected"] = global_sums["kl/rejected"] / pairs
+            out["kl/margin"] = out["kl/rejected"] - out["kl/chosen"]
         for side in ("chosen", "rejected"):
             out[f"logps/{side}"] = global_sums[f"logps/{side}"] / pairs
             out[f"logps/{side}_mean"] = global_sums[f"logps/{side}"] / tokens[side]

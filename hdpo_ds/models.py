@@ -9,11 +9,13 @@ of DeepSpeed.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from hdpo_ds.config import ConfigError, ModelConfig
 
@@ -35,20 +37,61 @@ class LoadedModel:
     attn_implementation: str
 
 
-def select_attention(requested: str, device_type: str) -> str:
-    """flash_attention_2 where the package is installed and the device is CUDA, else sdpa."""
-    if requested != "auto":
-        if requested == "flash_attention_2" and (
-            device_type != "cuda" or importlib.util.find_spec("flash_attn") is None
-        ):
-            raise ConfigError(
-                "model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
-                "(pip install -e '.[gpu]'); use auto, sdpa or eager"
-            )
-        return requested
-    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+SDPA_PACKED = "sdpa_packed"
+
+
+def _sdpa_per_sequence(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal sdpa on each sequence of a packed row instead of one dense block-diagonal mask over it.
+
+    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D), as transformers' attention functions.
+    Sequences start where position_ids are 0; the cost is the sum of squared sequence lengths rather
+    than the square of the row length. Right-padded rows (the padded mode) are one sequence each: under
+    a causal mask real tokens never see the padding after them, and padding positions carry no label.
+    """
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise ValueError("sdpa_packed attention needs position_ids (call the model with them)")
+    if position_ids.shape[0] > 1 and not bool((position_ids == position_ids[:1]).all()):
+        raise ValueError("sdpa_packed attention needs the same sequence boundaries on every row")
+    starts = [*torch.nonzero(position_ids[0] == 0)[:, 0].tolist(), query.shape[2]]  # host sync, per layer
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.cat(
+        [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                        scale=scaling, enable_gqa=gqa, dropout_p=dropout if module.training else 0.0)
+         for a, b in itertools.pairwise(starts) if b > a],
+        dim=2,
+    )  # fmt: skip
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_sdpa_packed() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(SDPA_PACKED, _sdpa_per_sequence)
+    # No mask is built at all: the attention function finds the sequences from position_ids.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SDPA_PACKED, lambda *args, **kwargs: None)
+
+
+def select_attention(requested: str, device_type: str, *, packing: bool = True) -> str:
+    """auto: flash_attention_2 where flash-attn is installed and the device is CUDA (varlen kernels for
+    packed rows); else, for packed micro-batches, sdpa_packed (per-sequence sdpa, registered here);
+    else sdpa. An explicit choice is checked and kept."""
+    if requested == "flash_attention_2" and (
+        device_type != "cuda" or importlib.util.find_spec("flash_attn") is None
+    ):
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
+            "(pip install -e '.[gpu]'); use auto, sdpa_packed, sdpa or eager"
+        )
+    if requested == "auto":
+        if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+            requested = "flash_attention_2"
+        else:
+            requested = SDPA_PACKED if packing else "sdpa"
+    if requested == SDPA_PACKED:
+        _register_sdpa_packed()
+    return requested
 
 
 def _is_local(path: str) -> bool:
@@ -106,12 +149,13 @@ def load_model(
     seed: int,
     name_or_path: str | None = None,
     for_training: bool = True,
+    packing: bool = True,
 ) -> LoadedModel:
     """Build or load one causal LM. `name_or_path` overrides cfg.name_or_path (the reference)."""
     from transformers import AutoModelForCausalLM
 
     source = name_or_path or cfg.name_or_path
-    attn = select_attention(cfg.attn_implementation, device_type)
+    attn = select_attention(cfg.attn_implementation, device_type, packing=packing)
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": attn}
     if cfg.from_scratch and not name_or_path:
         config = load_model_config(cfg)

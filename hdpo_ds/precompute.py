@@ -188,7 +188,8 @@ def build_reference_engine(
     """The reference model in a DeepSpeed engine without optimizer (built inside zero.Init under ZeRO-3)."""
     handle = engine.zero3_loading(ref_ds)
     model = load_model(cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed,
-                       name_or_path=cfg.reference.name_or_path or None, for_training=False).model  # fmt: skip
+                       name_or_path=cfg.reference.name_or_path or None, for_training=False,
+                       packing=cfg.data.packing).model  # fmt: skip
     ref_engine = engine.build_reference_engine(model, ref_ds)
     del handle
     return OnlineReference(ref_engine, cfg.train.logits_chunk_size)

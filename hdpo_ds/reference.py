@@ -48,10 +48,16 @@ class OnlineReference:
     chunk_size: int
 
     @torch.no_grad()
-    def sequence_sums(self, batch: PackedBatch, dtype: torch.dtype = torch.float32) -> SegmentSums:
-        logits = self.engine(**batch.model_inputs()).logits
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        return self.engine(**batch.model_inputs()).logits
+
+    @torch.no_grad()
+    def sums_from_logits(self, logits: torch.Tensor, batch: PackedBatch, dtype=torch.float32) -> SegmentSums:
         tokens = token_logps(logits, batch.labels, chunk_size=self.chunk_size)
         return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
+
+    def sequence_sums(self, batch: PackedBatch, dtype: torch.dtype = torch.float32) -> SegmentSums:
+        return self.sums_from_logits(self.logits(batch), batch, dtype=dtype)
 
     def sequence_logps(self, batch: PackedBatch) -> torch.Tensor:
         return self.sequence_sums(batch).sums

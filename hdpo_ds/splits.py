@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 from hdpo_ds import dist
 from hdpo_ds.config import Config
-from hdpo_ds.data import LoadResult, TokenizeResult, load_records, tokenize_pairs, tokenizer_fingerprint
+from hdpo_ds.data import (
+    DataError,
+    LoadResult,
+    TokenizeResult,
+    load_records,
+    tokenize_pairs,
+    tokenizer_fingerprint,
+)
 
 __all__ = ["Split", "load_split_records", "tokenize_split"]
 
@@ -35,12 +42,25 @@ def load_split_records(cfg: Config) -> dict[str, LoadResult]:
 
 
 def tokenize_split(cfg: Config, name: str, records: LoadResult, tokenizer) -> Split:
-    """Tokenize one split; collective (rank 0 writes the Arrow cache, the others wait and read it)."""
+    """Tokenize one split; collective. Rank 0 tokenizes and writes the Arrow cache; its outcome (or its
+    error) is broadcast, so a failure there stops every rank instead of leaving them at a barrier."""
     template_source = cfg.data.chat_template or None
-    data = tokenize_pairs(
-        records, tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+    kwargs = dict(
+        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
         truncation=cfg.data.truncation, chat_template=template_source,
-        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"),
-        is_main_process=dist.is_main_process(), barrier=dist.barrier, on_bad_record=cfg.data.on_bad_record,
+        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"), on_bad_record=cfg.data.on_bad_record,
     )  # fmt: skip
+    data, error = None, None
+    if dist.is_main_process():
+        try:
+            data = tokenize_pairs(records, tokenizer, is_main_process=True, barrier=None, **kwargs)
+        except Exception as e:  # re-raised below on this rank, reported on the others
+            error = e
+    message = dist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise DataError(f"tokenizing the {name} split failed on rank 0: {message}")
+    if data is None:  # the other ranks read what rank 0 wrote
+        data = tokenize_pairs(records, tokenizer, is_main_process=False, barrier=None, **kwargs)
     return Split(name, records, data, tokenizer_fingerprint(tokenizer, template_source))

@@ -25,8 +25,8 @@ from hdpo_ds import checkpoint, dist, engine
 from hdpo_ds.atomic import write_json
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
 from hdpo_ds.data import PackedBatch, PairSampler, collate, plan_stats, plan_step
-from hdpo_ds.logprobs import segment_sums, token_stats
-from hdpo_ds.losses import preference_loss
+from hdpo_ds.logprobs import segment_sums, token_kl, token_stats
+from hdpo_ds.losses import TDPO_LOSS_TYPES, preference_loss, tdpo_loss
 from hdpo_ds.metrics import (
     MlflowLogger,
     NullLogger,
@@ -78,6 +78,7 @@ class _BatchResult:
     ref: tuple[torch.Tensor, torch.Tensor]
     tokens: tuple[torch.Tensor, torch.Tensor]
     token_sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+    kl: tuple[torch.Tensor, torch.Tensor] | None = None  # TDPO's sequential KL per pair
 
 
 def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad: bool) -> _BatchResult:
@@ -86,13 +87,22 @@ def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad
     inputs = batch.model_inputs()
     mask = batch.labels != -100
     num_seqs = batch.num_seqs
-    ref_seq = reference.sequence_logps(batch)
+    tdpo = cfg.loss.type in TDPO_LOSS_TYPES
+    if tdpo:  # TDPO needs the reference's whole next-token distributions, not just sums
+        ref_logits = reference.logits(batch)
+        ref_seq = reference.sums_from_logits(ref_logits, batch).sums
+    else:
+        ref_seq = reference.sequence_logps(batch)
     with torch.set_grad_enabled(track_grad):
         logits = policy(**inputs).logits
         stats = token_stats(
             logits, batch.labels, top_k=cfg.train.top_k, chunk_size=cfg.train.logits_chunk_size
         )
         seq = segment_sums(stats.logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32)
+        if tdpo:
+            kl_tokens = token_kl(logits, ref_logits, batch.labels, chunk_size=cfg.train.logits_chunk_size)
+            seq_kl = segment_sums(kl_tokens, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32).sums
+            del ref_logits
     monitor_sums = {
         name: segment_sums(
             getattr(stats, name), batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
@@ -100,19 +110,26 @@ def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad
         for name in ("entropy", "topk_mass", "topk_entropy")
     }
     chosen, rejected = pair_sequence_indices(batch)
-    out = preference_loss(
-        seq.sums[chosen],
-        seq.sums[rejected],
-        ref_seq[chosen],
-        ref_seq[rejected],
-        loss_type=cfg.loss.type,
-        beta=cfg.loss.beta,
-        alpha=cfg.loss.alpha,
-        label_smoothing=cfg.loss.label_smoothing,
-        f_alpha=cfg.loss.f_alpha,
-        chosen_token_counts=seq.counts[chosen],
-        nll_weight=cfg.loss.nll_weight,
-    )
+    if tdpo:
+        out = tdpo_loss(seq.sums[chosen], seq.sums[rejected], ref_seq[chosen], ref_seq[rejected],
+                        seq_kl[chosen], seq_kl[rejected], loss_type=cfg.loss.type, beta=cfg.loss.beta,
+                        tdpo_alpha=cfg.loss.tdpo_alpha)  # fmt: skip
+        kl = (out.chosen_kl, out.rejected_kl)
+    else:
+        kl = None
+        out = preference_loss(
+            seq.sums[chosen],
+            seq.sums[rejected],
+            ref_seq[chosen],
+            ref_seq[rejected],
+            loss_type=cfg.loss.type,
+            beta=cfg.loss.beta,
+            alpha=cfg.loss.alpha,
+            label_smoothing=cfg.loss.label_smoothing,
+            f_alpha=cfg.loss.f_alpha,
+            chosen_token_counts=seq.counts[chosen],
+            nll_weight=cfg.loss.nll_weight,
+        )
     return _BatchResult(
         losses=out.losses,
         chosen_rewards=out.chosen_rewards,
@@ -120,6 +137,7 @@ def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad
         lp=(seq.sums[chosen].detach(), seq.sums[rejected].detach()),
         ref=(ref_seq[chosen], ref_seq[rejected]),
         tokens=(seq.counts[chosen], seq.counts[rejected]),
+        kl=kl,
         token_sums=(
             {k: v[chosen] for k, v in monitor_sums.items()},
             {k: v[rejected] for k, v in monitor_sums.items()},
@@ -141,6 +159,9 @@ def _accumulate(acc: StepAccumulator, result: _BatchResult) -> None:
         chosen_token_sums=result.token_sums[0],
         rejected_token_sums=result.token_sums[1],
     )
+    if result.kl is not None:
+        acc.add("kl/chosen", result.kl[0].sum())
+        acc.add("kl/rejected", result.kl[1].sum())
 
 
 def _check_before_engines(cfg: Config) -> None:
@@ -188,7 +209,8 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
 
     # ---- models and engines (built inside zero.Init under ZeRO-3: never whole on one rank)
     zero3_handle = engine.zero3_loading(policy_ds)
-    loaded = load_model(cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed)
+    loaded = load_model(cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed,
+                        packing=cfg.data.packing)  # fmt: skip
     del zero3_handle
     schedule = dict(warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                     schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)  # fmt: skip
@@ -272,7 +294,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         started = time.perf_counter()
         lr = policy.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         policy.train()
-        acc = StepAccumulator(device)
+        acc = StepAccumulator(device, with_kl=cfg.loss.type in TDPO_LOSS_TYPES)
         micro_batches = assignment.micro_batches
         scale = world_size / assignment.num_pairs
         real_tokens = 0
@@ -458,7 +480,7 @@ def _evaluate(cfg: Config, policy, reference, eval_data, tokenizer, device) -> d
     lengths = eval_data.pairs.lengths
     count = len(lengths) if not cfg.train.eval_pairs else min(cfg.train.eval_pairs, len(lengths))
     positions = np.arange(count)
-    acc = StepAccumulator(device)
+    acc = StepAccumulator(device, with_kl=cfg.loss.type in TDPO_LOSS_TYPES)
     # Chunks of pairs_per_step pairs keep each plan (and its fillers) to the training step's size.
     for start in range(0, count, cfg.train.pairs_per_step):
         chunk = positions[start : start + cfg.train.pairs_per_step]

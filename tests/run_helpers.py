@@ -62,6 +62,8 @@ def make_assets(root):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    torch.manual_seed(1)  # a reference that differs from the policy's start (for TDPO's KL)
+    LlamaForCausalLM(config).save_pretrained(root / "ref_model")
 
     train_file, eval_file = root / "train.jsonl", root / "eval.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in records(40, seed=1)))
@@ -84,7 +86,7 @@ def make_assets(root):
     else:
         raise AssertionError("no seed gives step 0 a filler and unequal pair counts")
     return {"root": root, "model": str(model_dir), "train": str(train_file), "eval": str(eval_file),
-            "seed": seed, "pairs": pairs, "tokenizer": tokenizer}  # fmt: skip
+            "seed": seed, "pairs": pairs, "tokenizer": tokenizer, "ref_model": str(root / "ref_model")}  # fmt: skip
 
 
 def overrides(assets, name: str, steps: int) -> list[str]:

@@ -87,8 +87,14 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels != IGNORE_INDEX, logps.gather(-1, safe[..., None])[..., 0], 0.0)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_packed"])
 def test_packed_and_padded_forwards_match_separate_forwards(attn):
+    """sdpa_packed is hdpo_ds.models' per-sequence attention, what auto selects on CPU for packing."""
+    from hdpo_ds.models import select_attention
+
+    assert select_attention("auto", "cpu", packing=True) == "sdpa_packed"
+    assert select_attention("auto", "cpu", packing=False) == "sdpa"
+    attn = select_attention(attn, "cpu")  # registers sdpa_packed with transformers
     lengths = np.array([[9, 14], [30, 5], [2, 3], [17, 17], [25, 40]])
     pairs = random_pairs(lengths, vocab=256, seed=1)
     pairs[2] = TokenizedPair("p2", [7], [9], [10, 11], False, False)  # one-token prompt and response

@@ -199,3 +199,29 @@ def test_wrong_row_count_is_refused(built, tmp_path):
     with pytest.raises(RefCacheError, match="holds 30 rows, the manifest says 31"):
         RefCache.load(str(cache), built["fingerprint"])
     assert np.isfinite(RefCache.load(str(built["dir"]), built["fingerprint"]).chosen).all()
+
+
+def test_auto_mode_stops_on_a_stale_cache_and_rebuilds_it_when_asked(setup, tmp_path):
+    """reference.mode=auto: missing -> computed; stale -> an error naming the change, or with
+    reference.rebuild_stale a rebuild that says so; matching -> reused."""
+    from hdpo_ds.precompute import ensure_reference_caches
+
+    root = tmp_path / "auto"
+
+    def ensure(*extra):
+        cfg = _cfg(setup, f"reference.cache_path={root}", "reference.mode=auto", *extra)
+        splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
+        return ensure_reference_caches(cfg, splits, ref_ds={}, dtype=torch.float32, device_type="cpu",
+                                       device=torch.device("cpu"), pad_token_id=setup["tokenizer"].pad_token_id,
+                                       compute_missing=True, reference=OnlineReference(setup["model"], 64))  # fmt: skip
+
+    assert ensure()[1] == {"train": "computed"}
+    assert ensure()[1] == {"train": "reused"}
+    with pytest.raises(
+        RefCacheError, match=r"is stale \(set reference.rebuild_stale=true.*\n  data.max_length: 256"
+    ):
+        ensure("data.max_length=200")
+    caches, actions = ensure("data.max_length=200", "reference.rebuild_stale=true")
+    assert actions == {"train": "rebuilt"}
+    assert read_manifest(str(root / "train"))["fingerprint"]["data.max_length"] == 200
+    assert len(caches["train"].ids) == 30

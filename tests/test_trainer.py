@@ -119,7 +119,7 @@ def test_mlflow_holds_every_metric_for_every_step(py1):
     for key in eval_keys:
         assert sorted(metrics[key]) == [2, 4, STEPS], key
     params = py1["params"]
-    assert params["config.loss.alpha"] == "0.9" and params["run.attn_implementation"] == "sdpa"
+    assert params["config.loss.alpha"] == "0.9" and params["run.attn_implementation"] == "sdpa_packed"
     assert params["ds_config.train_batch_size"] == "1" and "versions.deepspeed" in params
     # step 0: policy == reference, so the log-ratios are exactly 0
     assert metrics["logratio/chosen"][0] == 0.0 and metrics["logratio/rejected"][0] == 0.0
@@ -245,3 +245,20 @@ def test_killed_precompute_resumes_to_the_same_cache(assets, py1_cached):
         assert got["ids"] == expected["ids"]
         assert (got["chosen"] == expected["chosen"]).all() and (got["rejected"] == expected["rejected"]).all()
         assert got["manifest"]["shards"] == expected["manifest"]["shards"]  # byte-identical shards (sha256)
+
+
+@pytest.mark.distributed
+def test_tokenization_error_on_rank0_stops_every_rank(assets):
+    """Only rank 0 tokenizes; its DataError must reach rank 1 instead of leaving it at a barrier."""
+    bad = assets["root"] / "merge.jsonl"
+    bad.write_text(
+        json.dumps({"prompt": "What is 2 + 2? ", "chosen": "4 is it.", "rejected": "5 is it."}) + "\n" * 1
+    )
+    run = _launch(assets, "merge", "deepspeed", 1, extra=[f"data.train_files=[{bad}]", "data.eval_files=[]",
+                                                          "train.pairs_per_step=2"],
+                  expect_success=False)  # fmt: skip
+    assert run["returncode"] != 0
+    assert (
+        "error (rank 0):" in run["stderr"] and "merges across the prompt/response boundary" in run["stderr"]
+    )
+    assert "error (rank 1): tokenizing the train split failed on rank 0: DataError:" in run["stderr"]
