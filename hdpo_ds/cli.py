@@ -57,4 +57,5 @@ def run_entry_point(
     except NonFiniteTrainingError as e:
         print(f"stopped (rank {rank}): {e}", file=sys.stderr)
         return 3
+    dist.shutdown()
     return 0

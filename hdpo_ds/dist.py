@@ -24,6 +24,7 @@ __all__ = [
     "local_rank",
     "rank",
     "reduce_sums",
+    "shutdown",
     "world_size",
 ]
 
@@ -124,3 +125,12 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shutdown() -> None:
+    """Leave the process group in order (all ranks meet first), so that no communication thread is
+    still alive while the interpreter tears down; a crash there would turn a finished run into a failure."""
+    if is_initialized():
+        if world_size() > 1:
+            tdist.barrier()
+        tdist.destroy_process_group()

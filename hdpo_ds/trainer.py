@@ -5,7 +5,10 @@ the same number on every rank (fillers with weight 0 where a rank is short). Eac
 policy forward -> token_stats -> per-sequence sums -> reference log-probs -> preference_loss; its
 summed loss is scaled by world_size / global_pairs so that, after DeepSpeed averages gradients over
 ranks, the step's gradient is that of the mean over all pairs (DESIGN.md §5). The accumulation
-boundary is each rank's last micro-batch. Metrics: one all-reduce and one host sync per step.
+boundary is each rank's last micro-batch. Before the optimizer update one collective agrees whether
+any rank saw a non-finite loss (then every rank skips the update); after it, one all-reduce carries
+all of the step's metrics. Checkpoints every `train.save_every` steps and at the end; resume from the
+latest complete one (hdpo_ds/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -374,15 +377,21 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
             save_checkpoint()
 
-    if eval_data is not None:
+    # A run resumed from its own final checkpoint has nothing left to do: no second final evaluation,
+    # checkpoint or export (they exist already).
+    finished_before = resume_state is not None and resume_state["step"] >= cfg.train.max_steps
+    if finished_before:
+        logger.info("the checkpoint is already at train.max_steps=%d: nothing to train", cfg.train.max_steps)
+    elif eval_data is not None:
         run_logger.log_metrics(
             _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device), step=step
         )
     if progress is not None:
         progress.close()
-    save_checkpoint()
-    if cfg.train.export_hf:
-        checkpoint.export_hf(policy, tokenizer, os.path.join(cfg.output_dir, "hf"))
+    if not finished_before:
+        save_checkpoint()
+        if cfg.train.export_hf:
+            checkpoint.export_hf(policy, tokenizer, os.path.join(cfg.output_dir, "hf"))
     memory = dist.gather_objects(peak_memory_mib())
     for key in memory[0]:
         run_logger.log_metrics({f"memory/{key}_max_over_ranks": max(m[key] for m in memory)}, step=step)
