@@ -20,7 +20,12 @@ def train(cfg, ds_path: str, rank: int) -> None:
 
     result = run_training(cfg, ds_path)
     if rank == 0:
-        print(f"\nfinished {result.steps} steps; final loss {result.losses[-1]:.4f}")
+        last = (
+            f"; final loss {result.losses[-1]:.4f}"
+            if result.losses
+            else " (resumed at the end: nothing left to train)"
+        )
+        print(f"\nfinished {result.steps} steps{last}")
         print(f"outputs:     {os.path.abspath(result.output_dir)}")
         print(f"MLflow run:  {result.run_id} in {result.tracking_uri}")
         if result.tracking_uri and result.tracking_uri.startswith("sqlite:"):

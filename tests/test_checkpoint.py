@@ -158,3 +158,15 @@ def test_consecutive_nans_stop_with_a_good_checkpoint(assets):
         assert torch.isfinite(final[name]).all()
     assert not (assets["root"] / "ck_nan_stop" / "hf").exists()  # no export of a stopped run
     assert os.path.exists(root / "step00000003" / "COMPLETE.json")
+
+
+@pytest.mark.distributed
+def test_rerun_of_a_finished_run_changes_nothing(assets, ck_full):
+    hf = ck_full["dir"] / "hf" / "model.safetensors"
+    before = hf.stat().st_mtime_ns
+    again = launch(assets, "ck_full", "deepspeed", CK_STEPS, extra=CK_ARGS)
+    assert "nothing left to train" in again["stdout"]
+    assert again["info"]["run_id"] == ck_full["info"]["run_id"]
+    assert again["metrics"]["_counts"]["loss"] == CK_STEPS
+    assert again["metrics"]["_counts"]["eval/loss"] == len(ck_full["metrics"]["eval/loss"])
+    assert hf.stat().st_mtime_ns == before  # no second export
