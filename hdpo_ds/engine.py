@@ -85,6 +85,7 @@ def fill_ds_config(
     - optimizer lr / betas / eps / weight_decay from `optim.*` (on CPU, torch's AdamW, which needs no
       compiled op); gradient_clipping from `optim.max_grad_norm`;
     - bf16 / fp16 from the resolved dtype;
+    - for the reference (training=False), ZeRO-3 parameter offload to CPU when reference.offload;
     - ZeRO-3 bucket sizes from the hidden size, as transformers' integration does.
     A key that is still "auto" afterwards, or a value that contradicts the run config, raises
     ConfigError naming the ds_config key.
@@ -128,6 +129,8 @@ def fill_ds_config(
         if "optimizer" in ds:
             raise ConfigError("ds_config.optimizer: the reference engine takes no optimizer; remove it")
         ds.pop("gradient_clipping", None)
+        if cfg.reference.offload:  # the reference engine's parameters live in CPU memory between uses
+            ds.setdefault("zero_optimization", {})["offload_param"] = {"device": "cpu", "pin_memory": True}
 
     zero = ds.get("zero_optimization", {})
     if hidden_size:

@@ -23,7 +23,7 @@ import torch
 
 from hdpo_ds import dist, engine
 from hdpo_ds.config import Config
-from hdpo_ds.data import collate, plan_step
+from hdpo_ds.data import IndexedPairs, collate, plan_step
 from hdpo_ds.data.refcache import (
     RefCache,
     RefCacheError,
@@ -124,7 +124,7 @@ def precompute_split(
         positions = np.arange(k * shard_pairs, min((k + 1) * shard_pairs, len(ids)))
         plan = plan_step(lengths[positions], world_size=world,
                          max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packing=cfg.data.packing)  # fmt: skip
-        view = _PositionView(pairs, positions)
+        view = IndexedPairs(pairs, positions)
         local = []
         for mb in plan.for_rank(rank):
             batch = collate(view, mb, pad_token_id=pad_token_id, packing=cfg.data.packing).to(device)
@@ -162,20 +162,6 @@ def precompute_split(
         write_manifest(cache_dir, fingerprint, versions, shards, len(ids))
         logger.info("reference cache %s: %d pairs in %d shard(s)", cache_dir, len(ids), num_shards)
     dist.barrier()
-
-
-class _PositionView:
-    """Plan positions -> pairs of the split, for collate."""
-
-    def __init__(self, pairs, positions: np.ndarray) -> None:
-        self._pairs = pairs
-        self._positions = positions
-
-    def __len__(self) -> int:
-        return len(self._positions)
-
-    def __getitem__(self, pos: int):
-        return self._pairs[int(self._positions[pos])]
 
 
 def cache_root(cfg: Config) -> str:

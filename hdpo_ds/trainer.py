@@ -27,7 +27,7 @@ import torch
 from hdpo_ds import checkpoint, dist, engine
 from hdpo_ds.atomic import write_json
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
-from hdpo_ds.data import PackedBatch, PairSampler, collate, plan_stats, plan_step
+from hdpo_ds.data import IndexedPairs, PackedBatch, PairSampler, collate, plan_stats, plan_step
 from hdpo_ds.logprobs import segment_sums, token_kl, token_stats
 from hdpo_ds.losses import TDPO_LOSS_TYPES, preference_loss, tdpo_loss
 from hdpo_ds.metrics import (
@@ -206,9 +206,6 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                                       hidden_size=hidden)  # fmt: skip
     ref_ds = engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
                                    hidden_size=hidden, training=False)  # fmt: skip
-    if cfg.reference.offload:
-        ref_ds.setdefault("zero_optimization", {})["offload_param"] = {"device": "cpu",
-                                                                      "pin_memory": device_type != "cpu"}  # fmt: skip
 
     # ---- models and engines (built inside zero.Init under ZeRO-3: never whole on one rank)
     zero3_handle = engine.zero3_loading(policy_ds)
@@ -495,7 +492,7 @@ def _evaluate(cfg: Config, policy, reference, eval_data, tokenizer, device) -> d
         chunk = positions[start : start + cfg.train.pairs_per_step]
         plan = plan_step(lengths[chunk], world_size=dist.world_size(),
                          max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packing=cfg.data.packing)  # fmt: skip
-        view = [eval_data.pairs[int(i)] for i in chunk]
+        view = IndexedPairs(eval_data.pairs, chunk)  # this rank reads only its own micro-batches' pairs
         for mb in plan.for_rank(dist.rank()):
             batch = collate(view, mb, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing).to(
                 device

@@ -141,3 +141,12 @@ def test_lr_multiplier_hand_worked():
     assert math.isclose(
         lr_multiplier(4, schedule="cosine", **kw), 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
     )
+
+
+def test_reference_offload_is_filled_for_training_and_precompute_alike():
+    ds = load_ds_config("ds_configs/zero3_infer.json")
+    filled = fill_ds_config(ds, _cfg("reference.offload=true"), world_size=2, device_type="cpu", hidden_size=64,
+                            training=False)  # fmt: skip
+    assert filled["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    plain = fill_ds_config(ds, _cfg(), world_size=2, device_type="cpu", hidden_size=64, training=False)
+    assert "offload_param" not in plain["zero_optimization"]

@@ -11,7 +11,7 @@ from hdpo_ds.data.packing import (
     plan_step,
 )
 from hdpo_ds.data.records import DataError, LoadResult, PreferenceRecord, load_records, normalise_record
-from hdpo_ds.data.sampler import PairSampler, StepAssignment
+from hdpo_ds.data.sampler import IndexedPairs, PairSampler, StepAssignment
 from hdpo_ds.data.tokenize import (
     TokenizedPair,
     TokenizedPairs,
@@ -24,6 +24,7 @@ from hdpo_ds.data.tokenize import (
 __all__ = [
     "IGNORE_INDEX",
     "DataError",
+    "IndexedPairs",
     "LoadResult",
     "MicroBatchPlan",
     "PackedBatch",

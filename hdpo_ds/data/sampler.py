@@ -42,13 +42,15 @@ class StepAssignment:
     def num_pairs(self) -> int:
         return len(self.pair_indices)
 
-    def pairs(self, dataset: Sequence[Any]) -> _StepPairs:
+    def pairs(self, dataset: Sequence[Any]) -> IndexedPairs:
         """A lazy view for :func:`~hdpo_ds.data.packing.collate`: ``view[pos] = dataset[pair_indices[pos]]``,
         so a rank reads only the pairs of its own micro-batches."""
-        return _StepPairs(dataset, self.pair_indices)
+        return IndexedPairs(dataset, self.pair_indices)
 
 
-class _StepPairs:
+class IndexedPairs:
+    """`view[pos] = dataset[indices[pos]]`, read lazily: what `collate` takes for plan positions."""
+
     def __init__(self, dataset: Sequence[Any], indices: np.ndarray) -> None:
         self._dataset = dataset
         self._indices = indices
