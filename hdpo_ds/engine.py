@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from hdpo_ds import dist
 from hdpo_ds.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,27 @@ def init_distributed() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=None, verbose=False)
+    _unlink_shm_allreduce_buffer()
+
+
+def shm_allreduce_buffer_path() -> str:
+    """The shared-memory segment DeepSpeed's CPU allreduce creates for this rank (shm.cpp's name:
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>); DeepSpeed never unlinks it."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.rank()}"
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Each launch would otherwise leave 64 MiB per rank in /dev/shm for good (226 files, 15 GiB, seen
+    after a day of test runs). Once every rank has mapped every segment (done in init, so after a
+    barrier), unlinking the names frees the memory when the processes end, even on SIGKILL."""
+    if dist.world_size() < 2:
+        return
+    dist.barrier()  # unconditional: a rank-dependent collective could hang
+    try:
+        os.unlink(shm_allreduce_buffer_path())
+    except FileNotFoundError:  # GPU runs, and multi-node runs (DeepSpeed uses shm only when all ranks are local)
+        pass
 
 
 def device_type() -> str:

@@ -120,11 +120,12 @@ def launch(
 ):
     """Run a launcher in its own session (process group); returns the CompletedProcess-like result and,
     when the run finished, its MLflow metrics and params."""
+    port = free_port()
     cmd = {
         "deepspeed": [os.path.join(VENV_BIN, "deepspeed"), "--num_accelerators", "2",
-                      "--master_port", str(free_port())],
+                      "--master_port", str(port)],
         "torchrun": [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2",
-                     "--master-port", str(free_port())],
+                     "--master-port", str(port)],
         "python": [sys.executable],
     }[launcher]  # fmt: skip
     ds = "zero3_infer.json" if script.endswith("precompute_ref.py") else "zero3.json"
@@ -148,6 +149,8 @@ def launch(
               "dir": assets["root"] / name}  # fmt: skip
     if expect_success:
         assert proc.returncode == 0, f"{launcher} run failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+        # DeepSpeed's CPU allreduce segments (64 MiB per rank) must not outlive the run (engine.py)
+        assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "leaked /dev/shm segments"
     if script == "launch/train.py" and (assets["root"] / name / "run_info.json").exists():
         result.update(mlflow_run(assets["root"] / name))
     return result
