@@ -8,6 +8,7 @@ marks the accumulation boundary itself (DESIGN.md §5).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -186,10 +187,9 @@ def _unlink_shm_allreduce_buffer() -> None:
     if dist.world_size() < 2:
         return
     dist.barrier()  # unconditional: a rank-dependent collective could hang
-    try:
+    # absent on GPU runs and multi-node runs (DeepSpeed uses shm only when all ranks are local)
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(shm_allreduce_buffer_path())
-    except FileNotFoundError:  # GPU runs, and multi-node runs (DeepSpeed uses shm only when all ranks are local)
-        pass
 
 
 def device_type() -> str:
