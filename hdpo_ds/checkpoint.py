@@ -7,6 +7,7 @@ Layout under `<output_dir>/checkpoints/`:
         client_state.json    step, sampler position, MLflow run id, the resolved config, world size
         COMPLETE.json        written by rank 0 last, after every rank's files are on disk (fsync)
     latest                   the tag of the newest complete checkpoint; written by us, atomically
+    best.json                the best evaluated checkpoint by monitors.best_metric (tag, step, value)
 
 A folder without COMPLETE.json is never resumed from: it is reported and skipped. DeepSpeed's own
 `latest` write is turned off (save_latest=False). The last `train.keep_checkpoints` complete
@@ -42,16 +43,20 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MATH_KEYS",
     "CheckpointError",
+    "complete_steps",
     "export_hf",
     "export_hf_from_checkpoint",
     "find_resume_checkpoint",
     "load",
+    "mark_best",
     "math_differences",
+    "read_best",
     "save",
 ]
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
+BEST = "best.json"
 CLIENT_STATE = "client_state.json"
 FAULT_KILL_DURING_SAVE = "HDPO_FAULT_KILL_DURING_SAVE"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -174,6 +179,26 @@ def save(
     dist.barrier()
     logger.info("checkpoint %s committed", folder)
     return tag
+
+
+def complete_steps(output_dir: str) -> list[int]:
+    """The steps of the complete checkpoints under output_dir, oldest first."""
+    root = checkpoint_root(output_dir)
+    return [int(_TAG.match(t).group(1)) for t in _complete_tags(root)] if os.path.isdir(root) else []
+
+
+def mark_best(output_dir: str, step: int, metric: str, value: float) -> None:
+    """Name the best evaluated checkpoint in checkpoints/best.json (atomically); pruning spares it."""
+    write_json(os.path.join(checkpoint_root(output_dir), BEST),
+               {"tag": tag_for(step), "step": step, "metric": metric, "value": value})  # fmt: skip
+
+
+def read_best(output_dir: str) -> dict | None:
+    path = os.path.join(checkpoint_root(output_dir), BEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _prune(root: str, keep: int, protected: set[str]) -> None:

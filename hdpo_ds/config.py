@@ -72,7 +72,17 @@ class DataConfig:
 class LossConfig:
     type: str = "hdpo"
     beta: float = 0.1
-    alpha: float = 1.0
+    # A number, or "auto": the AlphaController (hdpo_ds/monitors.py) steers alpha so that the per-token
+    # entropy of chosen responses approaches target_entropy, starting at alpha_init.
+    alpha: float | Literal["auto"] = 1.0
+    target_entropy: float = 0.0  # nats per chosen-response token; required with alpha=auto
+    alpha_init: float = 1.0
+    alpha_min: float = 0.5
+    alpha_max: float = 2.0
+    alpha_gain: float = 0.05  # change of log(alpha) per unit of relative entropy error
+    alpha_max_change: float = 0.02  # the most log(alpha) moves in one update
+    alpha_ema: float = 0.9  # smoothing of the entropy the controller reads
+    alpha_update: Literal["step", "eval"] = "step"  # read each step's entropy, or each evaluation's
     label_smoothing: float = 0.0
     f_alpha: float = 0.5
     nll_weight: float = 0.0
@@ -111,6 +121,35 @@ class TrainConfig:
 
 
 @dataclass
+class MonitorsConfig:
+    """Over-optimisation detectors on evaluation metrics (hdpo_ds/monitors.py, docs/monitors.md)."""
+
+    enabled: bool = True
+    detectors: list[str] = field(
+        default_factory=lambda: [
+            "topk_entropy_turn",
+            "logps_falling",
+            "topk_mass_collapse",
+            "accuracy_saturated",
+        ]
+    )
+    on_alert: Literal["warn", "stop"] = "warn"  # stop: end cleanly after the evaluation that fired
+    side: Literal["chosen", "rejected"] = "chosen"  # whose top-k entropy / mass the detectors read
+    smoothing: Literal["ema", "window", "none"] = "ema"
+    ema_decay: float = 0.5
+    window: int = 3
+    turn_drop: float = 0.1  # (a) bits below the peak of top-k entropy
+    falling_evals: int = 3  # (b) consecutive evaluations with both log-probs falling
+    topk_mass_floor: float = 0.0  # (c) 0: off
+    topk_mass_max_drop_per_step: float = 0.002  # (c) 0: off
+    accuracy_saturation: float = 0.98  # (d)
+    saturated_evals: int = 3  # (d)
+    best_metric: str = "eval/loss"  # which checkpoint checkpoints/best.json names
+    best_mode: Literal["min", "max"] = "min"
+    plots: bool = True  # PNG plots of the monitors as MLflow artifacts at the end (hdpo_ds/report.py)
+
+
+@dataclass
 class LoggingConfig:
     tracking_uri: str = ""
     experiment: str = "hdpo_ds"
@@ -127,6 +166,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitors: MonitorsConfig = field(default_factory=MonitorsConfig)
     output_dir: str = "outputs/run"
 
 
@@ -242,10 +282,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)})") from None
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
-    if not cfg.loss.alpha > 0:
+    if cfg.loss.alpha == "auto":
+        _validate_adaptive_alpha(cfg, name)
+    elif not cfg.loss.alpha > 0:
         raise ConfigError(f"loss.alpha: must be > 0, got {cfg.loss.alpha}")
     if cfg.loss.type in ("dpo", "sigmoid") and cfg.loss.alpha != 1.0:
         raise ConfigError(f"loss.alpha: loss.type={cfg.loss.type} means alpha=1; use loss.type=hdpo")
+    _validate_monitors(cfg)
     if not 0 < cfg.loss.f_alpha < 1:
         raise ConfigError(f"loss.f_alpha: must lie in (0, 1), got {cfg.loss.f_alpha}")
     if not 0 <= cfg.loss.label_smoothing < 0.5:
@@ -302,6 +345,59 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}"
         )
+
+
+def _validate_adaptive_alpha(cfg: Config, loss_name: str) -> None:
+    loss = cfg.loss
+    if loss_name != "hdpo" or cfg.loss.type != "hdpo":
+        raise ConfigError(
+            f"loss.alpha: auto steers H-DPO's alpha; it needs loss.type=hdpo, got {cfg.loss.type}"
+        )
+    if not loss.target_entropy > 0:
+        raise ConfigError(
+            f"loss.target_entropy: loss.alpha=auto needs a target > 0 (nats per chosen-response token), "
+            f"got {loss.target_entropy}"
+        )
+    if not 0 < loss.alpha_min <= loss.alpha_init <= loss.alpha_max:
+        raise ConfigError(
+            f"loss.alpha_init: needs 0 < loss.alpha_min <= loss.alpha_init <= loss.alpha_max, got "
+            f"{loss.alpha_min} / {loss.alpha_init} / {loss.alpha_max}"
+        )
+    for key, value in (
+        ("loss.alpha_gain", loss.alpha_gain),
+        ("loss.alpha_max_change", loss.alpha_max_change),
+    ):
+        if not value > 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    if not 0 <= loss.alpha_ema < 1:
+        raise ConfigError(f"loss.alpha_ema: must lie in [0, 1), got {loss.alpha_ema}")
+    if loss.alpha_update == "eval" and not (cfg.data.eval_files and cfg.train.eval_every):
+        raise ConfigError("loss.alpha_update: eval needs data.eval_files and train.eval_every > 0")
+
+
+def _validate_monitors(cfg: Config) -> None:
+    from hdpo_ds.monitors import DETECTORS
+
+    m = cfg.monitors
+    for i, name in enumerate(m.detectors):
+        if name not in DETECTORS:
+            raise ConfigError(
+                f"monitors.detectors[{i}]: unknown detector {name!r} (valid: {', '.join(DETECTORS)})"
+            )
+    if not 0 <= m.ema_decay < 1:
+        raise ConfigError(f"monitors.ema_decay: must lie in [0, 1), got {m.ema_decay}")
+    for key, value in (("monitors.window", m.window), ("monitors.falling_evals", m.falling_evals),
+                       ("monitors.saturated_evals", m.saturated_evals)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in (("monitors.turn_drop", m.turn_drop), ("monitors.topk_mass_floor", m.topk_mass_floor),
+                       ("monitors.topk_mass_max_drop_per_step", m.topk_mass_max_drop_per_step)):  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if not 0 < m.accuracy_saturation <= 1:
+        raise ConfigError(f"monitors.accuracy_saturation: must lie in (0, 1], got {m.accuracy_saturation}")
+    if not m.best_metric.startswith("eval/"):
+        raise ConfigError(f"monitors.best_metric: an evaluation metric (eval/...), got {m.best_metric!r}")
 
 
 def _validate_tdpo(cfg: Config) -> None:

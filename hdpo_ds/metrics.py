@@ -197,6 +197,9 @@ class NullLogger:
     def log_json_artifact(self, name: str, data: dict) -> None:
         pass
 
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
@@ -253,6 +256,9 @@ class MlflowLogger:
             with open(path, "w") as f:
                 json.dump(data, f, indent=2, sort_keys=True)
             self.client.log_artifact(self.run_id, path)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -14,6 +14,7 @@ latest complete one (hdpo_ds/checkpoint.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from hdpo_ds.metrics import (
     resolve_tracking_uri,
 )
 from hdpo_ds.models import check_model_source, load_model, load_model_config, load_tokenizer
+from hdpo_ds.monitors import AlphaController, MonitorSuite
 from hdpo_ds.precompute import build_reference_engine, ensure_reference_caches
 from hdpo_ds.reference import CachedReference, pair_sequence_indices
 from hdpo_ds.splits import load_split_records, tokenize_split
@@ -84,9 +86,11 @@ class _BatchResult:
     kl: tuple[torch.Tensor, torch.Tensor] | None = None  # TDPO's sequential KL per pair
 
 
-def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad: bool) -> _BatchResult:
+def _run_batch(
+    cfg: Config, policy, reference, batch: PackedBatch, *, track_grad: bool, alpha: float
+) -> _BatchResult:
     """Forward the policy on one micro-batch, get the reference's values (engine or cache), and
-    compute the per-pair losses."""
+    compute the per-pair losses (H-DPO with this step's `alpha`: fixed, or the controller's)."""
     inputs = batch.model_inputs()
     mask = batch.labels != -100
     num_seqs = batch.num_seqs
@@ -127,7 +131,7 @@ def _run_batch(cfg: Config, policy, reference, batch: PackedBatch, *, track_grad
             ref_seq[rejected],
             loss_type=cfg.loss.type,
             beta=cfg.loss.beta,
-            alpha=cfg.loss.alpha,
+            alpha=alpha,
             label_smoothing=cfg.loss.label_smoothing,
             f_alpha=cfg.loss.f_alpha,
             chosen_token_counts=seq.counts[chosen],
@@ -228,10 +232,16 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         references = {name: CachedReference(cache, device) for name, cache in caches.items()}
 
     step, nonfinite = 0, {"skipped_total": 0, "consecutive": 0}
+    monitors = MonitorSuite(cfg.monitors)
+    controller = _alpha_controller(cfg)
     if resume_folder:
         checkpoint.load(policy, resume_folder)
         step, nonfinite = resume_state["step"], resume_state["nonfinite"]
         sampler.load_state_dict(resume_state["sampler"])
+        if resume_state.get("monitors"):  # absent in checkpoints written before the monitors existed
+            monitors.load_state_dict(resume_state["monitors"], resume_step=step)
+        if controller is not None and resume_state.get("alpha_controller"):
+            controller.load_state_dict(resume_state["alpha_controller"])
         logger.info("resumed from %s at step %d", resume_folder, step)
 
     # ---- logging (rank 0 only)
@@ -274,17 +284,38 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     def save_checkpoint() -> None:
         state = {"step": step, "sampler": sampler.state_dict(), "mlflow_run_id": run_logger.run_id,
                  "config": to_dict(cfg), "world_size": world_size, "dtype": str(dtype).removeprefix("torch."),
-                 "nonfinite": dict(nonfinite)}  # fmt: skip
+                 "nonfinite": dict(nonfinite), "monitors": monitors.state_dict(),
+                 "alpha_controller": controller.state_dict() if controller else None}  # fmt: skip
         # Every rank needs the same client state; only rank 0 knows the MLflow run id.
         state["mlflow_run_id"] = dist.broadcast_object(state["mlflow_run_id"])
-        checkpoint.save(
-            policy, cfg.output_dir, step, state, keep=cfg.train.keep_checkpoints, tokenizer=tokenizer
-        )
+        # The best evaluated checkpoint (this one included) is kept when older ones are pruned.
+        best = monitors.best(cfg.monitors.best_metric, cfg.monitors.best_mode,
+                             candidates={*checkpoint.complete_steps(cfg.output_dir), step})  # fmt: skip
+        protected = {checkpoint.tag_for(best[0])} if best else set()
+        checkpoint.save(policy, cfg.output_dir, step, state, keep=cfg.train.keep_checkpoints, tokenizer=tokenizer,
+                        protected=protected)  # fmt: skip
+        if best and dist.is_main_process():
+            checkpoint.mark_best(cfg.output_dir, best[0], cfg.monitors.best_metric, best[1])
+        nonlocal last_saved
+        last_saved = step
+
+    def evaluate_and_watch() -> bool:
+        """Evaluate, feed the detectors (and the controller, with alpha_update=eval); True: stop here."""
+        metrics = _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device, alpha=alpha)
+        run_logger.log_metrics(metrics, step=step)
+        alerts = monitors.observe(step, metrics)
+        if controller is not None and cfg.loss.alpha_update == "eval":
+            controller.update(metrics["eval/entropy/chosen"])
+        if alerts and dist.is_main_process():
+            _report_alerts(alerts, cfg.output_dir, run_logger, progress)
+        return bool(alerts) and cfg.monitors.on_alert == "stop"
 
     # ---- the loop
     result = TrainResult(run_logger.run_id, run_logger.tracking_uri, cfg.output_dir, 0)
     faults = _Faults.from_env()
     steps = iter(())
+    alpha = controller.alpha if controller is not None else cfg.loss.alpha
+    last_saved, stopped_by_alert = None, False
     while step < cfg.train.max_steps:
         assignment = next(steps, None)
         if assignment is None:
@@ -304,7 +335,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             batch = collate(assignment.pairs(train_data.pairs), mb, pad_token_id=tokenizer.pad_token_id,
                             packing=cfg.data.packing).to(device)  # fmt: skip
             policy.set_gradient_accumulation_boundary(last)
-            out = _run_batch(cfg, policy, references["train"], batch, track_grad=True)
+            out = _run_batch(cfg, policy, references["train"], batch, track_grad=True, alpha=alpha)
             out.losses = faults.plant_nan(step, i, out.losses)
             finite = torch.isfinite(out.losses).all()
             bad |= ~finite
@@ -341,10 +372,16 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             nonfinite["consecutive"] = 0
         metrics.update({
             "nonfinite/skipped_steps": nonfinite["skipped_total"],
-            "alpha": cfg.loss.alpha, "grad_norm": float("nan") if skip_step else _grad_norm(policy), "lr": lr,
+            "alpha": alpha, "grad_norm": float("nan") if skip_step else _grad_norm(policy), "lr": lr,
             "tokens_per_second": sums["real_tokens"] / elapsed, "padding_fraction": stats.padding_fraction,
             "packing_fill": stats.fill,
         })  # fmt: skip
+        if controller is not None and cfg.loss.alpha_update == "step":
+            # identical inputs on every rank (globally reduced), so every rank computes the same next alpha
+            alpha = controller.update(metrics["entropy/chosen"])
+            metrics.update({"alpha/next": alpha, "alpha/entropy_smoothed": controller.smoothed,
+                            "alpha/target_entropy": cfg.loss.target_entropy})  # fmt: skip
+        monitors.record_train(step, metrics)
         run_logger.log_metrics(metrics, step=step)
         result.losses.append(metrics["loss"])
         if progress is not None:
@@ -367,10 +404,10 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             and cfg.train.eval_every
             and step % cfg.train.eval_every == 0
             and step < cfg.train.max_steps
+            and evaluate_and_watch()
         ):
-            run_logger.log_metrics(
-                _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device), step=step
-            )
+            stopped_by_alert = True  # monitors.on_alert=stop: end cleanly here (the final part below)
+            break
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
             save_checkpoint()
 
@@ -379,16 +416,23 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     finished_before = resume_state is not None and resume_state["step"] >= cfg.train.max_steps
     if finished_before:
         logger.info("the checkpoint is already at train.max_steps=%d: nothing to train", cfg.train.max_steps)
-    elif eval_data is not None:
-        run_logger.log_metrics(
-            _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device), step=step
-        )
+    elif eval_data is not None and not stopped_by_alert:  # a stop came right after an evaluation
+        evaluate_and_watch()
     if progress is not None:
         progress.close()
     if not finished_before:
-        save_checkpoint()
+        if last_saved != step:
+            save_checkpoint()
         if cfg.train.export_hf:
             checkpoint.export_hf(policy, tokenizer, os.path.join(cfg.output_dir, "hf"))
+    if stopped_by_alert:
+        best = checkpoint.read_best(cfg.output_dir)
+        logger.warning("monitors.on_alert=stop: stopped at step %d after %s; best checkpoint by %s: %s", step,
+                       ", ".join(monitors.fired), cfg.monitors.best_metric, best)  # fmt: skip
+        run_logger.set_tags({"hdpo_ds.stopped_by_alert": ",".join(monitors.fired),
+                             "hdpo_ds.best_checkpoint": (best or {}).get("tag", "")})  # fmt: skip
+    if dist.is_main_process() and cfg.monitors.plots and not finished_before:
+        _log_plots(monitors, cfg, run_logger)
     memory = dist.gather_objects(peak_memory_mib())
     for key in memory[0]:
         run_logger.log_metrics({f"memory/{key}_max_over_ranks": max(m[key] for m in memory)}, step=step)
@@ -400,7 +444,10 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             {"run_id": result.run_id, "tracking_uri": result.tracking_uri, "steps": step,
              "experiment": cfg.logging.experiment, "world_size": world_size,
              "attn_implementation": loaded.attn_implementation,
-             "final_loss": result.losses[-1] if result.losses else None},
+             "final_loss": result.losses[-1] if result.losses else None,
+             "alerts": [a.to_json() for a in monitors.alerts], "stopped_by_alert": stopped_by_alert,
+             "best_checkpoint": checkpoint.read_best(cfg.output_dir),
+             "final_alpha": alpha},
         )  # fmt: skip
     dist.barrier()
     return result
@@ -480,7 +527,9 @@ def _dump_gradients(policy, output_dir: str, step: int) -> None:
 
 
 @torch.no_grad()
-def _evaluate(cfg: Config, policy, reference, eval_data, tokenizer, device) -> dict[str, float]:
+def _evaluate(
+    cfg: Config, policy, reference, eval_data, tokenizer, device, *, alpha: float
+) -> dict[str, float]:
     """Metrics on the held-out pairs, under `eval/`. Every rank runs the same number of forwards."""
     policy.eval()
     lengths = eval_data.pairs.lengths
@@ -497,8 +546,48 @@ def _evaluate(cfg: Config, policy, reference, eval_data, tokenizer, device) -> d
             batch = collate(view, mb, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing).to(
                 device
             )
-            out = _run_batch(cfg, policy, reference, batch, track_grad=False)
+            out = _run_batch(cfg, policy, reference, batch, track_grad=False, alpha=alpha)
             if not mb.filler:
                 _accumulate(acc, out)
     policy.train()
     return acc.metrics(dist.reduce_sums(acc.sums, device=device), prefix="eval/")
+
+
+def _alpha_controller(cfg: Config) -> AlphaController | None:
+    if cfg.loss.alpha != "auto":
+        return None
+    loss = cfg.loss
+    return AlphaController(target=loss.target_entropy, alpha=loss.alpha_init, alpha_min=loss.alpha_min,
+                           alpha_max=loss.alpha_max, gain=loss.alpha_gain, max_change=loss.alpha_max_change,
+                           ema_decay=loss.alpha_ema)  # fmt: skip
+
+
+def _report_alerts(alerts, output_dir: str, run_logger, progress) -> None:
+    """Rank 0: a warning, an MLflow tag and a line in output_dir/alerts.jsonl (also an artifact) per alert."""
+    path = os.path.join(output_dir, "alerts.jsonl")
+    with open(path, "a") as f:
+        for alert in alerts:
+            f.write(json.dumps(alert.to_json(), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    for alert in alerts:
+        logger.warning("monitor alert at step %d: %s: %s", alert.step, alert.detector, alert.message)
+    run_logger.set_tags({f"alert.{a.detector}": f"step {a.step}: {a.message}" for a in alerts})
+    run_logger.log_artifact(path)
+    if progress is not None:
+        progress.write(f"ALERT step {alerts[0].step}: " + "; ".join(a.detector for a in alerts))
+        progress.set_description(f"{progress.desc.split(' [')[0]} [alert: {alerts[-1].detector}]")
+
+
+def _log_plots(monitors: MonitorSuite, cfg: Config, run_logger) -> None:
+    """PNG plots of the monitors (hdpo_ds/report.py) under output_dir/plots, logged as artifacts."""
+    from hdpo_ds.report import render
+
+    try:
+        paths = render(monitors.train_history, monitors.history, [a.to_json() for a in monitors.alerts],
+                       os.path.join(cfg.output_dir, "plots"), title=cfg.logging.run_name or cfg.output_dir)  # fmt: skip
+    except Exception:  # plots are a convenience: a plotting failure must not fail a finished run
+        logger.exception("rendering the monitor plots failed; `python -m hdpo_ds.report RUN_ID` can retry")
+        return
+    for path in paths:
+        run_logger.log_artifact(path, "plots")

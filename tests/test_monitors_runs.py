@@ -1,0 +1,157 @@
+"""The monitors in real (one-process) training runs of the demo model: an over-optimising run whose
+detectors fire early, the same run stopped by its first alert, the best checkpoint, the plots, and the
+adaptive-alpha controller's state across a kill and resume.
+
+Over-optimising recipe: 64 training pairs, 16 per step, lr 5e-3 constant, evaluation on 32 held-out
+pairs every 4 steps (`OVEROPT`). The longer demo-scale versions are in `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.run_helpers import ROOT, mlflow_run
+
+OVEROPT = [
+    "data.rows=0:64", "train.pairs_per_step=16", "optim.lr=5e-3", "optim.schedule=constant",
+    "optim.warmup_steps=0", "train.max_steps=32", "train.eval_every=4", "train.eval_pairs=32",
+    "train.save_every=8", "train.export_hf=false", "logging.progress_bar=false",
+]  # fmt: skip
+
+
+def run_demo(root, name: str, extra: list[str], env_extra: dict | None = None, expect_success: bool = True):
+    """`python launch/train.py` (one process) on configs/demo.yaml with `extra` overrides."""
+    out = root / name
+    cmd = [sys.executable, "launch/train.py", "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml",
+           f"output_dir={out}", f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}", *extra]  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                          start_new_session=True)  # fmt: skip
+    (root / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    if expect_success:
+        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    result = {"returncode": proc.returncode, "dir": out}
+    if (out / "run_info.json").exists():
+        result.update(mlflow_run(out))
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("monitor_runs")
+
+
+@pytest.fixture(scope="module")
+def overopt(runs_root):
+    return run_demo(runs_root, "overopt", OVEROPT)
+
+
+@pytest.fixture(scope="module")
+def overopt_stop(runs_root):
+    return run_demo(runs_root, "overopt_stop", [*OVEROPT, "monitors.on_alert=stop"])
+
+
+def _first_alert(run) -> dict:
+    alerts = [json.loads(line) for line in (run["dir"] / "alerts.jsonl").read_text().splitlines()]
+    assert alerts == run["info"]["alerts"]
+    return alerts[0]
+
+
+def test_detector_fires_before_the_held_out_optimum(overopt):
+    """Detector (a) or (b) fires no later than the evaluation where the held-out loss is lowest, or
+    before eval reward accuracy peaks."""
+    first = _first_alert(overopt)
+    assert first["detector"] in ("topk_entropy_turn", "logps_falling")
+    loss = overopt["metrics"]["eval/loss"]
+    accuracy = overopt["metrics"]["eval/rewards/accuracies"]
+    best_loss_step = min(loss, key=lambda s: (loss[s], s))
+    peak_accuracy_step = max(accuracy, key=lambda s: (accuracy[s], -s))
+    print(f"first alert {first['detector']} at step {first['step']}; eval loss lowest at step {best_loss_step} "
+          f"({loss[best_loss_step]:.4f}); eval accuracy peaks at step {peak_accuracy_step}")  # fmt: skip
+    assert first["step"] <= best_loss_step or first["step"] < peak_accuracy_step
+    # the held-out loss did get worse afterwards: this run really over-optimises
+    assert loss[max(loss)] > loss[best_loss_step] * 1.1
+
+
+def test_alerts_reach_mlflow_and_the_plots_are_logged(overopt):
+    from mlflow.tracking import MlflowClient
+
+    info = overopt["info"]
+    client = MlflowClient(info["tracking_uri"])
+    run = client.get_run(info["run_id"])
+    for alert in info["alerts"]:
+        assert run.data.tags[f"alert.{alert['detector']}"] == f"step {alert['step']}: {alert['message']}"
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
+    assert "alerts.jsonl" in artifacts
+    plots = {a.path for a in client.list_artifacts(info["run_id"], "plots")}
+    assert {"plots/monitors.png", "plots/entropy.png", "plots/topk_entropy.png", "plots/alpha.png"} <= plots
+
+
+def test_best_checkpoint_is_the_lowest_held_out_loss_among_those_saved(overopt):
+    from hdpo_ds.checkpoint import complete_steps, read_best
+
+    loss = overopt["metrics"]["eval/loss"]
+    saved = complete_steps(str(overopt["dir"]))
+    best = read_best(str(overopt["dir"]))
+    expected = min((s for s in loss if s % 8 == 0), key=lambda s: (loss[s], s))
+    assert best["step"] == expected and best["value"] == pytest.approx(loss[expected], rel=1e-12)
+    assert expected in saved  # kept although keep_checkpoints=3 would have pruned it by age
+
+
+def test_on_alert_stop_ends_cleanly_at_the_first_alert(overopt, overopt_stop):
+    first = _first_alert(overopt)
+    info = overopt_stop["info"]
+    assert info["stopped_by_alert"] and info["steps"] == first["step"]
+    assert [a["detector"] for a in info["alerts"]] == [first["detector"]]
+    # the same run up to there (one process, deterministic), and a committed checkpoint at the stop
+    for key in ("eval/loss", "eval/topk_entropy/chosen"):
+        assert overopt_stop["metrics"][key][first["step"]] == pytest.approx(
+            overopt["metrics"][key][first["step"]], rel=1e-6
+        )
+    ckpt = overopt_stop["dir"] / "checkpoints" / f"step{first['step']:08d}" / "COMPLETE.json"
+    assert ckpt.exists()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hdpo_ds.stopped_by_alert"] == first["detector"]
+    assert run.data.tags["hdpo_ds.best_checkpoint"] == info["best_checkpoint"]["tag"]
+
+
+ADAPTIVE = [
+    "data.rows=0:256", "train.pairs_per_step=16", "train.max_steps=12", "train.eval_every=0",
+    "train.save_every=4", "train.export_hf=false", "logging.progress_bar=false", "optim.lr=5e-3",
+    "optim.warmup_steps=0", "loss.alpha=auto", "loss.target_entropy=3.0", "loss.alpha_init=1.0",
+    "loss.alpha_gain=0.2", "loss.alpha_max_change=0.05", "loss.alpha_ema=0.5", "monitors.plots=false",
+]  # fmt: skip
+
+
+def test_adaptive_alpha_survives_kill_and_resume(runs_root):
+    """The controller's alpha and smoothed entropy are checkpointed: killed at step 7 and resumed from
+    step 4, the run logs the same alphas and losses as an uninterrupted one."""
+    whole = run_demo(runs_root, "adaptive", ADAPTIVE)
+    killed = run_demo(runs_root, "adaptive_killed", ADAPTIVE, env_extra={"HDPO_FAULT_KILL_AT_STEP": "7"},
+                      expect_success=False)  # fmt: skip
+    assert killed["returncode"] == -signal.SIGKILL
+    resumed = run_demo(runs_root, "adaptive_killed", ADAPTIVE)
+    alphas = whole["metrics"]["alpha"]
+    assert sorted(alphas) == list(range(12))
+    # entropy starts far above the target of 3 nats: alpha falls, by at most 0.05 in log per step
+    assert alphas[0] == 1.0 and alphas[11] < alphas[0]
+    assert all(alphas[s + 1] <= alphas[s] * 1.0000001 for s in range(11))
+    for s in range(11):
+        assert alphas[s + 1] / alphas[s] >= math.exp(-0.05) * (1 - 1e-9)
+    for key in ("alpha", "loss", "entropy/chosen", "alpha/entropy_smoothed"):
+        for s in range(12):
+            assert resumed["metrics"][key][s] == pytest.approx(whole["metrics"][key][s], rel=1e-5), (key, s)
+    assert resumed["info"]["final_alpha"] == pytest.approx(whole["info"]["final_alpha"], rel=1e-9)
