@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["fsync_dir", "write_json"]
+__all__ = ["fsync_dir", "write_json", "write_text"]
 
 
 def fsync_dir(path: str) -> None:
@@ -21,9 +21,13 @@ def fsync_dir(path: str) -> None:
 
 
 def write_json(path: str, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -79,9 +79,10 @@ class LossConfig:
     alpha_init: float = 1.0
     alpha_min: float = 0.5
     alpha_max: float = 2.0
-    alpha_gain: float = 0.05  # change of log(alpha) per unit of relative entropy error
-    alpha_max_change: float = 0.02  # the most log(alpha) moves in one update
-    alpha_ema: float = 0.9  # smoothing of the entropy the controller reads
+    alpha_gain: float = 3.0  # proportional: log(alpha) per unit of relative entropy error
+    alpha_integral_gain: float = 0.0  # integral: log(alpha) per unit of summed relative error
+    alpha_max_change: float = 0.03  # the most log(alpha) moves in one update
+    alpha_ema: float = 0.8  # smoothing of the entropy the controller reads
     alpha_update: Literal["step", "eval"] = "step"  # read each step's entropy, or each evaluation's
     label_smoothing: float = 0.0
     f_alpha: float = 0.5
@@ -369,6 +370,8 @@ def _validate_adaptive_alpha(cfg: Config, loss_name: str) -> None:
     ):
         if not value > 0:
             raise ConfigError(f"{key}: must be > 0, got {value}")
+    if loss.alpha_integral_gain < 0:
+        raise ConfigError(f"loss.alpha_integral_gain: must be >= 0, got {loss.alpha_integral_gain}")
     if not 0 <= loss.alpha_ema < 1:
         raise ConfigError(f"loss.alpha_ema: must lie in [0, 1), got {loss.alpha_ema}")
     if loss.alpha_update == "eval" and not (cfg.data.eval_files and cfg.train.eval_every):

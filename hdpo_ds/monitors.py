@@ -20,20 +20,23 @@ pure functions of the evaluation history, so a resumed run that reloads the hist
 uninterrupted one would.
 
 Adaptive alpha (beyond the H-DPO paper, whose alpha is hand-tuned; Omura et al. 2024, §3 Eq. 5-6
-for what alpha does: alpha < 1 sharpens, alpha > 1 spreads). `AlphaController` is an integral
-controller in log space on the smoothed per-token entropy of the chosen responses, H:
+for what alpha does: alpha < 1 sharpens, alpha > 1 spreads). `AlphaController` steers log(alpha) from
+the smoothed per-token entropy of the chosen responses, H, with a proportional-integral rule:
 
-    e_t       = (EMA(H)_t - H*) / H*                                   relative error
-    log a_t+1 = clip(log a_t - gain * clip(e_t, -max_change/gain, max_change/gain),
-                     log alpha_min, log alpha_max)
+    e_t     = (EMA(H)_t - H*) / H*                                              relative error
+    w_t     = clip(log alpha_init - gain * e_t - integral_gain * sum_{s<=t} e_s, log alpha_min, log alpha_max)
+    log a_t = log a_{t-1} + clip(w_t - log a_{t-1}, -max_change, max_change)    rate limit
 
-Entropy above the target lowers alpha (sharper), below raises it. Why it is stable: the update is an
-integrator on a plant (policy entropy as a function of alpha) that responds slowly and monotonically;
-a small gain keeps the loop's crossover well below the plant's response rate, the rate limit
-`max_change` bounds a step even when the error is large (no kick at start), the clip to
-[alpha_min, alpha_max] is also the anti-windup (alpha itself is the integrator state), and the EMA
-filters the per-step noise of H. Raising the gain or the EMA's lag past the plant's response time
-makes it oscillate around the target instead (docs/monitors.md).
+Entropy above the target lowers alpha (sharper), below raises it. Why proportional by default
+(integral_gain 0): training integrates. Alpha sets how fast entropy moves, not where it ends (measured on
+the demo: entropy kept falling at a fixed alpha), so the plant already holds an integrator, and an
+integral controller around it makes a double integrator that overshoots: our first, integral-only
+version drove the demo's entropy 21% below its target before alpha came back (docs/results.md). A
+proportional rule brings alpha back toward alpha_init as the error closes, the rate limit bounds each
+move (no kick at start), the clip keeps alpha in its bounds, the integral (when used) is frozen while
+the wanted alpha sits at a bound (anti-windup), and the EMA removes per-step noise at the cost of lag.
+The price of proportional control is a small steady-state error where alpha_init alone still lets
+entropy drift; a small integral_gain removes it (docs/monitors.md).
 """
 
 from __future__ import annotations
@@ -260,37 +263,48 @@ class AlphaController:
     globally reduced entropy, so all ranks keep the same alpha."""
 
     target: float
-    alpha: float = 1.0
+    alpha_init: float = 1.0
     alpha_min: float = 0.5
     alpha_max: float = 2.0
-    gain: float = 0.05
-    max_change: float = 0.02
-    ema_decay: float = 0.9
+    gain: float = 3.0  # proportional: log(alpha) per unit of relative error
+    integral_gain: float = 0.0  # integral: log(alpha) per unit of summed relative error
+    max_change: float = 0.03  # the most log(alpha) moves in one update
+    ema_decay: float = 0.8
+    alpha: float = field(default=float("nan"))
     smoothed: float | None = None  # EMA of the entropy
+    integral: float = 0.0  # sum of relative errors (frozen while alpha sits at a bound: anti-windup)
     updates: int = 0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.alpha):
+            self.alpha = self.alpha_init
 
     def update(self, entropy: float) -> float:
         """Feed one entropy measurement (nats per token); returns the alpha for what comes next."""
         if not math.isfinite(entropy):
             return self.alpha  # a skipped (non-finite) step says nothing about the entropy
-        self.smoothed = (
-            entropy
-            if self.smoothed is None
-            else self.ema_decay * self.smoothed + (1 - self.ema_decay) * entropy
-        )
+        d = self.ema_decay
+        self.smoothed = entropy if self.smoothed is None else d * self.smoothed + (1 - d) * entropy
         error = (self.smoothed - self.target) / self.target
-        change = max(-self.max_change, min(self.max_change, self.gain * error))
-        log_alpha = math.log(self.alpha) - change
-        self.alpha = math.exp(min(math.log(self.alpha_max), max(math.log(self.alpha_min), log_alpha)))
+        lo, hi = math.log(self.alpha_min), math.log(self.alpha_max)
+        wanted = math.log(self.alpha_init) - self.gain * error - self.integral_gain * (self.integral + error)
+        if lo < wanted < hi:
+            self.integral += error
+        wanted = min(hi, max(lo, wanted))
+        current = math.log(self.alpha)
+        step = min(self.max_change, max(-self.max_change, wanted - current))
+        self.alpha = math.exp(min(hi, max(lo, current + step)))
         self.updates += 1
         return self.alpha
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha, "smoothed": self.smoothed, "updates": self.updates}
+        return {
+            "alpha": self.alpha,
+            "smoothed": self.smoothed,
+            "integral": self.integral,
+            "updates": self.updates,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.alpha, self.smoothed, self.updates = (
-            float(state["alpha"]),
-            state["smoothed"],
-            int(state["updates"]),
-        )
+        self.alpha, self.smoothed = float(state["alpha"]), state["smoothed"]
+        self.integral, self.updates = float(state["integral"]), int(state["updates"])

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from hdpo_ds import checkpoint, dist, engine
-from hdpo_ds.atomic import write_json
+from hdpo_ds.atomic import write_json, write_text
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
 from hdpo_ds.data import IndexedPairs, PackedBatch, PairSampler, collate, plan_stats, plan_step
 from hdpo_ds.logprobs import segment_sums, token_kl, token_stats
@@ -240,6 +240,8 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         sampler.load_state_dict(resume_state["sampler"])
         if resume_state.get("monitors"):  # absent in checkpoints written before the monitors existed
             monitors.load_state_dict(resume_state["monitors"], resume_step=step)
+            if dist.is_main_process():  # alerts after the checkpoint are redone: drop their lines
+                _write_alerts(cfg.output_dir, monitors.alerts)
         if controller is not None and resume_state.get("alpha_controller"):
             controller.load_state_dict(resume_state["alpha_controller"])
         logger.info("resumed from %s at step %d", resume_folder, step)
@@ -557,19 +559,14 @@ def _alpha_controller(cfg: Config) -> AlphaController | None:
     if cfg.loss.alpha != "auto":
         return None
     loss = cfg.loss
-    return AlphaController(target=loss.target_entropy, alpha=loss.alpha_init, alpha_min=loss.alpha_min,
-                           alpha_max=loss.alpha_max, gain=loss.alpha_gain, max_change=loss.alpha_max_change,
-                           ema_decay=loss.alpha_ema)  # fmt: skip
+    return AlphaController(target=loss.target_entropy, alpha_init=loss.alpha_init, alpha_min=loss.alpha_min,
+                           alpha_max=loss.alpha_max, gain=loss.alpha_gain, integral_gain=loss.alpha_integral_gain,
+                           max_change=loss.alpha_max_change, ema_decay=loss.alpha_ema)  # fmt: skip
 
 
 def _report_alerts(alerts, output_dir: str, run_logger, progress) -> None:
     """Rank 0: a warning, an MLflow tag and a line in output_dir/alerts.jsonl (also an artifact) per alert."""
-    path = os.path.join(output_dir, "alerts.jsonl")
-    with open(path, "a") as f:
-        for alert in alerts:
-            f.write(json.dumps(alert.to_json(), sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    path = _write_alerts(output_dir, alerts, append=True)
     for alert in alerts:
         logger.warning("monitor alert at step %d: %s: %s", alert.step, alert.detector, alert.message)
     run_logger.set_tags({f"alert.{a.detector}": f"step {a.step}: {a.message}" for a in alerts})
@@ -577,6 +574,20 @@ def _report_alerts(alerts, output_dir: str, run_logger, progress) -> None:
     if progress is not None:
         progress.write(f"ALERT step {alerts[0].step}: " + "; ".join(a.detector for a in alerts))
         progress.set_description(f"{progress.desc.split(' [')[0]} [alert: {alerts[-1].detector}]")
+
+
+def _write_alerts(output_dir: str, alerts, append: bool = False) -> str:
+    """output_dir/alerts.jsonl: one JSON line per alert, appended, or rewritten atomically."""
+    path = os.path.join(output_dir, "alerts.jsonl")
+    lines = "".join(json.dumps(a.to_json(), sort_keys=True) + "\n" for a in alerts)
+    if append:
+        with open(path, "a") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+    elif lines or os.path.exists(path):
+        write_text(path, lines)
+    return path
 
 
 def _log_plots(monitors: MonitorSuite, cfg: Config, run_logger) -> None:

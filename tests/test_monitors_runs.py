@@ -128,30 +128,44 @@ def test_on_alert_stop_ends_cleanly_at_the_first_alert(overopt, overopt_stop):
     assert run.data.tags["hdpo_ds.best_checkpoint"] == info["best_checkpoint"]["tag"]
 
 
+ADAPTIVE_BASE = [
+    "data.rows=0:64", "train.pairs_per_step=16", "train.max_steps=24", "train.eval_every=0",
+    "train.save_every=8", "train.export_hf=false", "logging.progress_bar=false", "optim.lr=5e-3",
+    "optim.warmup_steps=0", "optim.schedule=constant", "monitors.plots=false",
+]  # fmt: skip
 ADAPTIVE = [
-    "data.rows=0:256", "train.pairs_per_step=16", "train.max_steps=12", "train.eval_every=0",
-    "train.save_every=4", "train.export_hf=false", "logging.progress_bar=false", "optim.lr=5e-3",
-    "optim.warmup_steps=0", "loss.alpha=auto", "loss.target_entropy=3.0", "loss.alpha_init=1.0",
-    "loss.alpha_gain=0.2", "loss.alpha_max_change=0.05", "loss.alpha_ema=0.5", "monitors.plots=false",
+    *ADAPTIVE_BASE, "loss.alpha=auto", "loss.target_entropy=4.0", "loss.alpha_init=1.0", "loss.alpha_min=0.3",
+    "loss.alpha_max_change=0.1", "loss.alpha_ema=0.5",
 ]  # fmt: skip
 
 
-def test_adaptive_alpha_survives_kill_and_resume(runs_root):
-    """The controller's alpha and smoothed entropy are checkpointed: killed at step 7 and resumed from
-    step 4, the run logs the same alphas and losses as an uninterrupted one."""
+def test_adaptive_alpha_moves_entropy_toward_the_target_and_survives_resume(runs_root):
+    """Entropy starts at 6.2 nats, far above the target of 4: the controller lowers alpha (by at most 0.1
+    in log per step, not below its bound 0.3), and over the last steps the chosen-token entropy is nearer
+    the target than with a fixed alpha of 1 (measured: 4.99 vs 5.56 nats over steps 20-23). The
+    controller's state is checkpointed: killed at step 13 and resumed from step 8, the run logs the same
+    alphas and losses as the uninterrupted one."""
     whole = run_demo(runs_root, "adaptive", ADAPTIVE)
-    killed = run_demo(runs_root, "adaptive_killed", ADAPTIVE, env_extra={"HDPO_FAULT_KILL_AT_STEP": "7"},
+    fixed = run_demo(runs_root, "adaptive_fixed", [*ADAPTIVE_BASE, "loss.alpha=1.0"])
+    killed = run_demo(runs_root, "adaptive_killed", ADAPTIVE, env_extra={"HDPO_FAULT_KILL_AT_STEP": "13"},
                       expect_success=False)  # fmt: skip
     assert killed["returncode"] == -signal.SIGKILL
     resumed = run_demo(runs_root, "adaptive_killed", ADAPTIVE)
+
     alphas = whole["metrics"]["alpha"]
-    assert sorted(alphas) == list(range(12))
-    # entropy starts far above the target of 3 nats: alpha falls, by at most 0.05 in log per step
-    assert alphas[0] == 1.0 and alphas[11] < alphas[0]
-    assert all(alphas[s + 1] <= alphas[s] * 1.0000001 for s in range(11))
-    for s in range(11):
-        assert alphas[s + 1] / alphas[s] >= math.exp(-0.05) * (1 - 1e-9)
+    assert sorted(alphas) == list(range(24))
+    assert alphas[0] == 1.0 and min(alphas.values()) >= 0.3 * (1 - 1e-12) and alphas[23] < 0.6
+    assert all(abs(math.log(alphas[s + 1] / alphas[s])) <= 0.1 + 1e-9 for s in range(23))
+
+    def tail(run):
+        return sum(run["metrics"]["entropy/chosen"][s] for s in range(20, 24)) / 4
+
+    print(
+        f"entropy over steps 20-23: adaptive {tail(whole):.3f}, fixed alpha 1 {tail(fixed):.3f} (target 4.0)"
+    )
+    assert abs(tail(whole) - 4.0) < abs(tail(fixed) - 4.0) - 0.2
+
     for key in ("alpha", "loss", "entropy/chosen", "alpha/entropy_smoothed"):
-        for s in range(12):
+        for s in range(24):
             assert resumed["metrics"][key][s] == pytest.approx(whole["metrics"][key][s], rel=1e-5), (key, s)
     assert resumed["info"]["final_alpha"] == pytest.approx(whole["info"]["final_alpha"], rel=1e-9)
