@@ -15,14 +15,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
 from hdpo_ds import spool as spool_mod
 from hdpo_ds.config import ConfigError, load_config
-from hdpo_ds.metrics import MlflowLogger
+from hdpo_ds.metrics import STEP_METRICS, MlflowLogger
 from hdpo_ds.spool import Spool, Spooler
-from tests.run_helpers import ROOT, free_port
+from tests.run_helpers import ROOT, VENV_BIN, free_port, launch, live_processes_in_group
 
 HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
              "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT")  # fmt: skip
@@ -312,3 +313,192 @@ def test_new_run_with_unreachable_server_fails_fast_naming_the_key(tmp_path, htt
     resumed.finish()
     state = spool_mod.status(str(tmp_path / "out"))
     assert state["pending"] == 5 and state["acked_seq"] == 0  # status, 3 steps, summary... all kept
+
+
+# ---- a real tracking server
+
+
+class MlflowServer:
+    """`mlflow server` on loopback over one SQLite file, in its own process group (killed as a group:
+    killing only its main pid leaves the uvicorn worker behind)."""
+
+    def __init__(self, root, port: int) -> None:
+        self.root, self.port, self.proc = root, port, None
+        self.uri = f"http://127.0.0.1:{port}"
+        self.starts = 0
+
+    def start(self, timeout: float = 300.0) -> float:
+        """Start and wait until /health answers; returns the seconds it took."""
+        started = time.monotonic()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job-runner processes: tracking only
+        log = open(self.root / f"server.{self.starts}.log", "w")  # noqa: SIM115 (the server holds it)
+        self.starts += 1
+        self.proc = subprocess.Popen(
+            [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            assert self.proc.poll() is None, f"mlflow server exited: {self.proc.returncode}"
+            assert time.monotonic() - started < timeout, "mlflow server did not answer /health"
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.proc is not None:
+            for pid in live_processes_in_group(self.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+        self.proc = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), free_port())
+    try:
+        took = srv.start()
+        print(f"\nmlflow server up after {took:.1f} s")
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _spooled_steps_after(spool_root, key: str, since_ms: int) -> list[int]:
+    steps = []
+    for path in sorted(spool_root.glob("records-*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if record["op"] == "metrics" and key in record["metrics"] and record["time_ms"] > since_ms:
+                steps.append(record["step"])
+    return steps
+
+
+OUTAGE_STEPS = 16
+
+
+@pytest.mark.distributed
+def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets, server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    extra = [f"logging.tracking_uri={server.uri}", "logging.experiment=outage", "logging.flush_timeout_s=300",
+             "logging.retry_max_interval_s=1", "train.dump_gradients_at=[]", "train.eval_every=4"]  # fmt: skip
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = launch(assets, "outage", "deepspeed", OUTAGE_STEPS, extra=extra)
+        except BaseException as e:  # reported by the main thread
+            outcome["error"] = e
+
+    trainer = threading.Thread(target=run)
+    trainer.start()
+    client = MlflowClient(server.uri)
+
+    def logged_steps() -> int:
+        experiment = client.get_experiment_by_name("outage")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return len(client.get_metric_history(runs[0].info.run_id, "loss")) if runs else 0
+
+    deadline = time.monotonic() + 400
+    while logged_steps() < 2:  # some steps are on the server...
+        assert trainer.is_alive(), outcome
+        assert time.monotonic() < deadline, "the run logged no steps"
+        time.sleep(0.2)
+    killed_ms = int(time.time() * 1000)
+    server.stop()  # ...then it dies, mid-run
+    spool_root = assets["root"] / "outage" / "mlflow_spool"
+    while len(_spooled_steps_after(spool_root, "loss", killed_ms)) < 4:  # training goes on without it
+        assert trainer.is_alive(), f"the run ended before logging 4 steps without the server: {outcome}"
+        assert time.monotonic() < deadline, "no steps logged while the server was down"
+        time.sleep(0.2)
+    down_for = server.start()  # the same port and SQLite file
+    back_ms = int(time.time() * 1000)
+    trainer.join(600)
+    assert not trainer.is_alive() and "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+
+    metrics, counts = result["metrics"], result["metrics"]["_counts"]
+    for key in STEP_METRICS:
+        assert sorted(metrics[key]) == list(range(OUTAGE_STEPS)), key
+        assert counts[key] == OUTAGE_STEPS, f"{key}: {counts[key]} points for {OUTAGE_STEPS} steps"
+    for key in (k for k in metrics if k.startswith("eval/")):
+        assert sorted(metrics[key]) == [4, 8, 12, 16] and counts[key] == 4, key
+    params = result["params"]
+    assert params["run.world_size"] == "2" and params["config.loss.alpha"] == "0.9"
+    run_id = result["info"]["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.json", "ds_config.json"}
+
+    # The loop did not wait: steps were logged (timestamps are taken when the trainer logs) while the
+    # server was dead, and they reached MLflow afterwards.
+    stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
+    during = sorted(s for s, t in stamps.items() if killed_ms < t < back_ms)
+    print(f"\nserver down {(back_ms - killed_ms) / 1000:.1f} s (restart took {down_for:.1f} s); loss step times "
+          f"relative to the kill (s): {[(s, round((stamps[s] - killed_ms) / 1000, 1)) for s in sorted(stamps)]}; "
+          f"steps logged while down: {during}")  # fmt: skip
+    assert len(during) >= 4
+    replayed = int(run.data.tags["hdpo_ds.spool.replayed"])
+    assert replayed >= len(during) and int(run.data.tags["hdpo_ds.spool.outages"]) >= 1
+    summary = [
+        line for line in result["stderr"].splitlines() if "waited while the server was unreachable" in line
+    ]
+    assert summary, result["stderr"][-3000:]
+    logged = int(summary[-1].split(" of them waited")[0].rsplit(";", 1)[1])
+    assert logged >= replayed and "still unsent" not in summary[-1]
+    assert "unreachable" in result["stderr"] and "reachable again" in result["stderr"]
+    assert spool_mod.status(str(result["dir"]))["pending"] == 0
+
+
+def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, tmp_path, http_env):
+    """A resumed run whose server is unreachable starts, logs and ends; `python -m hdpo_ds.spool
+    replay` delivers everything later, to the URI given on the command line."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server.uri)
+    run_id = client.create_run(client.create_experiment("replay")).info.run_id
+    out = tmp_path / "out"
+    dead = f"http://127.0.0.1:{free_port()}"
+    spool_mod.bound_http_retries(1, 5)
+    logger_ = MlflowLogger(dead, "replay", "", run_id=run_id, spool_dir=str(out / "mlflow_spool"),
+                           flush_timeout_s=1.0, retry_max_interval_s=0.5)  # fmt: skip
+    logger_.reopen()
+    logger_.log_params({"lr": 0.001, "alpha": 0.9})
+    for step in range(6):
+        logger_.log_metrics({"loss": 1.0 - 0.1 * step, "alpha": 0.9}, step=step)
+    plot = tmp_path / "entropy.png"
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    logger_.log_artifact(str(plot), artifact_path="plots")
+    plot.unlink()
+    logger_.set_tags({"hdpo_ds.alert.entropy_turn": "step 4"})
+    logger_.finish()
+    assert (
+        spool_mod.status(str(out))["pending"] == 12
+    )  # status, params, 6 steps, artifact, tags, summary, status
+
+    command = [sys.executable, "-m", "hdpo_ds.spool", "replay", str(out), "--tracking-uri", server.uri]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "13 record(s) sent" in proc.stdout and "12 of them waited" in proc.stdout, proc.stdout
+    run, history = _history(server.uri, run_id)
+    assert history["loss"] == [(s, pytest.approx(1.0 - 0.1 * s)) for s in range(6)]
+    assert [s for s, _ in history["alpha"]] == list(range(6))
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.001", "alpha": "0.9"}
+    assert run.data.tags["hdpo_ds.alert.entropy_turn"] == "step 4"
+    assert run.data.tags["hdpo_ds.spool.replayed"] == "12"
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/entropy.png"]
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to replay" in again.stdout
