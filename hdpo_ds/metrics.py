@@ -258,12 +258,10 @@ class MlflowLogger:
         except BaseException:
             self._spool.close()
             raise
-        self._spooler = spool.Spooler(
-            self._spool,
-            sender,
-            retry_max_interval_s=retry_max_interval_s,
-            describe=f"MLflow at {tracking_uri}",
-        )
+        # A resumed run holds an earlier process's backlog until it knows the steps it redoes
+        # (discard_redone_steps), so that their old points need not be sent at all.
+        self._spooler = spool.Spooler(self._spool, sender, retry_max_interval_s=retry_max_interval_s,
+                                      describe=f"MLflow at {tracking_uri}", start=run_id is None)  # fmt: skip
         self._finished = False
         atexit.register(self._at_exit)
 
@@ -291,6 +289,8 @@ class MlflowLogger:
         if self._finished:
             raise RuntimeError(f"MLflow run {self.run_id}: logging after finish()")
         self._spooler.put(op, self.run_id, **payload)
+        if op not in ("status", "tags"):
+            self._spooler.start()
 
     def log_params(self, params: dict) -> None:
         self._put("params", params={k: str(v)[: self._MAX_PARAM_CHARS] for k, v in params.items()})

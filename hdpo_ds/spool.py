@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hdpo_ds.atomic import fsync_dir, write_json
 
@@ -346,7 +346,10 @@ class Spool:
                 os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = None
-            if self._segment_bytes == 0 and os.path.exists(self._segment_path):
+            if self.acked_seq == self.last_seq:  # all sent: state.json alone carries the sequence on
+                for path in self.segments():
+                    os.remove(path)
+            elif self._segment_bytes == 0 and os.path.exists(self._segment_path):
                 os.remove(self._segment_path)  # this process wrote nothing
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
@@ -362,18 +365,18 @@ class RunCounters:
     outages: int = 0  # times the server stopped answering
     down_seconds: float = 0.0
     rejected: int = 0  # records MLflow refused for good (in rejected.jsonl)
+    superseded: int = 0  # unsent metric points of steps that a resumed run redid (not sent at all)
 
     def tags(self) -> dict[str, str]:
         return {"hdpo_ds.spool.sent": str(self.sent), "hdpo_ds.spool.replayed": str(self.replayed),
                 "hdpo_ds.spool.outages": str(self.outages), "hdpo_ds.spool.down_seconds": f"{self.down_seconds:.1f}",
-                "hdpo_ds.spool.rejected": str(self.rejected)}  # fmt: skip
+                "hdpo_ds.spool.rejected": str(self.rejected), "hdpo_ds.spool.superseded": str(self.superseded)}  # fmt: skip
 
 
 @dataclass
 class _Outage:
     since: float | None = None
     delayed_upto: int = 0  # records with seq <= this waited on an outage (or came from an old spool)
-    counted_runs: set = field(default_factory=set)
 
 
 class Spooler:
@@ -385,7 +388,13 @@ class Spooler:
     """
 
     def __init__(
-        self, spool: Spool, sender, *, retry_max_interval_s: float = 30.0, describe: str = "MLflow"
+        self,
+        spool: Spool,
+        sender,
+        *,
+        retry_max_interval_s: float = 30.0,
+        describe: str = "MLflow",
+        start: bool = True,
     ) -> None:
         self.spool = spool
         self.sender = sender
@@ -399,16 +408,35 @@ class Spooler:
         self._singles_until = 0  # after a refused group, send its records one by one to isolate the bad one
         self._last_warning = 0.0
         self.counters = {run: RunCounters(**values) for run, values in spool.state["runs"].items()}
+        # (seq, resume_step) of each unsent discard, per run: points logged before it at the steps it
+        # redoes are not sent at all (a tracking server could not delete them afterwards)
+        self._discards: dict[str, list[tuple[int, int]]] = {}
         if spool.backlog_at_open:
+            for record in _pending_records(spool):
+                if record["op"] == "discard":
+                    self._discards.setdefault(record["run"], []).append(
+                        (record["seq"], record["resume_step"])
+                    )
             logger.info("%s: %d record(s) left unsent by an earlier process; replaying them first",
                         spool.root, spool.backlog_at_open)  # fmt: skip
         self._thread = threading.Thread(target=self._work, name="hdpo-mlflow-spool", daemon=True)
-        self._thread.start()
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start sending (a Spooler made with start=False holds its backlog until then)."""
+        with self._cond:
+            if not self._started and not (self._stop or self._abandon):
+                self._started = True
+                self._thread.start()
 
     # ---- the caller's side
     def put(self, op: str, run_id: str, **payload) -> int:
         seq = self.spool.append(op, run_id, **payload)
         with self._cond:
+            if op == "discard":
+                self._discards.setdefault(run_id, []).append((seq, payload["resume_step"]))
             if self._outage.since is not None:
                 self._outage.delayed_upto = seq
             self._cond.notify_all()
@@ -423,6 +451,7 @@ class Spooler:
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until every record written so far is acknowledged, at most `timeout_s`; True if so."""
+        self.start()
         target = self.spool.last_seq
         deadline = time.monotonic() + timeout_s
         with self._cond:
@@ -444,7 +473,8 @@ class Spooler:
             else:
                 self._abandon = True  # the worker may sit in a request; it writes nothing more
             self._cond.notify_all()
-        self._thread.join(timeout=5.0 if drained else 0.2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0 if drained else 0.2)
         with self._cond:
             self._abandon = True
             self._save_counters()
@@ -493,8 +523,10 @@ class Spooler:
                 if not pending:
                     continue
             group = self._take_group(pending)
+            sendable = self._without_redone(group)
             try:
-                self.sender.send(group, self)
+                if group[0]["op"] != "metrics" or any(r["metrics"] for r in sendable):
+                    self.sender.send(sendable, self)
             except Exception as e:  # classified below: a refusal is recorded, anything else is an outage
                 if self.sender.is_permanent(e):
                     if len(group) > 1:
@@ -513,7 +545,34 @@ class Spooler:
                 backoff = min(backoff * 2, self.retry_max_interval_s)
                 continue
             backoff = first_backoff
+            if sendable is not group:
+                superseded = sum(
+                    len(a["metrics"]) - len(b["metrics"]) for a, b in zip(group, sendable, strict=True)
+                )
+                self.counters_for(group[0]["run"]).superseded += superseded
+                logger.info("%d metric point(s) of run %s not sent: the resumed run redoes their steps",
+                            superseded, group[0]["run"])  # fmt: skip
             self._acknowledge(group, pending)
+
+    def _without_redone(self, group: list[dict]) -> list[dict]:
+        """Metrics records minus the points that a later discard of their run removes: training
+        metrics at steps >= its resume_step, evaluations after it (spool.discard_redone_steps)."""
+        discards = self._discards.get(group[0]["run"]) if group[0]["op"] == "metrics" else None
+        if not discards:
+            return group
+        out, changed = [], False
+        for record in group:
+            steps = [step for seq, step in discards if seq > record["seq"]]
+            if steps and record["step"] >= min(steps):
+                # at the resume step itself the evaluation stays: it ran before the checkpoint was written
+                kept = (
+                    {}
+                    if record["step"] > min(steps)
+                    else {k: v for k, v in record["metrics"].items() if k.startswith("eval/")}
+                )
+                record, changed = {**record, "metrics": kept}, True
+            out.append(record)
+        return out if changed else group
 
     def _sleep(self, seconds: float) -> bool:
         """Back off; a flush cuts it short. False when the worker must quit."""
@@ -530,6 +589,8 @@ class Spooler:
     def _on_failure(self, error: BaseException, group: list[dict]) -> None:
         now = time.monotonic()
         with self._cond:
+            if self._abandon:
+                return
             if self._outage.since is None:
                 self._outage.since = now
                 self.counters_for(group[0]["run"]).outages += 1
@@ -695,7 +756,9 @@ def summary_line(
 
 
 def _resolve_root(path: str) -> str:
-    if os.path.basename(os.path.normpath(path)) == SPOOL_DIRNAME or os.path.exists(os.path.join(path, "state.json")):
+    if os.path.basename(os.path.normpath(path)) == SPOOL_DIRNAME or os.path.exists(
+        os.path.join(path, "state.json")
+    ):
         return path
     return spool_dir(path)
 

@@ -196,6 +196,29 @@ def test_killed_process_backlog_is_replayed_once_with_its_timestamps(tmp_path):
     assert counters.sent == 11 and counters.outages == 1  # the child's outage is kept in state.json
 
 
+def test_unsent_points_of_redone_steps_are_not_sent(tmp_path):
+    """A killed process left steps 1-3 unsent; the run resumes from the step-2 checkpoint. Points it
+    redoes (training at >= 2, evaluation after 2) are not sent: a tracking server could not delete them."""
+    spool = Spool(str(tmp_path / "sp"), "fake://")
+    for step in (1, 2, 3):
+        spool.append("metrics", "r1", step=step, metrics={"loss": float(step)})
+        spool.append("metrics", "r1", step=step, metrics={"eval/loss": float(step)})
+    spool.append("metrics", "r2", step=3, metrics={"loss": 3.0})  # another run: untouched
+    spool.close()
+    sender = FakeSender()
+    # held until the resumed run says which steps it redoes, as MlflowLogger does for a resumed run
+    spooler = Spooler(Spool(str(tmp_path / "sp"), "fake://"), sender, retry_max_interval_s=0.05, start=False)
+    spooler.put("discard", "r1", resume_step=2)
+    spooler.put("metrics", "r1", step=2, metrics={"loss": 12.0})
+    assert spooler.close(10)
+    sent = [
+        (r["run"], r["step"], r["metrics"]) for r in sender.delivered if r["op"] == "metrics" and r["metrics"]
+    ]
+    assert sent == [("r1", 1, {"loss": 1.0}), ("r1", 1, {"eval/loss": 1.0}), ("r1", 2, {"eval/loss": 2.0}),
+                    ("r2", 3, {"loss": 3.0}), ("r1", 2, {"loss": 12.0})]  # fmt: skip
+    assert spooler.counters_for("r1").superseded == 3 and spooler.spool.acked_seq == 9
+
+
 def test_acknowledged_segments_and_artifact_copies_are_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(spool_mod, "SEGMENT_BYTES", 400)  # a few records per file
     sender = FakeSender()
@@ -286,6 +309,7 @@ def test_resumed_logger_replays_old_backlog_before_discarding_redone_steps(tmp_p
     assert history["loss"] == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
     assert run.info.status == "FINISHED" and run.data.params == {"x": "1"}
     assert run.data.tags["hdpo_ds.spool.replayed"] == "3"  # the dead process's backlog
+    assert run.data.tags["hdpo_ds.spool.superseded"] == "2"  # its steps 2 and 3 were redone
     assert any(k.startswith("hdpo_ds.resumed_at_step.") for k in run.data.tags)
     names = {a.path for a in client.list_artifacts(run_id)}
     assert names == {"alerts.jsonl", "summary.json"}
