@@ -279,6 +279,8 @@ class MlflowLogger:
             return cls(uri, options.experiment, options.run_name, run_id=run_id,
                        spool_dir=spool.spool_dir(cfg.output_dir), flush_timeout_s=options.flush_timeout_s,
                        retry_max_interval_s=options.retry_max_interval_s)  # fmt: skip
+        except spool.SpoolError as e:  # held by another run, or damaged
+            raise ConfigError(f"output_dir: {e}") from e
         except spool.MlflowUnreachableError as e:
             raise ConfigError(
                 f"logging.tracking_uri: {e}. A new run needs its tracking server at start-up: start it, or point "

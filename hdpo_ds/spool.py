@@ -751,8 +751,12 @@ def summary_line(
         line += f"; {counters.rejected} refused for good (in {os.path.join(root, 'rejected.jsonl')})"
     if pending:
         line += (f"; {pending} record(s) still unsent in {root}: they go out when the run resumes, or with "
-                 f"`python -m hdpo_ds.spool replay {os.path.dirname(root)}`")  # fmt: skip
+                 f"`python -m hdpo_ds.spool replay {_output_dir_of(root)}`")  # fmt: skip
     return line
+
+
+def _output_dir_of(root: str) -> str:
+    return os.path.dirname(root) if os.path.basename(root) == SPOOL_DIRNAME else root
 
 
 def _resolve_root(path: str) -> str:

@@ -410,7 +410,7 @@ def _spooled_steps_after(spool_root, key: str, since_ms: int) -> list[int]:
     return steps
 
 
-OUTAGE_STEPS = 16
+OUTAGE_STEPS = 24  # steps take 0.1-0.5 s here: enough of them run while the server restarts
 
 
 @pytest.mark.distributed
@@ -418,7 +418,7 @@ def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets,
     from mlflow.tracking import MlflowClient
 
     extra = [f"logging.tracking_uri={server.uri}", "logging.experiment=outage", "logging.flush_timeout_s=300",
-             "logging.retry_max_interval_s=1", "train.dump_gradients_at=[]", "train.eval_every=4"]  # fmt: skip
+             "logging.retry_max_interval_s=1", "train.dump_gradients_at=[]", "train.eval_every=6"]  # fmt: skip
     outcome: dict = {}
 
     def run() -> None:
@@ -437,7 +437,7 @@ def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets,
         return len(client.get_metric_history(runs[0].info.run_id, "loss")) if runs else 0
 
     deadline = time.monotonic() + 400
-    while logged_steps() < 2:  # some steps are on the server...
+    while logged_steps() < 1:  # some steps are on the server...
         assert trainer.is_alive(), outcome
         assert time.monotonic() < deadline, "the run logged no steps"
         time.sleep(0.2)
@@ -459,7 +459,7 @@ def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets,
         assert sorted(metrics[key]) == list(range(OUTAGE_STEPS)), key
         assert counts[key] == OUTAGE_STEPS, f"{key}: {counts[key]} points for {OUTAGE_STEPS} steps"
     for key in (k for k in metrics if k.startswith("eval/")):
-        assert sorted(metrics[key]) == [4, 8, 12, 16] and counts[key] == 4, key
+        assert sorted(metrics[key]) == [6, 12, 18, 24] and counts[key] == 4, key
     params = result["params"]
     assert params["run.world_size"] == "2" and params["config.loss.alpha"] == "0.9"
     run_id = result["info"]["run_id"]
