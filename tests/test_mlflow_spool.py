@@ -526,3 +526,17 @@ def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, 
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/entropy.png"]
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to replay" in again.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("logging.flush_timeout_s=-1", "logging.flush_timeout_s: must be >= 0"),
+        ("logging.retry_max_interval_s=0", "logging.retry_max_interval_s: must be > 0"),
+        ("logging.http_max_retries=11", r"logging.http_max_retries: must lie in \[0, 10\]"),
+        ("logging.http_timeout_s=0", "logging.http_timeout_s: must be >= 1"),
+    ],
+)
+def test_logging_limits_are_validated(override, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"model.name_or_path={tmp_path}", f"data.train_files=[{tmp_path}]", override])
