@@ -156,6 +156,11 @@ class LoggingConfig:
     experiment: str = "hdpo_ds"
     run_name: str = ""
     progress_bar: bool = True
+    # Records go through a spool under output_dir and a background sender (docs/mlflow.md).
+    flush_timeout_s: float = 60.0  # at the end, wait at most this long for unsent records
+    retry_max_interval_s: float = 30.0  # back-off cap between retries while the server is unreachable
+    http_max_retries: int = 2  # MLFLOW_HTTP_REQUEST_MAX_RETRIES when the environment does not set it
+    http_timeout_s: int = 20  # MLFLOW_HTTP_REQUEST_TIMEOUT (seconds) likewise
 
 
 @dataclass
@@ -342,6 +347,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.max_grad_norm: must be >= 0 (0 disables clipping), got {cfg.optim.max_grad_norm}"
         )
+    if not cfg.logging.flush_timeout_s >= 0:
+        raise ConfigError(f"logging.flush_timeout_s: must be >= 0, got {cfg.logging.flush_timeout_s}")
+    if not cfg.logging.retry_max_interval_s > 0:
+        raise ConfigError(
+            f"logging.retry_max_interval_s: must be > 0, got {cfg.logging.retry_max_interval_s}"
+        )
+    if not 0 <= cfg.logging.http_max_retries <= 10:  # MLflow refuses more than 10
+        raise ConfigError(
+            f"logging.http_max_retries: must lie in [0, 10], got {cfg.logging.http_max_retries}"
+        )
+    if cfg.logging.http_timeout_s < 1:
+        raise ConfigError(f"logging.http_timeout_s: must be >= 1, got {cfg.logging.http_timeout_s}")
     if cfg.optim.warmup_steps > cfg.train.max_steps:
         raise ConfigError(
             f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}"

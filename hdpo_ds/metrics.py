@@ -7,15 +7,21 @@ into the metrics below (DESIGN.md §4-5). The same names, prefixed `eval/`, serv
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import torch
+
+from hdpo_ds.config import ConfigError
+
+if TYPE_CHECKING:
+    from hdpo_ds.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -200,118 +206,149 @@ class NullLogger:
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         pass
 
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True
+
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
     def reopen(self) -> None:
         pass
 
-    def discard_redone_steps(self, resume_step: int) -> int:
-        return 0
+    def discard_redone_steps(self, resume_step: int) -> None:
+        pass
 
 
 class MlflowLogger:
-    """One MLflow run, written through MlflowClient (no global active-run state)."""
+    """One MLflow run, written through a durable spool and a background sender (hdpo_ds/spool.py).
 
-    _MAX_PARAMS_PER_CALL = 100  # MLflow's log_batch limit
+    Every call writes a record to `<output_dir>/mlflow_spool/` and returns at once: the training loop
+    never waits on the network. The sender delivers records in order and retries while the tracking
+    server is unreachable; `finish` waits at most `flush_timeout_s` for the rest, and what is still
+    unsent then goes out when the run resumes or with `python -m hdpo_ds.spool replay OUTPUT_DIR`.
+
+    A new run is created at once (its id goes into checkpoints), so an unreachable server stops a
+    new run at start-up; a resumed run (run_id given) needs no server to start.
+    """
+
     _MAX_PARAM_CHARS = 6000
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, run_id: str | None = None) -> None:
-        from mlflow.tracking import MlflowClient
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str,
+        run_id: str | None = None,
+        *,
+        spool_dir: str,
+        flush_timeout_s: float = 60.0,
+        retry_max_interval_s: float = 30.0,
+    ) -> None:
+        from hdpo_ds import spool
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        if run_id:
-            self.run_id = run_id
-        else:
-            found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-            run = self.client.create_run(experiment_id, run_name=run_name or None)
-            self.run_id = run.info.run_id
         self.experiment = experiment
+        self.flush_timeout_s = flush_timeout_s
+        self._spool = spool.Spool(
+            spool_dir, tracking_uri
+        )  # first: a held spool must not leave a new run behind
+        try:
+            sender = spool.MlflowSender(tracking_uri)
+            self.run_id = run_id or sender.create_run(experiment, run_name)
+        except BaseException:
+            self._spool.close()
+            raise
+        # A resumed run holds an earlier process's backlog until it knows the steps it redoes
+        # (discard_redone_steps), so that their old points need not be sent at all.
+        self._spooler = spool.Spooler(self._spool, sender, retry_max_interval_s=retry_max_interval_s,
+                                      describe=f"MLflow at {tracking_uri}", start=run_id is None)  # fmt: skip
+        self._finished = False
+        atexit.register(self._at_exit)
+
+    @classmethod
+    def for_run(cls, cfg: Config, run_id: str | None = None) -> MlflowLogger:
+        """The trainer's logger: cfg.logging's tracking URI and limits, the spool in cfg.output_dir."""
+        from hdpo_ds import spool
+
+        options = cfg.logging
+        applied = spool.bound_http_retries(options.http_max_retries, options.http_timeout_s)
+        if applied:
+            logger.info("MLflow HTTP client bounded: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
+        uri = resolve_tracking_uri(options.tracking_uri)
+        try:
+            return cls(uri, options.experiment, options.run_name, run_id=run_id,
+                       spool_dir=spool.spool_dir(cfg.output_dir), flush_timeout_s=options.flush_timeout_s,
+                       retry_max_interval_s=options.retry_max_interval_s)  # fmt: skip
+        except spool.SpoolError as e:  # held by another run, or damaged
+            raise ConfigError(f"output_dir: {e}") from e
+        except spool.MlflowUnreachableError as e:
+            raise ConfigError(
+                f"logging.tracking_uri: {e}. A new run needs its tracking server at start-up: start it, or point "
+                "logging.tracking_uri (or MLFLOW_TRACKING_URI) elsewhere. A resumed run starts without it."
+            ) from e
+
+    def _put(self, op: str, **payload) -> None:
+        if self._finished:
+            raise RuntimeError(f"MLflow run {self.run_id}: logging after finish()")
+        self._spooler.put(op, self.run_id, **payload)
+        if op not in ("status", "tags"):
+            self._spooler.start()
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[: self._MAX_PARAM_CHARS]) for k, v in sorted(params.items())]
-        for start in range(0, len(items), self._MAX_PARAMS_PER_CALL):
-            self.client.log_batch(self.run_id, params=items[start : start + self._MAX_PARAMS_PER_CALL])
+        self._put("params", params={k: str(v)[: self._MAX_PARAM_CHARS] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        # The timestamp is fixed here, so a replayed point is the same point (SQL stores drop the copy).
+        self._put("metrics", step=int(step), metrics={k: float(v) for k, v in metrics.items()})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._put("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_json_artifact(self, name: str, data: dict) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, name)
-            with open(path, "w") as f:
-                json.dump(data, f, indent=2, sort_keys=True)
-            self.client.log_artifact(self.run_id, path)
+        text = json.dumps(data, indent=2, sort_keys=True).encode()
+        self._put("artifact", file=self._spool.store_file(None, name, data=text), artifact_path=None)
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_path)
+        """A file (or folder), copied into the spool now: the caller may change or delete it after."""
+        if not os.path.exists(local_path):
+            raise FileNotFoundError(f"log_artifact: no such file or folder {local_path}")
+        self._put(
+            "artifact", file=self._spool.store_file(local_path, local_path), artifact_path=artifact_path
+        )
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most timeout_s, default logging.flush_timeout_s) until every record is sent."""
+        return self._spooler.flush(self.flush_timeout_s if timeout_s is None else timeout_s)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        """End the run: its spool summary as tags, the status, then a bounded wait for the backlog."""
+        if self._finished:
+            return
+        self._put("summary")
+        self._put("status", status=status)
+        self._close()
+
+    def _close(self) -> None:
+        from hdpo_ds import spool
+
+        self._finished = True
+        drained = self._spooler.close(self.flush_timeout_s)
+        line = spool.summary_line(self.run_id, self._spooler.counters_for(self.run_id), self._spool.pending,
+                                  self._spool.root, self.tracking_uri)  # fmt: skip
+        (logger.info if drained else logger.warning)(line)
+
+    def _at_exit(self) -> None:
+        # A run that ended on an exception: give its records the same bounded chance to go out.
+        if not self._finished:
+            self._close()
 
     def reopen(self) -> None:
         """Mark a resumed run as running again."""
-        self.client.update_run(self.run_id, status="RUNNING")
+        self._put("status", status="RUNNING")
 
-    def discard_redone_steps(self, resume_step: int) -> int:
-        """Before a resumed run logs steps again: remove the points it will log anew, so that they
-        replace the old ones instead of standing twice (MLflow has no API for it: issue mlflow#2973).
-
-        Removes training metrics at steps >= resume_step and evaluation metrics at steps > resume_step
-        (the evaluation at resume_step ran before the checkpoint was written). Works on database
-        tracking stores (sqlite, postgresql, mysql); a remote tracking server cannot delete points,
-        so there the old points stay and a warning and a `hdpo_ds.resumed_at_step` tag say so.
-        Returns the number of points removed.
-        """
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
+    def discard_redone_steps(self, resume_step: int) -> None:
+        """Before a resumed run logs steps again: remove the points it will log anew (see
+        spool.discard_redone_steps). Queued like every other record, so it runs after the earlier
+        process's unsent records and before this process's new points."""
         self.set_tags({f"hdpo_ds.resumed_at_step.{int(time.time())}": str(resume_step)})
-        store = self.client._tracking_client.store
-        if not isinstance(store, SqlAlchemyStore):
-            logger.warning(
-                "MLflow at %s cannot delete metric points: steps from %d on, logged before the restart, "
-                "appear twice in run %s", self.tracking_uri, resume_step, self.run_id,
-            )  # fmt: skip
-            return 0
-        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
-        from sqlalchemy import and_, or_
-
-        redone = or_(
-            and_(~SqlMetric.key.like("eval/%"), SqlMetric.step >= resume_step),
-            SqlMetric.step > resume_step,
-        )
-        with store.ManagedSessionMaker(read_only=False) as session:
-            removed = (
-                session.query(SqlMetric)
-                .filter(SqlMetric.run_uuid == self.run_id, redone)
-                .delete(synchronize_session=False)
-            )
-            # latest_metrics holds one row per key; rebuild it from the points that remain
-            session.query(SqlLatestMetric).filter(SqlLatestMetric.run_uuid == self.run_id).delete(
-                synchronize_session=False
-            )
-            latest: dict[str, SqlMetric] = {}
-            for m in session.query(SqlMetric).filter(SqlMetric.run_uuid == self.run_id):
-                best = latest.get(m.key)
-                if best is None or (m.step, m.timestamp, m.value) > (best.step, best.timestamp, best.value):
-                    latest[m.key] = m
-            for m in latest.values():
-                session.add(SqlLatestMetric(key=m.key, value=m.value, timestamp=m.timestamp, step=m.step,
-                                            is_nan=m.is_nan, run_uuid=m.run_uuid))  # fmt: skip
-        logger.info("MLflow run %s: removed %d metric point(s) from step %d on, to be logged again",
-                    self.run_id, removed, resume_step)  # fmt: skip
-        return removed
+        self._put("discard", resume_step=int(resume_step))

@@ -37,7 +37,6 @@ from hdpo_ds.metrics import (
     StepAccumulator,
     package_versions,
     peak_memory_mib,
-    resolve_tracking_uri,
 )
 from hdpo_ds.models import check_model_source, load_model, load_model_config, load_tokenizer
 from hdpo_ds.monitors import AlphaController, MonitorSuite
@@ -249,13 +248,11 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     # ---- logging (rank 0 only)
     run_logger = NullLogger()
     if dist.is_main_process() and resume_state:
-        run_logger = MlflowLogger(resolve_tracking_uri(cfg.logging.tracking_uri), cfg.logging.experiment,
-                                  cfg.logging.run_name, run_id=resume_state["mlflow_run_id"])  # fmt: skip
+        run_logger = MlflowLogger.for_run(cfg, run_id=resume_state["mlflow_run_id"])
         run_logger.reopen()
         run_logger.discard_redone_steps(step)
     elif dist.is_main_process():
-        run_logger = MlflowLogger(resolve_tracking_uri(cfg.logging.tracking_uri), cfg.logging.experiment,
-                                  cfg.logging.run_name)  # fmt: skip
+        run_logger = MlflowLogger.for_run(cfg)
         params = {f"config.{k}": v for k, v in flatten(to_dict(cfg)).items()}
         params.update({f"ds_config.{k}": v for k, v in flatten(policy_ds).items()})
         params.update({f"versions.{k}": v for k, v in package_versions().items()})
