@@ -3,6 +3,10 @@
 deepspeed launch/train.py --ds ds_configs/zero3.json --config configs/demo.yaml [key.sub=value ...]
 torchrun --nproc-per-node 2 launch/train.py --ds ds_configs/zero3.json --config ...
 python launch/train.py --ds ds_configs/zero3.json --config ...      # one process, no launcher
+sbatch slurm/train.sbatch --ds ds_configs/zero3.json --config ...  # one srun task per rank (docs/slurm.md)
+
+SIGUSR1 or SIGTERM: every rank finishes the current step, writes a checkpoint, and the process exits
+with 75 (hdpo_ds.stop.EXIT_STOPPED); the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hdpo_ds.cli import run_entry_point
+from hdpo_ds import stop
+
+stop.install()  # before the heavy imports: SIGUSR1 / SIGTERM during start-up then stop, not kill, the run
+
+from hdpo_ds.cli import run_entry_point  # noqa: E402
 
 
 def train(cfg, ds_path: str, rank: int) -> None:
