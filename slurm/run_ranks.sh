@@ -98,7 +98,7 @@ srun_pid=
 on_usr1() {
   got_usr1=1
   signalled=1
-  log "SIGUSR1: asking the ranks to checkpoint and stop"
+  log "SIGUSR1: relaying it to the ranks (training checkpoints after its current step and stops)"
   [[ -n "$srun_pid" ]] && kill -USR1 "$srun_pid" 2>/dev/null
 }
 on_term() {
@@ -123,7 +123,7 @@ if [[ -s "$HDPO_STOP_MARKER" ]]; then
   log "the ranks stopped: $(tr -d '\n' <"$HDPO_STOP_MARKER" | tr -s ' ')"
 fi
 if ((got_usr1)) && ((rc != 0)); then
-  log "srun ended with $rc after SIGUSR1: requeueing job $SLURM_JOB_ID; it resumes from the latest checkpoint"
+  log "srun ended with $rc after SIGUSR1: requeueing job $SLURM_JOB_ID; it resumes where it stopped"
   scontrol requeue "$SLURM_JOB_ID" || log "scontrol requeue failed: resubmit the same command to resume"
 fi
 log "srun ended with $rc"

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def cluster(tmp_path_factory, request):
         ["bash", LOCAL_CLUSTER, "up", "2", str(folder)], capture_output=True, text=True, timeout=600
     )
     assert up.returncode == 0, f"local_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "HDPO_"))}
     env.update(SLURM_CONF=str(folder / "slurm.conf"), PATH=env.get("PATH", "") + ":/usr/sbin:/sbin")
     return env
 
@@ -207,7 +208,7 @@ def test_usr1_to_batch_shell_checkpoints_requeues_and_resumes(cluster, assets, s
     _wait(lambda: _job(cluster, job)["Restarts"] == "1", f"job {job} to requeue itself", log=log)
 
     text = log.read_text()
-    assert "SIGUSR1: asking the ranks to checkpoint and stop" in text
+    assert "SIGUSR1: relaying it to the ranks" in text
     stops = _stop_lines(text)
     assert stops == {0: "step00000001", 1: "step00000001"}, text[-6000:]
     marker = json.loads(re.search(r"the ranks stopped: (\{.*\})", text).group(1))
@@ -231,36 +232,69 @@ def test_usr1_to_batch_shell_checkpoints_requeues_and_resumes(cluster, assets, s
     _assert_same_as_full(mlflow_run(assets["root"] / "slurm_usr1"), slurm_full)
 
 
+def _rank_pid(job: str, rank: int) -> int:
+    """The pid of a job's rank, found by its environment (SLURM_JOB_ID, SLURM_PROCID)."""
+    want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"launch/train.py" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if want <= set(f.read().split(b"\0")):
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"no process for rank {rank} of job {job}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_node_failure_requeues_and_resumes_from_last_checkpoint(cluster, assets, slurm_full):
+    """A node dies hard: its rank is SIGKILLed (no stop checkpoint is possible) and Slurm marks it down,
+    which requeues the job (--requeue). It resumes from the last periodic checkpoint."""
+    job, log = _submit(cluster, assets, "slurm_nodefail")
+    latest = assets["root"] / "slurm_nodefail" / "checkpoints" / "latest"
+    _wait(latest.exists, "the first checkpoint", log=log)
+    os.kill(_rank_pid(job, 1), signal.SIGKILL)
+    _slurm(cluster, "scontrol", "update", "nodename=node2", "state=down", "reason=emulated_node_failure")
+    _release_requeued(cluster, job, log)  # ReturnToService=2: node2 comes back once its slurmd answers
+    state = _finished(cluster, job, log)
+    assert state["Restarts"] == "1"
+    text = log.read_text()
+    assert "DUE TO NODE FAILURE" in text
+    resumed = re.search(r"resumed from \S+/(step\d{8}) at step (\d+)", text)
+    assert resumed and int(resumed.group(2)) % 10 == 0  # a periodic checkpoint (save_every=10)
+    assert _stop_lines(text) == {}  # rank 1 was gone: no stop checkpoint
+    _assert_same_as_full(mlflow_run(assets["root"] / "slurm_nodefail"), slurm_full)
+
+
 # ---- pieces that need no cluster
 
 
 def test_fill_slurm_env_maps_an_srun_task(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "12")
-    monkeypatch.setenv("SLURM_PROCID", "9")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_NODEID", "2")
-    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "4(x2),3,1")
-    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
-    monkeypatch.setenv("MASTER_PORT", "29512")
+    slurm = {"SLURM_STEP_NUM_TASKS": "12", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "4(x2),3,1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29512"}  # fmt: skip
+    monkeypatch.setattr(os, "environ", dict(slurm))  # this process's own environment stays untouched
     assert dist.fill_slurm_env()
     got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
     assert got == {"RANK": "9", "WORLD_SIZE": "12", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3",
                    "MASTER_ADDR": "10.0.0.7"}  # fmt: skip
-    assert not dist.fill_slurm_env()  # RANK is set now: a launcher's (torchrun under srun) values stay
+    monkeypatch.setattr(os, "environ", {**slurm, "RANK": "3", "WORLD_SIZE": "16"})
+    assert not dist.fill_slurm_env()  # a launcher under srun (torchrun) set them: its values stay
+    assert os.environ["RANK"] == "3"
 
 
 def test_fill_slurm_env_leaves_the_batch_shell_alone_and_needs_a_master(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "0")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setattr(os, "environ", {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
     assert not dist.fill_slurm_env()  # the batch shell: no srun step
     assert "RANK" not in os.environ
-    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    os.environ["SLURM_STEP_NUM_TASKS"] = "2"
     with pytest.raises(ValueError, match="MASTER_ADDR and MASTER_PORT is not set"):
         dist.fill_slurm_env()
+    monkeypatch.setattr(os, "environ", {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"})
+    assert dist.fill_slurm_env()  # a world of one needs no master: it fills its own
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
 
 
 def test_stop_signals_only_set_a_flag():
