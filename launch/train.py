@@ -18,10 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hdpo_ds import stop
 
-stop.install()  # before the heavy imports: SIGUSR1 / SIGTERM during start-up then stop, not kill, the run
-
-from hdpo_ds.cli import run_entry_point  # noqa: E402
-
 
 def train(cfg, ds_path: str, rank: int) -> None:
     from hdpo_ds.trainer import train as run_training
@@ -41,8 +37,13 @@ def train(cfg, ds_path: str, rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hdpo_ds.cli import run_entry_point  # heavy (torch, deepspeed): after the handlers are in place
+
     return run_entry_point(__doc__, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", train, argv)
 
 
 if __name__ == "__main__":
+    # Only as a program (a test may import main): SIGUSR1 / SIGTERM during start-up then stop the run
+    # after its first step instead of killing it.
+    stop.install()
     sys.exit(main())
