@@ -6,16 +6,17 @@
 #   slurm/local_cluster.sh up N [DIR]   # start N nodes; prints the SLURM_CONF line to export
 #   slurm/local_cluster.sh down [DIR]   # cancel every job, stop the daemons by pid, keep DIR for reading
 #   slurm/local_cluster.sh status [DIR]
+#   slurm/local_cluster.sh install      # only the packages (root, apt-get)
 #
 # DIR defaults to $HDPO_LOCAL_SLURM_DIR, else /tmp/hdpo-slurm-<user>. Needs Debian's slurmctld, slurmd,
-# slurm-client and munge; `up` installs them with apt-get when they are missing and it runs as root.
+# slurm-client and munge; `up` and `install` install them with apt-get when they are missing (as root).
 # Ports are picked free at `up`, so several such clusters (one per folder) can run side by side.
 # Node names do not resolve as host names here: scripts must take a node's address from
 # `scontrol show node` (NodeAddr), as slurm/train.sbatch does.
 set -euo pipefail
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -23,11 +24,14 @@ cmd=${1:-}
 case "$cmd" in
   up) nodes=${2:-}; dir=${3:-} ;;
   down | status) nodes=; dir=${2:-} ;;
+  install) nodes=; dir= ;;
   *) usage ;;
 esac
 dir=${dir:-${HDPO_LOCAL_SLURM_DIR:-/tmp/hdpo-slurm-$(id -un)}}
-mkdir -p "$dir"
-dir=$(cd "$dir" && pwd)
+if [[ "$cmd" != install ]]; then
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+fi
 conf="$dir/slurm.conf"
 export SLURM_CONF="$conf"
 # Every daemon carries this marker in its environment; `down` finds what is left by it, by pid.
@@ -245,4 +249,8 @@ status() {
   squeue
 }
 
-"$cmd"
+if [[ "$cmd" == install ]]; then
+  install_packages
+else
+  "$cmd"
+fi
