@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry" -- a checkpoint was written
-# on request and starting the same command again continues from it. slurm/run_ranks.sh tests for it.
+# on request and starting the same command again continues from it.
 EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # Where rank 0 writes a JSON note of the stop (step, checkpoint, signals); set by slurm/run_ranks.sh.
