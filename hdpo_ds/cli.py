@@ -29,8 +29,9 @@ def run_entry_point(
 ) -> int:
     """Parse `--ds`, `--config` and dotted overrides, set up the process, run `body(cfg, ds, rank)`.
 
-    Works under the deepspeed launcher (which passes --local_rank), torchrun, and plain python (a world
-    of one). Bad configuration or data prints `error (rank R): ...` and returns 2.
+    Works under the deepspeed launcher (which passes --local_rank), torchrun, one srun task per rank
+    (hdpo_ds.dist.fill_slurm_env), and plain python (a world of one). Bad configuration or data prints
+    `error (rank R): ...` and returns 2; a stop on a signal (hdpo_ds/stop.py) returns stop.EXIT_STOPPED.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ds", required=True, help=ds_help)
@@ -39,6 +40,11 @@ def run_entry_point(
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.9")
     args = parser.parse_args(argv)
 
+    try:
+        under_srun = dist.fill_slurm_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     launched_alone = dist.fill_single_process_env()
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
@@ -47,6 +53,11 @@ def run_entry_point(
     )
     if launched_alone:
         logging.getLogger("hdpo_ds.launch").info("no launcher environment: running as a single process")
+    if under_srun:  # every rank says where it runs (the other ranks log warnings only)
+        print(f"[rank{rank}] srun task {rank} of {os.environ['WORLD_SIZE']} (local rank {os.environ['LOCAL_RANK']}) "
+              f"on node {os.environ.get('SLURMD_NODENAME', '?')}, master {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']}", file=sys.stderr, flush=True)  # fmt: skip
+    from hdpo_ds.stop import EXIT_STOPPED, TrainingStopped
     from hdpo_ds.trainer import NonFiniteTrainingError
 
     try:
@@ -57,5 +68,9 @@ def run_entry_point(
     except NonFiniteTrainingError as e:
         print(f"stopped (rank {rank}): {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:
+        print(f"stopped (rank {rank}): {e}", file=sys.stderr)
+        dist.shutdown()
+        return EXIT_STOPPED
     dist.shutdown()
     return 0

@@ -18,6 +18,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "fill_single_process_env",
+    "fill_slurm_env",
     "gather_objects",
     "is_initialized",
     "is_main_process",
@@ -53,6 +54,48 @@ def fill_single_process_env() -> bool:
             "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port())),
         }
     )
+    return True
+
+
+def _tasks_on_node(tasks_per_node: str, node_index: int) -> int | None:
+    """Slurm's compressed per-node task counts ("2(x3),1") -> the count of node `node_index`."""
+    counts: list[int] = []
+    try:
+        for part in tasks_per_node.split(","):
+            count, _, repeat = part.partition("(x")
+            counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    except ValueError:
+        return None
+    return counts[node_index] if 0 <= node_index < len(counts) else None
+
+
+def fill_slurm_env() -> bool:
+    """Map an srun task's Slurm variables to the torch ones: one srun task per rank (slurm/run_ranks.sh).
+
+    SLURM_PROCID -> RANK, SLURM_LOCALID -> LOCAL_RANK, SLURM_STEP_NUM_TASKS -> WORLD_SIZE, and this
+    node's task count -> LOCAL_WORLD_SIZE. Only inside an srun step (the batch shell has no
+    SLURM_STEP_NUM_TASKS) and only where no launcher set RANK (torchrun or deepspeed under srun keep
+    theirs). MASTER_ADDR / MASTER_PORT come from the batch script, which asks Slurm for the first node's
+    address; a world of one fills them itself. Returns True when it mapped the variables.
+    """
+    env = os.environ
+    if "RANK" in env or "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
+        return False
+    world = int(env["SLURM_STEP_NUM_TASKS"])
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if world > 1 and missing:
+        raise ValueError(
+            f"srun started {world} tasks but {' and '.join(missing)} is not set: launch through "
+            "slurm/train.sbatch (or slurm/run_ranks.sh), or export MASTER_ADDR (the first node's address, "
+            "`scontrol show node <node>` NodeAddr) and a free MASTER_PORT before srun"
+        )
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], str(world)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    local = _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), int(env.get("SLURM_NODEID", 0)))
+    if local is not None:
+        env["LOCAL_WORLD_SIZE"] = str(local)
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
     return True
 
 

@@ -168,7 +168,13 @@ def _reject_leftover_auto(node: Any, path: str = "") -> None:
 def init_distributed() -> None:
     """Join the process group (gloo on CPU, nccl on GPUs); DeepSpeed picks the backend."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu" and accelerator.device_count() > 0:
+        # A rank sees every GPU of its node (srun task, deepspeed launcher): take its own before the first
+        # collective and before current_device() is asked, or every rank would use (and NCCL bind) GPU 0.
+        accelerator.set_device(dist.local_rank() % accelerator.device_count())
     deepspeed.init_distributed(dist_backend=None, verbose=False)
     _unlink_shm_allreduce_buffer()
 

@@ -7,8 +7,9 @@ summed loss is scaled by world_size / global_pairs so that, after DeepSpeed aver
 ranks, the step's gradient is that of the mean over all pairs (DESIGN.md §5). The accumulation
 boundary is each rank's last micro-batch. Before the optimizer update one collective agrees whether
 any rank saw a non-finite loss (then every rank skips the update); after it, one all-reduce carries
-all of the step's metrics. Checkpoints every `train.save_every` steps and at the end; resume from the
-latest complete one (hdpo_ds/checkpoint.py).
+all of the step's metrics, and whether any rank got a stop signal (hdpo_ds/stop.py: then every rank
+checkpoints after that step and leaves with stop.EXIT_STOPPED). Checkpoints every `train.save_every`
+steps and at the end; resume from the latest complete one (hdpo_ds/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hdpo_ds import checkpoint, dist, engine
+from hdpo_ds import checkpoint, dist, engine, stop
 from hdpo_ds.atomic import write_json, write_text
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
 from hdpo_ds.data import IndexedPairs, PackedBatch, PairSampler, collate, plan_stats, plan_step
@@ -358,6 +359,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
         acc.add("real_tokens", real_tokens)
+        acc.add("stop_requests", 1.0 if stop.received() else 0.0)  # rides in the one collective below
         sums = dist.reduce_sums(acc.sums, device=device)  # the step's one collective and host sync
         elapsed = time.perf_counter() - started
         metrics = acc.metrics(sums)
@@ -407,8 +409,12 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         ):
             stopped_by_alert = True  # monitors.on_alert=stop: end cleanly here (the final part below)
             break
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+        saving = bool(cfg.train.save_every) and step % cfg.train.save_every == 0
+        stopping = sums["stop_requests"] > 0  # a signal on any rank: the same decision on every rank
+        if (saving or stopping) and step < cfg.train.max_steps:
             save_checkpoint()
+            if stopping:
+                _stop_after_checkpoint(cfg, step, int(sums["stop_requests"]), world_size, run_logger)
 
     # A run resumed from its own final checkpoint has nothing left to do: no second final evaluation,
     # checkpoint or export (they exist already).
@@ -454,6 +460,20 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive non-finite steps; a good checkpoint was written before stopping."""
+
+
+def _stop_after_checkpoint(cfg: Config, step: int, ranks: int, world_size: int, run_logger) -> None:
+    """Every rank, after the stop checkpoint of `step`: note it and raise stop.TrainingStopped. The MLflow
+    run stays open (RUNNING): the resumed job reopens it by the id in the checkpoint."""
+    folder = os.path.join(checkpoint.checkpoint_root(cfg.output_dir), checkpoint.tag_for(step))
+    signals = stop.received()
+    logger.warning("stop requested on %d of %d ranks (here: %s): checkpoint %s written; exiting with %d",
+                   ranks, world_size, ", ".join(signals) or "none", folder, stop.EXIT_STOPPED)  # fmt: skip
+    if dist.is_main_process():
+        run_logger.set_tags({f"hdpo_ds.stopped_at_step.{int(time.time())}": str(step)})
+        stop.write_marker({"step": step, "checkpoint": folder, "ranks_signalled": ranks,
+                           "world_size": world_size, "signals_rank0": signals, "exit_code": stop.EXIT_STOPPED})  # fmt: skip
+    raise stop.TrainingStopped(step, folder, signals)
 
 
 class _Faults:

@@ -3,6 +3,10 @@
 deepspeed launch/train.py --ds ds_configs/zero3.json --config configs/demo.yaml [key.sub=value ...]
 torchrun --nproc-per-node 2 launch/train.py --ds ds_configs/zero3.json --config ...
 python launch/train.py --ds ds_configs/zero3.json --config ...      # one process, no launcher
+sbatch slurm/train.sbatch --ds ds_configs/zero3.json --config ...  # one srun task per rank (docs/slurm.md)
+
+SIGUSR1 or SIGTERM: every rank finishes the current step, writes a checkpoint, and the process exits
+with 75 (hdpo_ds.stop.EXIT_STOPPED); the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hdpo_ds.cli import run_entry_point
+from hdpo_ds import stop
 
 
 def train(cfg, ds_path: str, rank: int) -> None:
@@ -33,8 +37,13 @@ def train(cfg, ds_path: str, rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hdpo_ds.cli import run_entry_point  # heavy (torch, deepspeed): after the handlers are in place
+
     return run_entry_point(__doc__, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", train, argv)
 
 
 if __name__ == "__main__":
+    # Only as a program (a test may import main): SIGUSR1 / SIGTERM during start-up then stop the run
+    # after its first step instead of killing it.
+    stop.install()
     sys.exit(main())
