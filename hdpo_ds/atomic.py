@@ -8,16 +8,21 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["fsync_dir", "write_json", "write_text"]
+__all__ = ["fsync_dir", "fsync_path", "write_json", "write_text"]
 
 
-def fsync_dir(path: str) -> None:
-    """Persist a rename inside `path` (the directory entry itself)."""
+def fsync_path(path: str) -> None:
+    """fsync a file, or a directory (which persists the renames inside it), by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Persist a rename inside `path` (the directory entry itself)."""
+    fsync_path(path)
 
 
 def write_json(path: str, data) -> None:

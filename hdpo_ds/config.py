@@ -185,12 +185,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(annotation):
+        options = typing.get_args(annotation)
+        for option in options:
             try:
                 return _coerce(key, value, option)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: {value!r} does not match {annotation}")
+        raise ConfigError(f"{key}: expected {' or '.join(map(_describe, options))}, got {value!r}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str | int | float) and item_type is str:
@@ -225,6 +226,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key}: expected null, got {value!r}")
         return None
     raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _describe(annotation: Any) -> str:
+    """What a value of this annotation looks like, for error messages."""
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(map(repr, typing.get_args(annotation)))
+    if typing.get_origin(annotation) is list:
+        return "a list"
+    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(annotation, str(annotation))
 
 
 def _apply(obj: Any, values: dict, prefix: str = "") -> None:

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hdpo_ds.atomic import fsync_dir, write_json
+from hdpo_ds.atomic import fsync_dir, fsync_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +95,6 @@ def bound_http_retries(max_retries: int, timeout_s: int) -> dict[str, str]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _segment_first_seq(name: str) -> int:
@@ -254,7 +246,7 @@ class Spool:
             shutil.copytree(source, target)
         else:
             shutil.copy2(source, target)
-            _fsync_file(target)
+            fsync_path(target)
         return relative
 
     def fsync(self) -> None:
