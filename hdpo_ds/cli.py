@@ -24,21 +24,46 @@ __all__ = ["run_entry_point"]
 warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated")
 
 
+_BAD_INPUT = (ConfigError, DataError, RefCacheError, CheckpointError, ValueError, FileNotFoundError)
+
+
 def run_entry_point(
-    doc: str, ds_help: str, body: Callable[[Config, str, int], None], argv: list[str] | None
+    doc: str,
+    ds_help: str,
+    body: Callable[[Config, str, int], None],
+    argv: list[str] | None,
+    *,
+    with_dry_run: bool = False,
 ) -> int:
     """Parse `--ds`, `--config` and dotted overrides, set up the process, run `body(cfg, ds, rank)`.
 
     Works under the deepspeed launcher (which passes --local_rank), torchrun, one srun task per rank
     (hdpo_ds.dist.fill_slurm_env), and plain python (a world of one). Bad configuration or data prints
     `error (rank R): ...` and returns 2; a stop on a signal (hdpo_ds/stop.py) returns stop.EXIT_STOPPED.
+    With `with_dry_run`, `--dry-run [--world-size N ...]` checks the run for N ranks instead
+    (hdpo_ds/dryrun.py).
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ds", required=True, help=ds_help)
     parser.add_argument("--config", default=None, help="run config (YAML)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    if with_dry_run:
+        group = parser.add_argument_group(
+            "dry run (no launcher, no GPU: check the run and print its memory plan)"
+        )
+        group.add_argument(
+            "--dry-run", action="store_true", help="check everything up to the engines, then exit"
+        )
+        group.add_argument("--world-size", type=int, default=None,
+                           help="ranks to plan for (default: WORLD_SIZE from a launcher, else 1)")  # fmt: skip
+        group.add_argument("--gpus-per-node", type=int, default=None, help="default: min(world size, 8)")
+        group.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+        group.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU")
+        group.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="the run's device type")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.9")
     args = parser.parse_args(argv)
+    if with_dry_run and args.dry_run:
+        return _dry_run(args)
 
     try:
         under_srun = dist.fill_slurm_env()
@@ -62,7 +87,7 @@ def run_entry_point(
 
     try:
         body(load_config(args.config, args.overrides), args.ds, rank)
-    except (ConfigError, DataError, RefCacheError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except _BAD_INPUT as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr)
         return 2
     except NonFiniteTrainingError as e:
@@ -73,4 +98,24 @@ def run_entry_point(
         dist.shutdown()
         return EXIT_STOPPED
     dist.shutdown()
+    return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Rank 0 checks the run; under a launcher the other ranks leave at once (nothing is collective)."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        return 0
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from hdpo_ds.dryrun import dry_run, format_report
+
+    try:
+        report = dry_run(load_config(args.config, args.overrides), args.ds, world_size=world_size,
+                         gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
+                         peak_tflops=args.peak_tflops, device_type=args.device)  # fmt: skip
+    except _BAD_INPUT as e:
+        print(f"error (dry run, {world_size} ranks): {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
     return 0

@@ -31,6 +31,7 @@ __all__ = [
     "init_distributed",
     "load_ds_config",
     "resolve_dtype",
+    "zero3_auto_sizes",
     "zero3_loading",
 ]
 
@@ -45,9 +46,10 @@ def load_ds_config(path: str) -> dict:
         raise ConfigError(f"--ds: {path} is not valid JSON: {e}") from None
 
 
-def resolve_dtype(cfg: Config, ds_config: dict) -> torch.dtype:
+def resolve_dtype(cfg: Config, ds_config: dict, *, bf16_capable: bool | None = None) -> torch.dtype:
     """The training dtype: model.dtype when set, else the ds_config's bf16/fp16 switch, else bf16 on
-    GPUs that support it and float32 on CPU (where exact comparisons in tests need float32)."""
+    GPUs that support it and float32 on CPU (where exact comparisons in tests need float32).
+    `bf16_capable` answers for a device other than this machine's (the dry run plans for GPUs)."""
     names = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if cfg.model.dtype != "auto":
         return names[cfg.model.dtype]
@@ -55,9 +57,18 @@ def resolve_dtype(cfg: Config, ds_config: dict) -> torch.dtype:
         return torch.bfloat16
     if ds_config.get("fp16", {}).get("enabled") is True:
         return torch.float16
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if bf16_capable is None:
+        bf16_capable = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_capable else torch.float32
+
+
+def zero3_auto_sizes(hidden_size: int) -> dict[str, int]:
+    """ZeRO-3 bucket sizes for "auto", from the hidden size (as transformers' integration does)."""
+    return {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
 
 
 def _set_auto(section: dict, key: str, value: Any, path: str) -> None:
@@ -137,12 +148,7 @@ def fill_ds_config(
 
     zero = ds.get("zero_optimization", {})
     if hidden_size:
-        auto_sizes = {
-            "reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size,
-        }
-        for key, value in auto_sizes.items():
+        for key, value in zero3_auto_sizes(hidden_size).items():
             if zero.get(key) == "auto":
                 zero[key] = value
     for key in ("offload_param", "offload_optimizer"):

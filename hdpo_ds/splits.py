@@ -20,7 +20,7 @@ from hdpo_ds.data import (
     tokenizer_fingerprint,
 )
 
-__all__ = ["Split", "load_split_records", "tokenize_split"]
+__all__ = ["Split", "load_split_records", "tokenize_options", "tokenize_split"]
 
 
 @dataclass
@@ -32,24 +32,37 @@ class Split:
 
 
 def load_split_records(cfg: Config) -> dict[str, LoadResult]:
-    """Read and validate the records of every configured split (before any engine is built)."""
-    splits = {"train": load_records(cfg.data.train_files, split=cfg.data.split or None,
-                                    rows=cfg.data.rows or None, on_bad_record=cfg.data.on_bad_record)}  # fmt: skip
-    if cfg.data.eval_files:
-        splits["eval"] = load_records(cfg.data.eval_files, split=cfg.data.split or None,
-                                      rows=cfg.data.eval_rows or None, on_bad_record=cfg.data.on_bad_record)  # fmt: skip
+    """Read and validate the records of every configured split (before any engine is built).
+
+    A source that cannot be read is reported under its config key (data.train_files / data.eval_files)."""
+    specs = {"train": ("data.train_files", cfg.data.train_files, cfg.data.rows),
+             "eval": ("data.eval_files", cfg.data.eval_files, cfg.data.eval_rows)}  # fmt: skip
+    splits = {}
+    for name, (key, files, rows) in specs.items():
+        if name == "eval" and not files:
+            continue
+        try:
+            splits[name] = load_records(files, split=cfg.data.split or None, rows=rows or None,
+                                        on_bad_record=cfg.data.on_bad_record)  # fmt: skip
+        except DataError as e:
+            raise DataError(str(e), source=key, kind=e.kind) from None
     return splits
+
+
+def tokenize_options(cfg: Config) -> dict:
+    """The keyword arguments of `tokenize_pairs` a run config implies (cache_dir included)."""
+    return dict(
+        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+        truncation=cfg.data.truncation, chat_template=cfg.data.chat_template or None,
+        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"), on_bad_record=cfg.data.on_bad_record,
+    )  # fmt: skip
 
 
 def tokenize_split(cfg: Config, name: str, records: LoadResult, tokenizer) -> Split:
     """Tokenize one split; collective. Rank 0 tokenizes and writes the Arrow cache; its outcome (or its
     error) is broadcast, so a failure there stops every rank instead of leaving them at a barrier."""
     template_source = cfg.data.chat_template or None
-    kwargs = dict(
-        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-        truncation=cfg.data.truncation, chat_template=template_source,
-        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"), on_bad_record=cfg.data.on_bad_record,
-    )  # fmt: skip
+    kwargs = tokenize_options(cfg)
     data, error = None, None
     if dist.is_main_process():
         try:

@@ -4,6 +4,7 @@ deepspeed launch/train.py --ds ds_configs/zero3.json --config configs/demo.yaml 
 torchrun --nproc-per-node 2 launch/train.py --ds ds_configs/zero3.json --config ...
 python launch/train.py --ds ds_configs/zero3.json --config ...      # one process, no launcher
 sbatch slurm/train.sbatch --ds ds_configs/zero3.json --config ...  # one srun task per rank (docs/slurm.md)
+python launch/train.py --dry-run --world-size 16 --ds ... --config ...   # check only, print the memory plan
 
 SIGUSR1 or SIGTERM: every rank finishes the current step, writes a checkpoint, and the process exits
 with 75 (hdpo_ds.stop.EXIT_STOPPED); the same command resumes from it.
@@ -39,7 +40,9 @@ def train(cfg, ds_path: str, rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     from hdpo_ds.cli import run_entry_point  # heavy (torch, deepspeed): after the handlers are in place
 
-    return run_entry_point(__doc__, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", train, argv)
+    return run_entry_point(
+        __doc__, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", train, argv, with_dry_run=True
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,320 @@
+"""The memory planner (hdpo_ds/plan.py) and the dry run (launch/train.py --dry-run, hdpo_ds/dryrun.py).
+
+Fast: models are instantiated on the meta device only, and the dry runs tokenize the small demo data.
+The planner-vs-measured-RSS benchmark (a real 2-rank run) is marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hdpo_ds.config import load_config
+from hdpo_ds.engine import resolve_dtype
+from hdpo_ds.plan import (
+    GIB,
+    Hardware,
+    Settings,
+    activation_bytes_per_token_layer,
+    analytic_param_count,
+    deepspeed_model_states,
+    load_hf_config,
+    model_shape,
+    plan_memory,
+    recommend,
+)
+from tests.run_helpers import ROOT
+
+MODELS = os.path.join(ROOT, "configs/models")
+SHIPPED = ["tiny-demo", "llama-7b", "llama-34b", "command-r-35b", "llama-70b"]
+# Exact counts known from the model cards / the published checkpoints (sum of parameter numels).
+KNOWN = {"llama-7b": 6_738_415_616, "llama-70b": 68_976_648_192}
+
+DEMO_TRAIN = os.path.join(ROOT, "configs/data/demo/train.jsonl")
+BIG_PATHS = [
+    "model.from_scratch=true",
+    f"model.tokenizer={MODELS}/tiny-demo",
+    f"data.train_files=[{DEMO_TRAIN}]",
+]
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return {name: model_shape(load_hf_config(os.path.join(MODELS, name))) for name in SHIPPED}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_meta_count_equals_analytic_and_known(name, shapes):
+    config = load_hf_config(os.path.join(MODELS, name))
+    assert shapes[name].num_params == analytic_param_count(config)
+    if name in KNOWN:
+        assert shapes[name].num_params == KNOWN[name]
+
+
+def test_command_r_shape(shapes):
+    """Worked by hand: embedding 256000·8192 = 2,097,152,000 (tied, the largest module); per layer
+    4·8192² + 3·8192·22528 + 8192 = 822,091,776; 40 layers + final norm + embedding = 34,980,831,232."""
+    s = shapes["command-r-35b"]
+    assert s.tied_embeddings and s.parallel_block and s.logit_scale
+    assert s.largest_layer_params == 256_000 * 8192 == 2_097_152_000
+    assert (
+        s.num_params == 40 * (4 * 8192**2 + 3 * 8192 * 22528 + 8192) + 8192 + 2_097_152_000 == 34_980_831_232
+    )
+    assert 30e9 < shapes["llama-34b"].num_params < 35e9 and not shapes["llama-34b"].tied_embeddings
+
+
+def test_plan_rows_by_hand(shapes):
+    """Llama-7B on 8 GPUs, bf16: shard x = 6,738,415,616 / 8 = 842,301,952 parameters; bytes per rank:
+    parameters 2x, gradients 2x, master 4x, Adam 8x; step transient 4·min(x, 1e9) = 4x; gathered layer
+    2·2·131,072,000 (the 32000×4096 embedding); buckets 2·(4096² + int(0.9·4096²))."""
+    s = shapes["llama-7b"]
+    plan = plan_memory(s, Hardware(1, 8, 80), Settings(4096))
+    rows = {r.name: r.bytes for r in plan.rows}
+    x = 842_301_952
+    assert rows["parameters (bf16 shard)"] == 2 * x
+    assert rows["gradients (shard)"] == 2 * x
+    assert rows["fp32 master weights (shard)"] == 4 * x
+    assert rows["Adam moments m, v (fp32 shard)"] == 8 * x
+    assert rows["optimizer step: fp32 gradient of one sub-group"] == 4 * x
+    assert rows["largest layer gathered (parameters + gradient)"] == 4 * 131_072_000
+    assert rows["ZeRO-3 reduce + prefetch buckets"] == 2 * (4096**2 + int(0.9 * 4096**2))
+    assert plan.model_states_bytes == 16 * x + 2 * (4096**2 + int(0.9 * 4096**2)) + 4 * x
+    # Activations per token and layer: 2 norms × (4 + 2·2)·4096 + (3·4096 + 2·4096 + 4·11008)·2 bytes.
+    assert activation_bytes_per_token_layer(s, 2) == 2 * 8 * 4096 + (5 * 4096 + 4 * 11008) * 2 == 194_560
+    logits = 2 * 4096 * 32000 * 2 + 1024 * 32000 * 4
+    assert rows["logits + gradient + token-stats chunk"] == logits
+    assert plan.peak_phase == "backward"
+    persistent = 16 * x + rows["ZeRO-3 reduce + prefetch buckets"] + rows["reference model (shard)"]
+    expected_peak = (
+        persistent + 4 * 131_072_000 + rows[next(k for k in rows if k.startswith("activations"))] + logits
+    )
+    assert plan.peak_bytes == expected_peak
+    assert plan.required_bytes == int(expected_peak * 1.10 + 3 * GIB)
+
+
+@pytest.mark.parametrize("name", ["llama-7b", "command-r-35b", "llama-70b"])
+@pytest.mark.parametrize("gpus", [8, 16, 32])
+@pytest.mark.parametrize("offload", [False, True])
+def test_model_states_agree_with_deepspeed(name, gpus, offload, shapes):
+    """DeepSpeed's estimate_zero3_model_states_mem_needs (18 bytes/parameter/rank + 4 × largest layer
+    without offload; 2 + 4 × largest layer with optimizer offload) against the planner's model states
+    (16 bytes + buckets + the larger of the gathered layer and the step's fp32 gradient): within 10%."""
+    shape = shapes[name]
+    hardware = Hardware(gpus // 8, 8, 80)
+    plan = plan_memory(shape, hardware, Settings(4096, offload_optimizer=offload))
+    ds_gpu, _ = deepspeed_model_states(shape, hardware, offload_optimizer=offload, offload_param=False)
+    assert abs(plan.model_states_bytes / ds_gpu - 1) < 0.10, (plan.model_states_bytes / GIB, ds_gpu / GIB)
+
+
+def test_offload_moves_optimizer_state_to_host(shapes):
+    shape = shapes["command-r-35b"]
+    on = plan_memory(shape, Hardware(2, 8, 80), Settings(8192, offload_optimizer=True))
+    off = plan_memory(shape, Hardware(2, 8, 80), Settings(8192))
+    x = math.ceil(shape.num_params / 16)
+    # GPU keeps the bf16 parameter shard; host gets gradients (2x), master (4x), Adam (8x), fp32 grad (4x).
+    assert off.peak_bytes - on.peak_bytes == (2 + 4 + 8) * x
+    assert on.host_bytes_per_node == 8 * (2 + 4 + 8 + 4) * x
+
+
+def test_recommendation_for_35b_on_16_gpus(shapes):
+    """Without checkpointing 8192 tokens of activations do not fit; the least intrusive fix keeps the
+    micro-batch and turns checkpointing on (no offload needed)."""
+    shape = shapes["command-r-35b"]
+    settings = Settings(8192, reference="cached")
+    plan = plan_memory(shape, Hardware(2, 8, 80), settings)
+    assert not plan.fits
+    advice = recommend(shape, Hardware(2, 8, 80), settings, min_tokens=8192)
+    assert advice == {**advice, "offload_optimizer": False, "offload_param": False, "micro_batch_tokens": 8192,
+                      "grad_checkpointing": True}  # fmt: skip
+    assert plan_memory(
+        shape, Hardware(2, 8, 80), Settings(8192, reference="cached", grad_checkpointing=True)
+    ).fits
+
+
+def test_plan_cli_json(capsys):
+    from hdpo_ds.plan import main
+
+    code = main(["--model", f"{MODELS}/llama-70b", "--nodes", "4", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
+                 "--micro-batch-tokens", "8192", "--ds", f"{ROOT}/ds_configs/zero3_35b_offload.json",
+                 "--reference", "cached", "--grad-checkpointing", "--json"])  # fmt: skip
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["num_params"] == KNOWN["llama-70b"]
+    assert out["settings"]["offload_optimizer"] is True and out["settings"]["grad_checkpointing"] is True
+    assert out["hardware"]["world_size"] == 32
+    assert out["deepspeed_estimate"]["gpu_bytes_per_gpu"] > 0
+    assert any("MFU" in a for a in out["assumptions"])
+    assert out["fits"] == (out["headroom_bytes"] >= 0)
+
+
+def test_plan_cli_unknown_model(capsys, tmp_path):
+    from hdpo_ds.plan import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
+                 "--micro-batch-tokens", "4096"]) == 2  # fmt: skip
+    assert "--model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------- dry run
+
+
+def _train_main():
+    spec = importlib.util.spec_from_file_location("launch_train", os.path.join(ROOT, "launch/train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def dry_run(capsys, *args: str) -> tuple[int, str, str]:
+    code = _train_main()(["--dry-run", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def demo_args(*extra: str, world_size: int = 2) -> list[str]:
+    return ["--world-size", str(world_size), "--ds", f"{ROOT}/ds_configs/zero3.json", "--config",
+            f"{ROOT}/configs/demo.yaml", f"data.train_files=[{DEMO_TRAIN}]",
+            f"data.eval_files=[{ROOT}/configs/data/demo/eval.jsonl]", f"model.name_or_path={MODELS}/tiny-demo", *extra]  # fmt: skip
+
+
+def test_dry_run_demo_passes(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = dry_run(capsys, *demo_args())
+    assert code == 0, err
+    assert "every check passed" in out and "853,120 parameters" in out
+    assert "64 pairs per step over 2 ranks" in out and "verdict: FITS" in out
+
+
+def test_dry_run_35b_passes_at_16_and_fails_without_checkpointing(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = [
+        "--world-size",
+        "16",
+        "--ds",
+        "ds_configs/zero3_35b.json",
+        "--config",
+        "configs/command-r-35b.yaml",
+    ]
+    code, out, err = dry_run(capsys, *args, *BIG_PATHS)
+    assert code == 0, err
+    assert "34,980,831,232 parameters" in out and "16 ranks" in out and "verdict: FITS" in out
+    code, out, err = dry_run(capsys, *args, *BIG_PATHS, "model.gradient_checkpointing=false")
+    assert code == 2
+    assert "model.gradient_checkpointing=true" in err and "DOES NOT FIT" in err
+
+
+def test_dry_run_35b_refuses_a_config_without_weights(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, _, err = dry_run(capsys, "--world-size", "32", "--ds", "ds_configs/zero3_35b.json", "--config",
+                           "configs/command-r-35b.yaml", f"data.train_files=[{DEMO_TRAIN}]",
+                           f"model.tokenizer={MODELS}/tiny-demo")  # fmt: skip
+    assert code == 2 and "model.name_or_path" in err and "no weight files" in err
+
+
+def test_dry_run_batch_not_divisible(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, _, err = dry_run(capsys, *demo_args("train.pairs_per_step=60", world_size=16))
+    assert code == 2
+    assert "train.pairs_per_step" in err and "60" in err and "16" in err
+
+
+def test_dry_run_missing_data_file(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    missing = tmp_path / "nope.jsonl"
+    code, _, err = dry_run(capsys, *demo_args(f"data.train_files=[{missing}]"))
+    assert code == 2
+    assert "data.train_files" in err and str(missing) in err
+
+
+def test_dry_run_unknown_model_config(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "no-such-architecture", "hidden_size": 8})
+    )
+    code, _, err = dry_run(capsys, *demo_args(f"model.name_or_path={tmp_path}"))
+    assert code == 2 and "model.name_or_path" in err and "no-such-architecture" in err
+    code, _, err = dry_run(capsys, *demo_args(f"model.name_or_path={tmp_path / 'absent'}"))
+    assert code == 2 and "model.name_or_path" in err
+
+
+def _write_cache(cfg, cache_root: str, *, stale: bool) -> None:
+    """A complete cache for the demo train split, by the real fingerprint (or one entry off)."""
+    import torch
+
+    from hdpo_ds.data import tokenize_pairs, tokenizer_fingerprint
+    from hdpo_ds.data.refcache import write_manifest, write_shard
+    from hdpo_ds.engine import load_ds_config
+    from hdpo_ds.models import load_tokenizer
+    from hdpo_ds.reference import reference_fingerprint, versions_of_interest
+    from hdpo_ds.splits import load_split_records, tokenize_options
+
+    records = load_split_records(cfg)["train"]
+    tokenizer = load_tokenizer(cfg.model)
+    ids = tokenize_pairs(records, tokenizer, **{**tokenize_options(cfg), "cache_dir": None}).pairs.ids
+    dtype = resolve_dtype(cfg, load_ds_config(f"{ROOT}/ds_configs/zero3.json"), bf16_capable=True)
+    assert dtype == torch.bfloat16
+    fingerprint = reference_fingerprint(cfg, data_fingerprint=records.fingerprint,
+                                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, None), dtype=dtype)  # fmt: skip
+    if stale:
+        fingerprint = {**fingerprint, "data.max_length": cfg.data.max_length + 1}
+    where = os.path.join(cache_root, "train")
+    os.makedirs(where)
+    n = len(ids)
+    sha = write_shard(where, 0, {"id": ids, "ref_chosen_logps": [-1.0] * n, "ref_rejected_logps": [-2.0] * n,
+                                 "chosen_tokens": [1] * n, "rejected_tokens": [1] * n}, fingerprint)  # fmt: skip
+    write_manifest(
+        where,
+        fingerprint,
+        versions_of_interest(),
+        [{"file": "shard-00000.arrow", "sha256": sha, "rows": n}],
+        n,
+    )
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_dry_run_reference_cache_fingerprint(capsys, monkeypatch, tmp_path, stale):
+    monkeypatch.chdir(ROOT)
+    cache = str(tmp_path / "refcache")
+    extra = ["data.eval_files=[]", "reference.mode=cached", f"reference.cache_path={cache}"]
+    args = demo_args(*extra)
+    cfg = load_config(f"{ROOT}/configs/demo.yaml", args[6:])
+    _write_cache(cfg, cache, stale=stale)
+    code, out, err = dry_run(capsys, *args)
+    if stale:
+        assert code == 2
+        assert "reference.cache_path" in err and "stale" in err and "data.max_length" in err
+    else:
+        assert code == 0, err
+        assert "matches this run and covers every pair" in out
+
+
+def test_dry_run_exit_code_from_the_command_line(tmp_path):
+    """The real entry point, as a user runs it: exit code 2 and the key on stderr."""
+    proc = subprocess.run(
+        [sys.executable, "launch/train.py", *["--dry-run", *demo_args(f"data.train_files=[{tmp_path}/x.jsonl]")]],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data.train_files" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------ slow benchmark
+
+
+@pytest.mark.slow
+def test_planner_predicts_rss_of_a_2_rank_run():
+    """bench/plan_rss.py: a ~61M-parameter Llama, 2 ZeRO-3 ranks on CPU, 3 steps; the planner's peak
+    per rank within 25% of each rank's measured peak-RSS growth above its post-import baseline."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import plan_rss
+
+    result = plan_rss.run(steps=3, hidden=640, layers=8, vocab=32000)
+    assert result["prediction"]["params"] >= 50_000_000
+    for ratio in result["ratio"]:
+        assert 0.75 <= ratio <= 1.25, result
