@@ -57,7 +57,8 @@ def run_entry_point(
         group.add_argument("--world-size", type=int, default=None,
                            help="ranks to plan for (default: WORLD_SIZE from a launcher, else 1)")  # fmt: skip
         group.add_argument("--gpus-per-node", type=int, default=None, help="default: min(world size, 8)")
-        group.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory of one GPU (default 80)")
+        group.add_argument("--gpu-mem-gib", type=float, default=79.0,
+                           help="memory of one GPU as torch reports it (default 79: an 80 GB H100/A100)")  # fmt: skip
         group.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU")
         group.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="the run's device type")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.9")

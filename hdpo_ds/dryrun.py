@@ -90,7 +90,7 @@ def dry_run(
     *,
     world_size: int,
     gpus_per_node: int | None = None,
-    gpu_mem_gib: float = 80.0,
+    gpu_mem_gib: float = 79.0,
     peak_tflops: float = Hardware.peak_tflops,
     device_type: str = "cuda",
 ) -> DryRunReport:

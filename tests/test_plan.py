@@ -91,9 +91,10 @@ def test_plan_rows_by_hand(shapes):
     assert rows["logits + gradient + token-stats chunk"] == logits
     assert plan.peak_phase == "backward"
     persistent = 16 * x + rows["ZeRO-3 reduce + prefetch buckets"] + rows["reference model (shard)"]
-    expected_peak = (
-        persistent + 4 * 131_072_000 + rows[next(k for k in rows if k.startswith("activations"))] + logits
-    )
+    # stage3_max_live_parameters = 1e9 (DeepSpeed's default): up to 1e9 parameters stay gathered.
+    assert rows["parameters kept gathered beyond it"] == 2 * (1_000_000_000 - 131_072_000)
+    activations = rows[next(k for k in rows if k.startswith("activations"))]
+    expected_peak = persistent + 4 * 131_072_000 + 2 * (1_000_000_000 - 131_072_000) + activations + logits
     assert plan.peak_bytes == expected_peak
     assert plan.required_bytes == int(expected_peak * 1.10 + 3 * GIB)
 
