@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) bench/packing.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/ref_modes.py
+	$(PY) bench/plan_rss.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

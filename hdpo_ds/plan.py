@@ -41,6 +41,7 @@ __all__ = [
     "analytic_param_count",
     "deepspeed_model_states",
     "format_plan",
+    "largest_micro_batch",
     "load_hf_config",
     "model_shape",
     "plan_memory",
@@ -474,6 +475,20 @@ def deepspeed_model_states(
     return gpu, cpu
 
 
+def largest_micro_batch(
+    shape: ModelShape, hardware: Hardware, settings: Settings, limit: int = 1 << 20
+) -> int:
+    """The largest micro-batch (tokens, a power-of-two multiple of the requested one, at most `limit`)
+    that still fits with otherwise the same settings; 0 when even the requested one does not."""
+    tokens = 0
+    candidate = settings.micro_batch_tokens
+    while candidate <= limit:
+        if not plan_memory(shape, hardware, dataclasses.replace(settings, micro_batch_tokens=candidate)).fits:
+            break
+        tokens, candidate = candidate, 2 * candidate
+    return tokens
+
+
 def recommend(shape: ModelShape, hardware: Hardware, settings: Settings, min_tokens: int) -> dict | None:
     """The least intrusive change that fits: no offload before optimizer offload before parameter
     offload; within each, the requested micro-batch tokens without, then with checkpointing, then
@@ -546,6 +561,10 @@ def format_plan(
         )
     elif not plan.fits:
         lines.append("nothing fits at this world size: add nodes or use GPUs with more memory")
+    else:
+        bigger = largest_micro_batch(plan.shape, plan.hardware, plan.settings)
+        if bigger > s.micro_batch_tokens:
+            lines.append(f"micro-batches of up to {bigger:,} tokens would fit with these settings")
     lines += [
         f"step time [assumption: MFU]: {plan.step_flops_per_micro_batch:.3e} FLOP per micro-batch per GPU "
         f"-> {plan.seconds_per_micro_batch:.2f} s per micro-batch at {s.mfu:.0%} MFU",
@@ -623,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = plan.to_dict()
         out["recommendation"] = advice
+        out["largest_micro_batch_tokens"] = largest_micro_batch(shape, hardware, settings)
         out["deepspeed_estimate"] = {
             "gpu_bytes_per_gpu": ds_estimate[0],
             "cpu_bytes_per_node": ds_estimate[1],

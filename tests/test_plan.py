@@ -24,6 +24,7 @@ from hdpo_ds.plan import (
     activation_bytes_per_token_layer,
     analytic_param_count,
     deepspeed_model_states,
+    largest_micro_batch,
     load_hf_config,
     model_shape,
     plan_memory,
@@ -133,9 +134,11 @@ def test_recommendation_for_35b_on_16_gpus(shapes):
     advice = recommend(shape, Hardware(2, 8, 80), settings, min_tokens=8192)
     assert advice == {**advice, "offload_optimizer": False, "offload_param": False, "micro_batch_tokens": 8192,
                       "grad_checkpointing": True}  # fmt: skip
-    assert plan_memory(
-        shape, Hardware(2, 8, 80), Settings(8192, reference="cached", grad_checkpointing=True)
-    ).fits
+    fitting = Settings(8192, reference="cached", grad_checkpointing=True)
+    assert plan_memory(shape, Hardware(2, 8, 80), fitting).fits
+    # 16384 tokens add 10.5 GiB of checkpointed activations and 12.7 GiB of logits: over 80 GiB at 16 ranks.
+    assert largest_micro_batch(shape, Hardware(2, 8, 80), fitting) == 8192
+    assert largest_micro_batch(shape, Hardware(2, 8, 80), Settings(8192, reference="cached")) == 0
 
 
 def test_plan_cli_json(capsys):
@@ -152,6 +155,9 @@ def test_plan_cli_json(capsys):
     assert out["deepspeed_estimate"]["gpu_bytes_per_gpu"] > 0
     assert any("MFU" in a for a in out["assumptions"])
     assert out["fits"] == (out["headroom_bytes"] >= 0)
+    assert (
+        out["largest_micro_batch_tokens"] >= 8192 if out["fits"] else out["largest_micro_batch_tokens"] == 0
+    )
 
 
 def test_plan_cli_unknown_model(capsys, tmp_path):
@@ -218,11 +224,20 @@ def test_dry_run_35b_refuses_a_config_without_weights(capsys, monkeypatch):
     assert code == 2 and "model.name_or_path" in err and "no weight files" in err
 
 
-def test_dry_run_batch_not_divisible(capsys, monkeypatch):
+def test_dry_run_batch_not_divisible(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)
     code, _, err = dry_run(capsys, *demo_args("train.pairs_per_step=60", world_size=16))
     assert code == 2
-    assert "train.pairs_per_step" in err and "60" in err and "16" in err
+    assert "train.pairs_per_step: 60 is not divisible by the world size 16" in err
+    # DeepSpeed's own batch keys, set by hand, must agree with one micro-batch per rank and step.
+    with open(f"{ROOT}/ds_configs/zero3.json") as f:
+        ds = json.load(f)
+    ds.update(train_batch_size=64, train_micro_batch_size_per_gpu=4)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    args = demo_args(world_size=16)
+    args[args.index("--ds") + 1] = str(tmp_path / "ds.json")
+    code, _, err = dry_run(capsys, *args)
+    assert code == 2 and "ds_config.train_micro_batch_size_per_gpu" in err
 
 
 def test_dry_run_missing_data_file(capsys, monkeypatch, tmp_path):
