@@ -9,6 +9,7 @@ and reads the peak (VmHWM). The planner predicts the peak live bytes of one rank
 (MALLOC_MMAP_THRESHOLD_=65536), so RSS follows live tensors rather than the allocator's cache.
 
     .venv/bin/python bench/plan_rss.py [--steps 3] [--hidden 640] [--layers 8] [--vocab 32000] [--json OUT]
+        [--glibc-default]
 
 Prints the per-rank prediction, the measured growth of peak RSS, and their ratio.
 """
@@ -110,13 +111,17 @@ def predict(model: str) -> dict:
             "rows": {r.name: r.bytes for r in plan.rows if r.where == "gpu"}}  # fmt: skip
 
 
-def measure(model: str, steps: int, workdir: str) -> list[dict]:
+def measure(model: str, steps: int, workdir: str, glibc_default: bool = False) -> list[dict]:
     out = os.path.join(workdir, "run")
     os.makedirs(out)
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    env.update(OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=ROOT)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", "2",
            "--master_port", str(_free_port()), os.path.abspath(__file__), "--worker", "--out", out,
            *overrides(model, out, steps)]  # fmt: skip
@@ -138,11 +143,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(steps: int, hidden: int, layers: int, vocab: int) -> dict:
+def run(steps: int, hidden: int, layers: int, vocab: int, glibc_default: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="plan_rss_") as workdir:
         model = model_dir(workdir, hidden, layers, vocab)
         prediction = predict(model)
-        ranks = measure(model, steps, workdir)
+        ranks = measure(model, steps, workdir, glibc_default)
     growth = [r["peak"] - r["baseline"] for r in ranks]
     return {"prediction": prediction, "ranks": ranks, "growth": growth,
             "ratio": [prediction["peak_bytes"] / g for g in growth]}  # fmt: skip
@@ -160,8 +165,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--json", default=None, help="write the result here too")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="leave glibc's malloc settings alone (RSS then includes its cache of freed blocks)")  # fmt: skip
     args = parser.parse_args()
-    result = run(args.steps, args.hidden, args.layers, args.vocab)
+    result = run(args.steps, args.hidden, args.layers, args.vocab, args.glibc_default)
     mib = 2**20
     p = result["prediction"]
     print(f"model: {p['params']:,} parameters; 2 ranks, ZeRO-3, fp32, CPU")
