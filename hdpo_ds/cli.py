@@ -103,11 +103,13 @@ def run_entry_point(
 
 
 def _dry_run(args: argparse.Namespace) -> int:
-    """Rank 0 checks the run; under a launcher the other ranks leave at once (nothing is collective)."""
-    rank = int(os.environ.get("RANK", 0))
+    """Rank 0 checks the run; under a launcher or srun the other ranks leave at once (nothing is
+    collective). The world size defaults to the launcher's (or the srun step's)."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
     if rank != 0:
         return 0
-    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
+    world_size = args.world_size or int(env.get("WORLD_SIZE", env.get("SLURM_STEP_NUM_TASKS", 1)))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from hdpo_ds.dryrun import dry_run, format_report
 
