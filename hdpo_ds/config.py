@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from hdpo_ds.losses import TDPO_LOSS_TYPES, canonical_loss_type
+from hdpo_ds.monitors import DETECTORS
 
 __all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
 
@@ -126,14 +127,7 @@ class MonitorsConfig:
     """Over-optimisation detectors on evaluation metrics (hdpo_ds/monitors.py, docs/monitors.md)."""
 
     enabled: bool = True
-    detectors: list[str] = field(
-        default_factory=lambda: [
-            "topk_entropy_turn",
-            "logps_falling",
-            "topk_mass_collapse",
-            "accuracy_saturated",
-        ]
-    )
+    detectors: list[str] = field(default_factory=lambda: list(DETECTORS))
     on_alert: Literal["warn", "stop"] = "warn"  # stop: end cleanly after the evaluation that fired
     side: Literal["chosen", "rejected"] = "chosen"  # whose top-k entropy / mass the detectors read
     smoothing: Literal["ema", "window", "none"] = "ema"
@@ -407,8 +401,6 @@ def _validate_adaptive_alpha(cfg: Config, loss_name: str) -> None:
 
 
 def _validate_monitors(cfg: Config) -> None:
-    from hdpo_ds.monitors import DETECTORS
-
     m = cfg.monitors
     for i, name in enumerate(m.detectors):
         if name not in DETECTORS:

@@ -4,7 +4,7 @@ Both read metrics that `dist.reduce_sums` made identical on every rank, so every
 decision (stop, next alpha) without another collective (DESIGN.md §5); only rank 0 reports.
 
 Detectors (Shi et al. 2024, "Understanding likelihood over-optimisation in direct alignment
-algorithms", §4-5: top-k entropy and top-k mass of the policy's next-token distribution as early signs),
+algorithms": top-k entropy and top-k mass of the policy's next-token distribution as early signs),
 each on a smoothed series of evaluation points (EMA or a trailing window, `monitors.smoothing`):
 
   topk_entropy_turn       (a) top-k entropy rose, then fell more than `turn_drop` bits below its peak
@@ -19,8 +19,9 @@ Each detector fires once per run (the first evaluation where its condition holds
 pure functions of the evaluation history, so a resumed run that reloads the history decides as an
 uninterrupted one would.
 
-Adaptive alpha (beyond the H-DPO paper, whose alpha is hand-tuned; Omura et al. 2024, §3 Eq. 5-6
-for what alpha does: alpha < 1 sharpens, alpha > 1 spreads). `AlphaController` steers log(alpha) from
+Adaptive alpha (beyond the H-DPO paper, Omura et al. 2024, whose alpha is hand-tuned; what alpha does
+is DESIGN.md §4: the optimum is proportional to ref^(1/alpha) exp(r / (alpha beta)), so alpha < 1
+sharpens and alpha > 1 spreads). `AlphaController` steers log(alpha) from
 the smoothed per-token entropy of the chosen responses, H, with a proportional-integral rule:
 
     e_t     = (EMA(H)_t - H*) / H*                                              relative error

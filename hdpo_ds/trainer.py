@@ -9,7 +9,9 @@ boundary is each rank's last micro-batch. Before the optimizer update one collec
 any rank saw a non-finite loss (then every rank skips the update); after it, one all-reduce carries
 all of the step's metrics, and whether any rank got a stop signal (hdpo_ds/stop.py: then every rank
 checkpoints after that step and leaves with stop.EXIT_STOPPED). Checkpoints every `train.save_every`
-steps and at the end; resume from the latest complete one (hdpo_ds/checkpoint.py).
+steps and at the end; resume from the latest complete one (hdpo_ds/checkpoint.py). Each evaluation
+feeds the over-optimisation detectors (hdpo_ds/monitors.py: alerts, an optional clean stop, the best
+checkpoint); with loss.alpha=auto each step's reduced entropy feeds the alpha controller.
 """
 
 from __future__ import annotations
