@@ -49,7 +49,7 @@ from hdpo_ds.splits import load_split_records, tokenize_split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "lr_multiplier", "train"]
+__all__ = ["TrainResult", "lr_multiplier", "resume_point", "train"]
 
 
 @dataclass
@@ -204,7 +204,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         seed=cfg.train.seed, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
         max_length=cfg.data.max_length, packing=cfg.data.packing,
     )  # fmt: skip
-    resume_folder, resume_state = _resume_point(cfg, world_size)
+    resume_folder, resume_state = resume_point(cfg, world_size)
 
     dtype = engine.resolve_dtype(cfg, ds_config)
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
@@ -503,7 +503,7 @@ class _Faults:
         return losses
 
 
-def _resume_point(cfg: Config, world_size: int) -> tuple[str | None, dict | None]:
+def resume_point(cfg: Config, world_size: int) -> tuple[str | None, dict | None]:
     """The checkpoint to resume from (rank 0 decides), checked against this run before any engine."""
     folder = dist.broadcast_object(
         checkpoint.find_resume_checkpoint(cfg.output_dir, cfg.train.resume)

@@ -182,13 +182,45 @@ def plan_step(
             f"data.max_tokens_per_micro_batch={budget} cannot hold pair {i} (sequences of {lengths[i, 0]} and "
             f"{lengths[i, 1]} tokens{'' if packing else ', padded'}); it must be >= 2 × data.max_length"
         )
-    sizes = [int(x) for x in lengths.sum(axis=1)]
+    return _plan_items(
+        [int(x) for x in lengths.sum(axis=1)], [int(x) for x in longest], 2, world_size, budget, packing
+    )
+
+
+def plan_sequences(
+    lengths: Sequence[int] | np.ndarray,
+    *,
+    world_size: int,
+    max_tokens_per_micro_batch: int,
+    packing: bool = True,
+) -> StepPlan:
+    """:func:`plan_step` for single sequences (supervised fine-tuning): ``lengths`` (n,) token lengths;
+    the plan's "pairs" are sequence positions (collate them with :func:`collate_sequences`)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    budget = int(max_tokens_per_micro_batch)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if len(lengths) == 0:
+        raise ValueError("a step needs at least one sequence")
+    if lengths.min() < 1:
+        raise ValueError("every sequence needs at least one token")
+    if lengths.max() > budget:
+        raise ValueError(f"data.max_tokens_per_micro_batch={budget} cannot hold a sequence of {lengths.max()} tokens; "
+                         "it must be >= data.max_length")  # fmt: skip
+    sizes = [int(x) for x in lengths]
+    return _plan_items(sizes, sizes, 1, world_size, budget, packing)
+
+
+def _plan_items(sizes: list[int], longest: list[int], seqs_per_item: int, world_size: int, budget: int,
+                packing: bool) -> StepPlan:  # fmt: skip
+    """Bins for items (pairs or single sequences) of `sizes` real tokens, `longest` sequence each."""
+    n = len(sizes)
     if packing:
         bins = _plan_packed(sizes, world_size, budget)
     else:
-        bins = _plan_padded([int(x) for x in longest], sizes, world_size, budget)
+        bins = _plan_padded(longest, sizes, world_size, budget, seqs_per_item)
 
-    # The filler replays the step's shortest pair: cheap, real (its reference log-probs exist), finite.
+    # The filler replays the step's shortest item: cheap, real (its reference log-probs exist), finite.
     shortest = min(range(n), key=lambda i: (sizes[i], i))
     ranks = []
     for rank_bins in bins:
@@ -197,13 +229,15 @@ def plan_step(
             if members:
                 members = tuple(sorted(members))
                 tokens = sum(sizes[i] for i in members)
-                tensor = tokens if packing else 2 * len(members) * max(int(longest[i]) for i in members)
+                tensor = (
+                    tokens if packing else seqs_per_item * len(members) * max(longest[i] for i in members)
+                )
                 mbs.append(MicroBatchPlan(members, False, tokens, tensor))
         # Largest first on every rank, so that the k-th micro-batches of all ranks are alike in size: under
         # ZeRO-3 the ranks wait for each other inside every micro-batch.
         mbs.sort(key=lambda mb: (-mb.tensor_tokens, mb.pairs))
         while len(mbs) < len(rank_bins):
-            tensor = sizes[shortest] if packing else 2 * int(longest[shortest])
+            tensor = sizes[shortest] if packing else seqs_per_item * longest[shortest]
             mbs.append(MicroBatchPlan((shortest,), True, sizes[shortest], tensor))
         ranks.append(tuple(mbs))
     return StepPlan(tuple(ranks), budget, packing, n)
@@ -249,6 +283,47 @@ def collate(pairs: Any, micro_batch_plan: MicroBatchPlan, *, pad_token_id: int, 
         for response in (pair.chosen_ids, pair.rejected_ids):
             seqs.append(np.concatenate([prompt, np.asarray(response, dtype=np.int64)]))
             prompt_lens.append(len(prompt))
+    tensors = _sequence_tensors(seqs, prompt_lens, pad_token_id=pad_token_id, packing=packing)
+    num_seqs = len(seqs)
+    return PackedBatch(
+        **tensors,
+        pair_index=torch.arange(num_seqs) // 2,
+        is_chosen=torch.arange(num_seqs) % 2 == 0,
+        pair_ids=pair_ids,
+        weight=0.0 if micro_batch_plan.filler else 1.0,
+    )
+
+
+def collate_sequences(
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+    ids: Sequence[str],
+    *,
+    pad_token_id: int,
+    packing: bool,
+    weight: float = 1.0,
+) -> PackedBatch:
+    """Single sequences (supervised fine-tuning: hdpo_ds/sft.py) in the same layout as :func:`collate`:
+    each (prompt_ids, response_ids) is one sequence whose response tokens are labelled; every sequence is
+    its own "pair" (``pair_index`` = 0..n-1, ``is_chosen`` all True)."""
+    seqs, prompt_lens = [], []
+    for (prompt, response), seq_id in zip(sequences, ids, strict=True):
+        if len(prompt) == 0:
+            raise ValueError(
+                f"sequence {seq_id}: empty prompt (the first response token needs a position to be predicted from)"
+            )
+        seqs.append(
+            np.concatenate([np.asarray(prompt, dtype=np.int64), np.asarray(response, dtype=np.int64)])
+        )
+        prompt_lens.append(len(prompt))
+    tensors = _sequence_tensors(seqs, prompt_lens, pad_token_id=pad_token_id, packing=packing)
+    return PackedBatch(**tensors, pair_index=torch.arange(len(seqs)), is_chosen=torch.ones(len(seqs), dtype=torch.bool),
+                       pair_ids=list(ids), weight=weight)  # fmt: skip
+
+
+def _sequence_tensors(
+    seqs: list[np.ndarray], prompt_lens: list[int], *, pad_token_id: int, packing: bool
+) -> dict:
+    """input_ids, position_ids, labels, seq_index, attention_mask and num_real_tokens of the sequences."""
     num_seqs = len(seqs)
     seq_lens = np.array([len(s) for s in seqs], dtype=np.int64)
 
@@ -274,18 +349,14 @@ def collate(pairs: Any, micro_batch_plan: MicroBatchPlan, *, pad_token_id: int, 
             seq_index[i, : len(s)] = i
         position_ids = np.broadcast_to(np.arange(width), (num_seqs, width)).copy()
         attention_mask = torch.from_numpy((seq_index >= 0).astype(np.int64))
-    return PackedBatch(
-        input_ids=torch.from_numpy(input_ids),
-        position_ids=torch.from_numpy(position_ids),
-        labels=torch.from_numpy(labels),
-        seq_index=torch.from_numpy(seq_index),
-        pair_index=torch.arange(num_seqs) // 2,
-        is_chosen=torch.arange(num_seqs) % 2 == 0,
-        pair_ids=pair_ids,
-        num_real_tokens=int(seq_lens.sum()),
-        weight=0.0 if micro_batch_plan.filler else 1.0,
-        attention_mask=attention_mask,
-    )
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "position_ids": torch.from_numpy(position_ids),
+        "labels": torch.from_numpy(labels),
+        "seq_index": torch.from_numpy(seq_index),
+        "num_real_tokens": int(seq_lens.sum()),
+        "attention_mask": attention_mask,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ planners
@@ -392,19 +463,21 @@ def _best_fit_decreasing(order: list[int], sizes: list[int], budget: int) -> lis
     return bins
 
 
-def _plan_padded(longest: list[int], sizes: list[int], world_size: int, budget: int) -> list[list[list[int]]]:
+def _plan_padded(
+    longest: list[int], sizes: list[int], world_size: int, budget: int, seqs_per_item: int = 2
+) -> list[list[list[int]]]:
     """Sort by length, cut into micro-batches of at most budget padded tokens, deal them to ranks."""
     order = sorted(range(len(longest)), key=lambda i: (-longest[i], i))
     bins: list[list[int]] = []
     width = 0
     for i in order:
         # Sorted longest first, so the first pair of a micro-batch sets its row length.
-        if bins and 2 * (len(bins[-1]) + 1) * width <= budget:
+        if bins and seqs_per_item * (len(bins[-1]) + 1) * width <= budget:
             bins[-1].append(i)
         else:
             bins.append([i])
             width = longest[i]
-    costs = [2 * len(b) * longest[b[0]] for b in bins]
+    costs = [seqs_per_item * len(b) * longest[b[0]] for b in bins]
     return _deal(bins, costs, world_size, math.ceil(len(bins) / world_size))
 
 

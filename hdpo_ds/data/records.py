@@ -574,6 +574,24 @@ class _Unreadable:
     kind: str = "invalid_json"
 
 
+def read_rows(spec: str, split: str | None = None) -> Iterator[tuple[str, list]]:
+    """(source name, raw rows) for each source a data spec expands to (a .jsonl / .json / .parquet file,
+    a directory of them, a glob, a save_to_disk directory). An unparsable JSON line comes back as a row
+    that :func:`row_error` turns into a DataError naming the source and line."""
+    for source, rows, _ in _read_spec(spec, split):
+        yield source, rows
+
+
+def row_error(row: Any, *, source: str, index: int) -> DataError | None:
+    """The DataError for a row :func:`read_rows` could not parse or that is not an object, else None."""
+    if isinstance(row, _Unreadable):
+        return DataError(row.reason, kind=row.kind, source=source, index=index)
+    if not isinstance(row, Mapping):
+        return DataError(f"wrong type: a record must be an object, got {_type(row)}", kind="wrong_type",
+                         source=source, index=index)  # fmt: skip
+    return None
+
+
 def _read_spec(spec: str, split: str | None) -> Iterator[tuple[str, list, str]]:
     """Yield (source name, rows, content fingerprint) for each source a spec expands to."""
     path = os.path.expanduser(spec)

@@ -596,6 +596,19 @@ class _Tokenize:
         return p, c, r, flags, ""
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: str | None = None) -> list[int]:
+    """The ids a prompt has in training (the rules at the top of this module): a text prompt is the
+    tokenizer's special prefix + its tokens; a conversation is rendered with the chat template and
+    add_generation_prompt=True. Sampling (hdpo_ds/evaluate.py) and SFT (hdpo_ds/sft.py) start from these."""
+    if isinstance(prompt, str):
+        return _special_prefix(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    template = resolve_chat_template(tokenizer, chat_template)
+    text = tokenizer.apply_chat_template(
+        prompt, tokenize=False, add_generation_prompt=True, chat_template=template
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _special_prefix(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts in front of a text (BOS for Llama-style tokenizers)."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]

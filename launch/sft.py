@@ -1,0 +1,36 @@
+"""Supervised fine-tuning (hdpo_ds/sft.py) on the same DeepSpeed engine, packing and checkpoints as H-DPO.
+
+deepspeed launch/sft.py --ds ds_configs/zero3.json --config configs/toy/sft.yaml [key.sub=value ...]
+python launch/sft.py --ds ds_configs/zero3.json --config ...      # one process, no launcher
+
+Records: `prompt` (text or role/content messages) and `completion`; `train.pairs_per_step` is the number
+of sequences per optimizer step. The final model goes to <output_dir>/hf.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def sft(cfg, ds_path: str, rank: int) -> None:
+    from hdpo_ds.sft import train_sft
+
+    result = train_sft(cfg, ds_path)
+    if rank == 0:
+        last = f"; final loss {result.losses[-1]:.4f}" if result.losses else " (nothing left to train)"
+        print(f"\nSFT finished {result.steps} steps{last}")
+        print(f"outputs:     {os.path.abspath(result.output_dir)} (model: hf/)")
+        print(f"MLflow run:  {result.run_id} in {result.tracking_uri}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hdpo_ds.cli import run_entry_point
+
+    return run_entry_point(__doc__, "DeepSpeed JSON config (ds_configs/zero3.json, ...)", sft, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The toy reproduction pipeline end to end, small (hdpo_ds/toy/reproduce.py --smoke): task -> SFT ->
+sampled pairs -> H-DPO for two alphas -> pass@k report, markdown and plot; a second run redoes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hdpo_ds.evaluate import pass_at_k
+from tests.run_helpers import ROOT
+
+
+def test_smoke_reproduction(tmp_path):
+    out, results, plot = tmp_path / "toy", tmp_path / "results.md", tmp_path / "img" / "passk.png"
+    results.write_text("# Results\n\nhand-written text that must survive\n")
+    cmd = [sys.executable, "-m", "hdpo_ds.toy.reproduce", "--smoke", "--out", str(out), "--results", str(results),
+           "--plot", str(plot)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((out / "results.json").read_text())
+    reports = data["results"]["0"]
+    assert set(reports) == {"SFT", "alpha=0.8", "alpha=1", "_pairs"}
+    assert reports["_pairs"]["counts"]["train_pairs"] > 0
+    for name in ("SFT", "alpha=0.8", "alpha=1"):
+        report = reports[name]
+        assert report["settings"]["n"] == 4 and report["settings"]["temperatures"] == [0.5, 1.0]
+        for t in ("0.5", "1"):
+            m = report["temperatures"][t]
+            passes = [m[f"pass_at_{k}"] for k in (1, 2, 4)]
+            assert passes == sorted(passes) and 0 <= passes[0] <= 1  # pass@k never falls with k
+            assert m["token_entropy"] > 0 and 0 < m["distinct_1"] <= 1
+            per = report["per_prompt"][t]
+            assert len(per) == 8
+            assert m["pass_at_2"] == pytest.approx(
+                np.mean([pass_at_k(v["n"], v["correct"], 2) for v in per.values()])
+            )
+        # T = 0.5 samples from a sharper distribution than T = 1
+        assert (
+            report["temperatures"]["0.5"]["token_entropy_sampling"]
+            < report["temperatures"]["1"]["token_entropy_sampling"]
+        )
+    # the two alphas trained different models from the same SFT start
+    assert reports["alpha=0.8"]["per_prompt"] != reports["alpha=1"]["per_prompt"] or (
+        reports["alpha=0.8"]["temperatures"]["1"]["token_entropy"]
+        != reports["alpha=1"]["temperatures"]["1"]["token_entropy"]
+    )
+    text = results.read_text()
+    assert "hand-written text that must survive" in text
+    assert text.count("<!-- toy-reproduce:begin -->") == 1 and "| 0 | alpha=0.8 |" in text
+    assert (
+        "launch/sft.py" in text
+        and "launch/train.py" in text
+        and "Does the entropy fall as alpha falls?" in text
+    )
+    assert plot.stat().st_size > 10_000
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "$ python" not in again.stdout  # every stage's output exists: nothing is run again
+    assert results.read_text().count("<!-- toy-reproduce:begin -->") == 1
