@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["fsync_dir", "fsync_path", "write_json", "write_text"]
+__all__ = ["fsync_dir", "fsync_path", "write_json", "write_jsonl", "write_text"]
 
 
 def fsync_path(path: str) -> None:
@@ -37,3 +37,9 @@ def write_text(path: str, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_jsonl(path: str, records) -> None:
+    """One JSON object per line (keys sorted), atomically; the folder is created when missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))

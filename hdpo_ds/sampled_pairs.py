@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from collections import defaultdict
 
+from hdpo_ds.atomic import write_jsonl
 from hdpo_ds.data.records import DataError, read_rows, row_error
 
 __all__ = ["build_pairs", "main"]
@@ -67,17 +67,6 @@ def build_pairs(
     return train, evaluation, dict(counts)
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     if not train:
         print(f"error: no pair could be built from {args.samples} ({counts})", file=sys.stderr)
         return 2
-    _write_jsonl(args.train, train)
+    write_jsonl(args.train, train)
     if args.eval:
-        _write_jsonl(args.eval, evaluation)
+        write_jsonl(args.eval, evaluation)
     print(json.dumps(counts, sort_keys=True))
     return 0
 

@@ -157,7 +157,9 @@ def test_sft_resumed_equals_uninterrupted(sft_assets, sft_one):
     resumed = mlflow_run(sft_assets["root"] / "resumed")
     assert resumed["info"]["run_id"] == first_run_id and resumed["info"]["steps"] == STEPS
     for step in range(STEPS):
-        assert resumed["metrics"]["loss"][step] == pytest.approx(sft_one["metrics"]["loss"][step], rel=1e-5), step
+        assert resumed["metrics"]["loss"][step] == pytest.approx(
+            sft_one["metrics"]["loss"][step], rel=1e-5
+        ), step
     assert resumed["metrics"]["_counts"]["loss"] == STEPS  # no step logged twice
 
 

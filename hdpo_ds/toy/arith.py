@@ -17,9 +17,10 @@ prompts with their answer). The four prompt sets share no problem. The same seed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
+
+from hdpo_ds.atomic import write_jsonl
 
 ALPHABET = list("0123456789+=: AQ\n")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -100,16 +101,6 @@ def model_config(tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )  # fmt: skip
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_task(
