@@ -183,3 +183,14 @@ def live_processes_in_group(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             pids.append(int(stat.split("/")[2]))
     return pids
+
+
+def survivors_of_kill(pgid: int, grace_s: float = 15.0) -> list[int]:
+    """The group's processes still alive `grace_s` after a SIGKILL of the group: a SIGKILLed process
+    can take a moment to die on a loaded machine; one that outlives the grace escaped the group."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while (alive := live_processes_in_group(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive

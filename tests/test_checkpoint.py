@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.run_helpers import ROOT, launch, live_processes_in_group
+from tests.run_helpers import ROOT, launch, survivors_of_kill
 
 CK_STEPS = 6
 CK_ARGS = ["train.save_every=2", "train.keep_checkpoints=2", "train.dump_gradients_at=[]"]
@@ -53,7 +53,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, ck_full):
     killed = launch(assets, "ck_kill", "deepspeed", CK_STEPS, extra=CK_ARGS,
                     env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"}, expect_success=False)  # fmt: skip
     assert killed["returncode"] == -9, killed["stderr"][-3000:]
-    assert live_processes_in_group(killed["pgid"]) == [], "a rank outlived the kill"
+    assert survivors_of_kill(killed["pgid"]) == [], "a rank outlived the kill"
     root = assets["root"] / "ck_kill" / "checkpoints"
     assert (root / "latest").read_text() == "step00000002"
     run_id = json.loads((root / "step00000002" / "client_state.json").read_text())["mlflow_run_id"]
@@ -71,7 +71,7 @@ def test_kill_during_checkpoint_write_keeps_previous_latest(assets, ck_full):
     killed = launch(assets, "ck_save", "deepspeed", CK_STEPS, extra=CK_ARGS,
                     env_extra={"HDPO_FAULT_KILL_DURING_SAVE": "4"}, expect_success=False)  # fmt: skip
     assert killed["returncode"] == -9, killed["stderr"][-3000:]
-    assert live_processes_in_group(killed["pgid"]) == []
+    assert survivors_of_kill(killed["pgid"]) == [], "a rank outlived the kill"
     root = assets["root"] / "ck_save" / "checkpoints"
     assert (root / "latest").read_text() == "step00000002"
     half = root / "step00000004"
