@@ -186,7 +186,7 @@ def _metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
 @torch.no_grad()
 def _evaluate(cfg: Config, policy, data: SFTData, device, pad: int) -> dict[str, float]:
     policy.eval()
-    total = dist.reduce_sums({k: 0.0 for k in ("nll", "tokens", "entropy", "correct")}, device=device)
+    total = dict.fromkeys(("nll", "tokens", "entropy", "correct"), 0.0)
     for start in range(0, len(data.ids), cfg.train.pairs_per_step):
         indices = np.arange(start, min(start + cfg.train.pairs_per_step, len(data.ids)))
         part = dist.reduce_sums(
