@@ -4,29 +4,49 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TORCH_CPU_VERSION ?= 2.13.0
+# Exact versions for Python 3.11 on Linux x86-64 (refresh with `make lock`); pyproject.toml keeps ranges.
+LOCK := requirements/cpu.lock
+TORCH_PIN := $(shell grep -m1 '^torch==' $(LOCK))
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 DEMO_RANKS ?= 2
 
-.PHONY: setup demo demo-assets test test-slow reproduce bench lint format clean
+.PHONY: setup lock demo demo-assets test test-slow reproduce bench lint format clean
 
 setup: $(STAMP)
 
-# No NVIDIA GPU: install the CPU wheel of torch first, or pip would resolve `torch` to the CUDA build.
-$(STAMP): pyproject.toml
+# Installs exactly the lock. Without an NVIDIA GPU, torch is the locked +cpu build: from a wheel pip
+# already finds (a local wheel folder), else from PyTorch's CPU index. With one, torch is the CUDA build of
+# the same version from PyPI (with the CUDA libraries it pins), and the rest of the lock as it is.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then \
-	  $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)"; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	  $(PY) -m pip install -q --no-deps "$(TORCH_PIN)" 2>/dev/null \
+	    || $(PY) -m pip install -q --no-deps --index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"; \
+	  $(PY) -m pip install -q --no-deps -r $(LOCK); \
+	else \
+	  $(PY) -m pip install -q "$(subst +cpu,,$(TORCH_PIN))"; \
+	  $(PY) -m pip install -q --no-deps -r <(grep -v '^torch==' $(LOCK)); \
+	fi
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Re-resolves the lock to the newest releases pyproject.toml allows, under requirements/pins.txt. The +cpu
+# torch wheel comes from pip's local wheel folder where one is configured, else from PyTorch's CPU index.
+LOCK_SOURCES ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url $(TORCH_CPU_INDEX))
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --extra dev --upgrade \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-strategy unsafe-best-match \
+	  $(LOCK_SOURCES) -c requirements/pins.txt --no-emit-index-url --no-emit-find-links \
+	  --custom-compile-command "make lock" -o $(LOCK)
 
 # The main job on the embedded defaults: tiny Llama, bundled data, 2 ZeRO-3 ranks, MLflow in ./mlflow.db.
 demo: $(STAMP)
 	$(VENV)/bin/deepspeed --num_accelerators $(DEMO_RANKS) launch/train.py \
 	  --ds ds_configs/zero3.json --config configs/demo.yaml
 
-# Regenerates configs/data/demo and configs/models/tiny-demo (committed; byte-identical for a seed).
+# Regenerates configs/data/demo and configs/models/tiny-demo (committed; identical for a seed up to the transformers version in config.json).
 demo-assets: $(STAMP)
 	$(PY) -m hdpo_ds.demo
 

@@ -7,7 +7,7 @@ prompts whose chosen answer is correct and whose rejected answer is wrong in one
 pairs, hedged: "Maybe ...", "... I am not sure."). List lengths
 follow a lognormal distribution, so sequence lengths are long-tailed like real chat data. About 30% of
 the records are conversations (lists of role/content messages, rendered with the chat template); the
-rest are plain strings. The same seed gives byte-identical files.
+rest are plain strings. The same seed gives the same files (config.json also records the transformers version).
 """
 
 from __future__ import annotations

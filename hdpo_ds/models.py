@@ -82,7 +82,7 @@ def select_attention(requested: str, device_type: str, *, packing: bool = True) 
     ):
         raise ConfigError(
             "model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
-            "(pip install -e '.[gpu]'); use auto, sdpa_packed, sdpa or eager"
+            "(pip install flash-attn, or -e '.[gpu]'); use auto, sdpa_packed, sdpa or eager"
         )
     if requested == "auto":
         if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:

@@ -153,20 +153,40 @@ def test_bad_input_fails_before_any_engine(assets, monkeypatch, capsys, override
     assert message in capsys.readouterr().err
 
 
+def _without_version(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "transformers_version"}
+
+
 def test_demo_assets_are_reproducible(tmp_path):
-    """`python -m hdpo_ds.demo` regenerates the committed demo data byte for byte."""
+    """`python -m hdpo_ds.demo` regenerates the committed demo data byte for byte, the same model config
+    (up to the library's version string) and a tokenizer that is the same (files and encodings)."""
     out = tmp_path / "model"
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "hdpo_ds.demo", "--out", str(out), "--data", str(data)],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    committed_model = os.path.join(ROOT, "configs/models/tiny-demo")
     for name in ("train.jsonl", "eval.jsonl"):
         with open(data / name, "rb") as a, open(os.path.join(ROOT, "configs/data/demo", name), "rb") as b:
             assert a.read() == b.read(), name
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(out / name) as a, open(os.path.join(committed_model, name)) as b:
+            assert _without_version(json.load(a)) == _without_version(json.load(b)), name
     with (
-        open(out / "config.json") as a,
-        open(os.path.join(ROOT, "configs/models/tiny-demo/config.json")) as b,
+        open(out / "chat_template.jinja") as a,
+        open(os.path.join(committed_model, "chat_template.jinja")) as b,
     ):
-        assert json.load(a) == json.load(b)
+        assert a.read() == b.read()
+    from transformers import AutoTokenizer
+
+    fresh, committed = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(committed_model)
+    with open(data / "eval.jsonl") as f:
+        texts = [json.loads(line)["chosen"] for line in f][:64]
+    texts = [t if isinstance(t, str) else t[0]["content"] for t in texts] + ["unseen words: zebra 12345"]
+    assert [fresh(t)["input_ids"] for t in texts] == [committed(t)["input_ids"] for t in texts]
+    messages = [{"role": "user", "content": "What is 2 + 2?"}]
+    assert fresh.apply_chat_template(messages, add_generation_prompt=True) == committed.apply_chat_template(
+        messages, add_generation_prompt=True
+    )
     shutil.rmtree(tmp_path)
 
 
