@@ -65,6 +65,9 @@ MATH_KEYS = (
     "loss.",
     "model.name_or_path",
     "model.from_scratch",
+    "model.tokenizer",
+    "model.dtype",
+    "model.disable_dropout",
     "reference.name_or_path",
     "data.train_files",
     "data.split",
@@ -76,6 +79,11 @@ MATH_KEYS = (
     "data.chat_template",
     "train.pairs_per_step",
     "train.seed",
+    # The optimizer state restores these; with train.resume_force the new values are applied to it.
+    "optim.lr",
+    "optim.betas",
+    "optim.eps",
+    "optim.weight_decay",
 )
 
 

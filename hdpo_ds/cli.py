@@ -24,7 +24,8 @@ __all__ = ["run_entry_point"]
 warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).* is deprecated")
 
 
-_BAD_INPUT = (ConfigError, DataError, RefCacheError, CheckpointError, ValueError, FileNotFoundError)
+# Errors the code raises on purpose about the user's input; anything else is a bug and surfaces as one.
+_BAD_INPUT = (ConfigError, DataError, RefCacheError, CheckpointError)
 
 
 def run_entry_point(

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hdpo_ds.data.records import parse_rows
 from hdpo_ds.losses import TDPO_LOSS_TYPES, canonical_loss_type
 from hdpo_ds.monitors import DETECTORS
 
@@ -39,6 +40,9 @@ class ModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa_packed", "sdpa", "eager"] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    # Dropout off in the policy (and the reference): otherwise the policy trains against an eval-mode
+    # reference and DPO's rewards are not 0 at step 0 (TRL's default too).
+    disable_dropout: bool = True
 
 
 @dataclass
@@ -120,6 +124,9 @@ class TrainConfig:
     logits_chunk_size: int = 1024
     # Diagnostics: write the full gathered gradient of these steps to output_dir/diagnostics/.
     dump_gradients_at: list[int] = field(default_factory=list)
+    # How long a collective may wait for the slowest rank: rank-0-only work (hashing weight files,
+    # tokenizing a large dataset, fsync of a 35B checkpoint) runs while the others wait in one.
+    dist_timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -299,6 +306,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.alpha: must be > 0, got {cfg.loss.alpha}")
     if cfg.loss.type in ("dpo", "sigmoid") and cfg.loss.alpha != 1.0:
         raise ConfigError(f"loss.alpha: loss.type={cfg.loss.type} means alpha=1; use loss.type=hdpo")
+    _refuse_inert_loss_keys(cfg, name)
     _validate_monitors(cfg)
     if not 0 < cfg.loss.f_alpha < 1:
         raise ConfigError(f"loss.f_alpha: must lie in (0, 1), got {cfg.loss.f_alpha}")
@@ -312,6 +320,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.name_or_path: required (a local model directory, hub id, or config)")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files: required (one or more files or dataset directories)")
+    for key, rows in (("data.rows", cfg.data.rows), ("data.eval_rows", cfg.data.eval_rows)):
+        try:
+            parse_rows(rows or None)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    if not cfg.train.dist_timeout_minutes > 0:
+        raise ConfigError(f"train.dist_timeout_minutes: must be > 0, got {cfg.train.dist_timeout_minutes}")
     if cfg.reference.mode == "cached" and not cfg.reference.cache_path:
         raise ConfigError("reference.cache_path: required with reference.mode=cached (the precomputed cache)")
     positive = {
@@ -368,6 +383,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"optim.warmup_steps: {cfg.optim.warmup_steps} exceeds train.max_steps={cfg.train.max_steps}"
         )
+
+
+def _refuse_inert_loss_keys(cfg: Config, loss_name: str) -> None:
+    """A loss key the chosen loss type never reads must stay at its default, or the run would silently
+    train something other than what the config says (e.g. loss.type=ipo with loss.alpha=0.5)."""
+    defaults = LossConfig()
+    used = {
+        "alpha": loss_name == "hdpo",
+        "f_alpha": loss_name == "fdpo_alpha",
+        "tdpo_alpha": cfg.loss.type == "tdpo2",
+    }
+    for key, applies in used.items():
+        value = getattr(cfg.loss, key)
+        if not applies and value != getattr(defaults, key):
+            raise ConfigError(
+                f"loss.{key}: {value} has no effect with loss.type={cfg.loss.type}; "
+                f"leave it at {getattr(defaults, key)}"
+            )
 
 
 def _validate_adaptive_alpha(cfg: Config, loss_name: str) -> None:

@@ -144,9 +144,13 @@ def reduce_sums(
     return dict(zip(names, stacked.tolist(), strict=True))  # host sync: once per call
 
 
-def all_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when `flag` is True on any rank: a control-flow decision made together."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def all_agree(flag: bool | torch.Tensor, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is True on any rank: a control-flow decision made together.
+    A tensor flag stays on its device until the one host sync of the answer."""
+    if torch.is_tensor(flag):
+        t = flag.detach().reshape(1).to(device=device, dtype=torch.float32)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
     if is_initialized() and world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item())

@@ -41,7 +41,7 @@ from hdpo_ds.plan import (
     settings_from_ds_config,
 )
 from hdpo_ds.precompute import cache_root
-from hdpo_ds.reference import reference_fingerprint
+from hdpo_ds.reference import model_identity, reference_fingerprint
 from hdpo_ds.splits import load_split_records, tokenize_options
 
 logger = logging.getLogger(__name__)
@@ -160,12 +160,16 @@ def dry_run(
     if cfg.reference.mode in ("cached", "auto"):
         root = cache_root(cfg)
         template = cfg.data.chat_template or None
+        identity = model_identity(cfg)  # the weight files, hashed once for every split
         for name in records:
             where = os.path.join(root, name)
             expected = reference_fingerprint(
-                cfg, data_fingerprint=records[name].fingerprint,
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, template), dtype=dtype,
-            )  # fmt: skip
+                cfg,
+                data_fingerprint=records[name].fingerprint,
+                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, template),
+                dtype=dtype,
+                identity=identity,
+            )
             status, differences = cache_status(where, expected)
             if status == "stale" and not (cfg.reference.mode == "auto" and cfg.reference.rebuild_stale):
                 raise RefCacheError(

@@ -24,12 +24,14 @@ from hdpo_ds.config import Config, ConfigError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "apply_optimizer_settings",
     "build_policy_engine",
     "build_reference_engine",
     "fill_ds_config",
     "full_gradients",
     "init_distributed",
     "load_ds_config",
+    "local_all_finite",
     "resolve_dtype",
     "zero3_auto_sizes",
     "zero3_loading",
@@ -98,7 +100,8 @@ def fill_ds_config(
       trainer sets the accumulation boundary on each rank's last micro-batch of an optimizer step;
     - optimizer lr / betas / eps / weight_decay from `optim.*` (on CPU, torch's AdamW, which needs no
       compiled op); gradient_clipping from `optim.max_grad_norm`;
-    - bf16 / fp16 from the resolved dtype;
+    - bf16 / fp16 from the resolved dtype; under bf16, gradient accumulation in fp32
+      (data_types.grad_accum_dtype; an explicit other value is kept and logged);
     - for the reference (training=False), ZeRO-3 parameter offload to CPU when reference.offload;
     - ZeRO-3 bucket sizes from the hidden size, as transformers' integration does.
     A key that is still "auto" afterwards, or a value that contradicts the run config, raises
@@ -121,6 +124,19 @@ def fill_ds_config(
         elif section["enabled"] != wanted:
             raise ConfigError(
                 f"ds_config.{key}.enabled: {section['enabled']} conflicts with model.dtype={dtype}"
+            )
+
+    if dtype == torch.bfloat16 and training:
+        # DeepSpeed accumulates in the model dtype unless told otherwise: 10-30 packed micro-batches
+        # summed with an 8-bit mantissa are no longer the mean over the step's pairs.
+        data_types = ds.setdefault("data_types", {})
+        if data_types.get("grad_accum_dtype", "auto") == "auto":
+            data_types["grad_accum_dtype"] = "fp32"
+        elif data_types["grad_accum_dtype"] != "fp32":
+            logger.warning(
+                "ds_config.data_types.grad_accum_dtype=%s: gradients of a step's micro-batches "
+                "are summed in that dtype, as the DeepSpeed config asks",
+                data_types["grad_accum_dtype"],
             )
 
     if "scheduler" in ds:
@@ -171,8 +187,11 @@ def _reject_leftover_auto(node: Any, path: str = "") -> None:
         raise ConfigError(f"ds_config.{path}: 'auto' is not a value hdpo_ds can fill; set it explicitly")
 
 
-def init_distributed() -> None:
-    """Join the process group (gloo on CPU, nccl on GPUs); DeepSpeed picks the backend."""
+def init_distributed(timeout_minutes: float = 60.0) -> None:
+    """Join the process group (gloo on CPU, nccl on GPUs); DeepSpeed picks the backend. A collective
+    that waits longer than `timeout_minutes` for the slowest rank fails (train.dist_timeout_minutes)."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -181,7 +200,8 @@ def init_distributed() -> None:
         # A rank sees every GPU of its node (srun task, deepspeed launcher): take its own before the first
         # collective and before current_device() is asked, or every rank would use (and NCCL bind) GPU 0.
         accelerator.set_device(dist.local_rank() % accelerator.device_count())
-    deepspeed.init_distributed(dist_backend=None, verbose=False)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    deepspeed.init_distributed(dist_backend=None, verbose=False, timeout=timeout)
     _unlink_shm_allreduce_buffer()
 
 
@@ -272,6 +292,43 @@ def full_gradients(engine) -> dict[str, torch.Tensor]:
         if grad is not None:
             grads[name] = grad.detach().float().cpu().clone()
     return grads
+
+
+def _local_partitions(engine, kind: str):
+    """This rank's share of every trainable parameter's gradient ("grad") or weights ("weight"): the
+    ZeRO-3 partition where the parameter is partitioned, else the whole tensor."""
+    from deepspeed.utils import safe_get_local_grad
+
+    for param in engine.module.parameters():
+        if not param.requires_grad:
+            continue
+        if kind == "weight":
+            yield param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+        else:
+            yield safe_get_local_grad(param) if hasattr(param, "ds_id") else param.grad
+
+
+def local_all_finite(engine, kind: str, device: torch.device) -> torch.Tensor:
+    """A bool tensor on `device` (no host sync): whether this rank's gradient partitions (kind="grad",
+    valid after a step's last backward, before `engine.step()`) or weight partitions (kind="weight")
+    hold only finite numbers. Ranks agree on it with one collective (dist.all_agree)."""
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for part in _local_partitions(engine, kind):
+        if part is not None and part.numel():
+            finite &= torch.isfinite(part).all().to(device)
+    return finite
+
+
+def apply_optimizer_settings(engine, lr: float, betas: list[float], eps: float, weight_decay: float) -> None:
+    """After a resume with train.resume_force: make the restored optimizer use the run config's optim.*
+    values (the checkpoint's optimizer state holds the old ones). The schedule multiplies the new lr."""
+    for group in engine.optimizer.param_groups:
+        group.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    # The rate of the step about to run: LambdaLR's factor at its current count, on the new base.
+    for group, factor in zip(engine.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = lr * factor(scheduler.last_epoch)
 
 
 def discard_gradients(policy) -> None:

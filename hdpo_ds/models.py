@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LoadedModel",
     "check_model_source",
+    "disable_dropout",
     "load_model",
     "load_model_config",
     "load_tokenizer",
@@ -92,6 +93,46 @@ def select_attention(requested: str, device_type: str, *, packing: bool = True) 
     if requested == SDPA_PACKED:
         _register_sdpa_packed()
     return requested
+
+
+# Float attributes through which transformers' modules apply dropout functionally (no nn.Dropout module),
+# e.g. the attention classes' `attention_dropout`, read in forward when the module is in train mode.
+_DROPOUT_ATTRIBUTES = (
+    "attention_dropout",
+    "attn_dropout",
+    "dropout",
+    "dropout_p",
+    "hidden_dropout",
+    "activation_dropout",
+    "resid_dropout",
+)
+
+
+_DROPOUT_MODULES = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+)
+
+
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout probability of the built model to 0 (modules and functional attributes), so
+    that train mode computes what eval mode does. The config is left as it is (exports keep it).
+    Returns what was changed, as sorted 'Class.attribute' names."""
+    changed = set()
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES) and module.p:
+            module.p = 0.0
+            changed.add(f"{type(module).__name__}.p")
+        for attr in _DROPOUT_ATTRIBUTES:
+            value = getattr(module, attr, None)
+            if isinstance(value, float) and value:
+                setattr(module, attr, 0.0)
+                changed.add(f"{type(module).__name__}.{attr}")
+    return sorted(changed)
 
 
 def _is_local(path: str) -> bool:
@@ -165,6 +206,10 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
     model.config.use_cache = False
+    if cfg.disable_dropout:
+        turned_off = disable_dropout(model)
+        if turned_off:
+            logger.info("model.disable_dropout: dropout set to 0 in %s", ", ".join(turned_off))
     if for_training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     logger.info("loaded %s (%s, attention %s)", source, dtype, attn)

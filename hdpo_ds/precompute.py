@@ -38,6 +38,7 @@ from hdpo_ds.data.refcache import (
 from hdpo_ds.models import check_model_source, load_model, load_model_config, load_tokenizer
 from hdpo_ds.reference import (
     OnlineReference,
+    model_identity,
     pair_sequence_indices,
     reference_fingerprint,
     versions_of_interest,
@@ -181,6 +182,21 @@ def build_reference_engine(
     return OnlineReference(ref_engine, cfg.train.logits_chunk_size)
 
 
+def _split_fingerprints(cfg: Config, splits: dict[str, Split], dtype: torch.dtype) -> dict[str, dict]:
+    """Every split's cache fingerprint; the model's weight files are hashed once for all of them."""
+    identity = model_identity(cfg)
+    return {
+        name: reference_fingerprint(
+            cfg,
+            data_fingerprint=split.records.fingerprint,
+            tokenizer_fingerprint=split.tokenizer_fingerprint,
+            dtype=dtype,
+            identity=identity,
+        )
+        for name, split in splits.items()
+    }
+
+
 def ensure_reference_caches(
     cfg: Config,
     splits: dict[str, Split],
@@ -200,10 +216,8 @@ def ensure_reference_caches(
     versions = versions_of_interest()
     # Hashing the weight files is the slow part: the main process does it once for everybody.
     fingerprints = dist.broadcast_object(
-        {name: reference_fingerprint(cfg, data_fingerprint=split.records.fingerprint,
-                                     tokenizer_fingerprint=split.tokenizer_fingerprint, dtype=dtype)
-         for name, split in splits.items()} if dist.is_main_process() else None
-    )  # fmt: skip
+        _split_fingerprints(cfg, splits, dtype) if dist.is_main_process() else None
+    )
     statuses = dist.broadcast_object(
         {name: cache_status(os.path.join(root, name), fingerprints[name]) for name in splits}
         if dist.is_main_process() else None
@@ -213,10 +227,15 @@ def ensure_reference_caches(
         where = os.path.join(root, name)
         if status == "ok":
             actions[name] = "reused"
-        elif status == "stale" and not cfg.reference.rebuild_stale:
+        elif status == "stale" and not (cfg.reference.rebuild_stale and compute_missing):
+            advice = (
+                "set reference.rebuild_stale=true to rebuild it"
+                if compute_missing
+                else "recompute it with launch/precompute_ref.py reference.rebuild_stale=true, or train with "
+                "reference.mode=auto reference.rebuild_stale=true"
+            )
             raise RefCacheError(
-                f"the reference cache at {where} is stale (set reference.rebuild_stale=true to rebuild it):\n  "
-                + "\n  ".join(differences)
+                f"the reference cache at {where} is stale ({advice}):\n  " + "\n  ".join(differences)
             )
         elif not compute_missing:
             raise RefCacheError(f"no reference cache at {where}: run launch/precompute_ref.py first, or use "
@@ -249,7 +268,7 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
     records = load_split_records(cfg)
-    engine.init_distributed()
+    engine.init_distributed(cfg.train.dist_timeout_minutes)
     device_type, device = engine.device_type(), engine.current_device()
     splits = {name: tokenize_split(cfg, name, recs, tokenizer) for name, recs in records.items()}
     dtype = engine.resolve_dtype(cfg, infer_ds)

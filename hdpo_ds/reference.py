@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 
@@ -79,7 +80,29 @@ class CachedReference:
         return out.to(self.device)
 
 
-def _model_identity(cfg: Config) -> dict:
+# What transformers loads, in its order of preference: safetensors before pickled weights.
+_WEIGHT_INDEXES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def loaded_weight_files(directory: str) -> list[str]:
+    """The weight files `from_pretrained` reads from `directory` (an index and its shards, or the one
+    file), so a snapshot holding both .safetensors and .bin copies is hashed once, as loaded. Folders
+    of another layout fall back to every file of the known weight formats."""
+    for index_name, single_name in _WEIGHT_INDEXES:
+        index = os.path.join(directory, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [index, *(os.path.join(directory, shard) for shard in shards)]
+        if os.path.isfile(os.path.join(directory, single_name)):
+            return [os.path.join(directory, single_name)]
+    return sorted({f for pattern in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(directory, pattern))})
+
+
+def model_identity(cfg: Config) -> dict:
     """Path, config hash and weight-file hash of the reference model (sha256 over the files' bytes)."""
     path = cfg.reference.name_or_path or cfg.model.name_or_path
     if not os.path.exists(path):
@@ -93,7 +116,7 @@ def _model_identity(cfg: Config) -> dict:
     if cfg.model.from_scratch and not cfg.reference.name_or_path:
         identity["reference.weights"] = f"random init from config, train.seed={cfg.train.seed}"
         return identity
-    files = sorted({f for pattern in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(directory, pattern))})
+    files = loaded_weight_files(directory)
     digest = hashlib.sha256()
     for f in files:
         digest.update(os.path.basename(f).encode())
@@ -103,12 +126,18 @@ def _model_identity(cfg: Config) -> dict:
 
 
 def reference_fingerprint(
-    cfg: Config, *, data_fingerprint: str, tokenizer_fingerprint: str, dtype: torch.dtype
+    cfg: Config,
+    *,
+    data_fingerprint: str,
+    tokenizer_fingerprint: str,
+    dtype: torch.dtype,
+    identity: dict | None = None,
 ) -> dict:
-    """Everything the cached values depend on, as named entries (so a mismatch can say which)."""
+    """Everything the cached values depend on, as named entries (so a mismatch can say which).
+    `identity`: `model_identity(cfg)` computed once for several splits (hashing weights is the slow part)."""
     return {
         "format": CACHE_FORMAT_VERSION,
-        **_model_identity(cfg),
+        **(identity if identity is not None else model_identity(cfg)),
         "data": data_fingerprint,
         "tokenizer_and_template": tokenizer_fingerprint,
         "data.max_length": cfg.data.max_length,

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from hdpo_ds import dist
-from hdpo_ds.config import Config
+from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import (
     DataError,
     LoadResult,
@@ -35,6 +35,10 @@ def load_split_records(cfg: Config) -> dict[str, LoadResult]:
     """Read and validate the records of every configured split (before any engine is built).
 
     A source that cannot be read is reported under its config key (data.train_files / data.eval_files)."""
+    template = cfg.data.chat_template
+    if template and "{" not in template and not os.path.isfile(os.path.expanduser(template)):
+        # without a "{" it can only be a file name: a typo must not become the template's text
+        raise ConfigError(f"data.chat_template: no such file {template} (a Jinja file, or the template text)")
     specs = {"train": ("data.train_files", cfg.data.train_files, cfg.data.rows),
              "eval": ("data.eval_files", cfg.data.eval_files, cfg.data.eval_rows)}  # fmt: skip
     splits = {}

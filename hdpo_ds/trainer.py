@@ -175,6 +175,11 @@ def _accumulate(acc: StepAccumulator, result: _BatchResult) -> None:
 
 def _check_before_engines(cfg: Config) -> None:
     """Everything that can be checked without building an engine (the keys are named in errors)."""
+    if cfg.reference.rebuild_stale and cfg.reference.mode == "cached":
+        raise ConfigError(
+            "reference.rebuild_stale: has no effect with reference.mode=cached (training never computes the "
+            "cache); use reference.mode=auto, or rebuild it with launch/precompute_ref.py reference.rebuild_stale=true"
+        )
     check_model_source(cfg.model)
     if cfg.reference.name_or_path:
         check_model_source(dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
@@ -190,7 +195,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model)
     records = load_split_records(cfg)
 
-    engine.init_distributed()
+    engine.init_distributed(cfg.train.dist_timeout_minutes)
     rank, world_size = dist.rank(), dist.world_size()
     device_type = engine.device_type()
     device = engine.current_device()
@@ -238,6 +243,10 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     controller = _alpha_controller(cfg)
     if resume_folder:
         checkpoint.load(policy, resume_folder)
+        # optim.* as configured (not as the optimizer state restored them); a change needs resume_force
+        engine.apply_optimizer_settings(
+            policy, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay
+        )
         step, nonfinite = resume_state["step"], resume_state["nonfinite"]
         sampler.load_state_dict(resume_state["sampler"])
         if resume_state.get("monitors"):  # absent in checkpoints written before the monitors existed
@@ -284,6 +293,13 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                         desc="H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)  # fmt: skip
 
     def save_checkpoint() -> None:
+        # Agreed on every rank before anything is written: a checkpoint never holds non-finite weights.
+        if dist.all_agree(~engine.local_all_finite(policy, "weight", device), device=device):
+            run_logger.finish("FAILED")
+            raise NonFiniteTrainingError(
+                f"the weights at step {step} are not finite on some rank; no checkpoint was written (the last "
+                f"good one is in {checkpoint.checkpoint_root(cfg.output_dir)})"
+            )
         state = {"step": step, "sampler": sampler.state_dict(), "mlflow_run_id": run_logger.run_id,
                  "config": to_dict(cfg), "world_size": world_size, "dtype": str(dtype).removeprefix("torch."),
                  "nonfinite": dict(nonfinite), "monitors": monitors.state_dict(),
@@ -304,10 +320,12 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     def evaluate_and_watch() -> bool:
         """Evaluate, feed the detectors (and the controller, with alpha_update=eval); True: stop here."""
         metrics = _evaluate(cfg, policy, references["eval"], eval_data, tokenizer, device, alpha=alpha)
+        if controller is not None and cfg.loss.alpha_update == "eval":
+            # the loop reads controller.alpha at each step start: the next step trains at the new value
+            controller.update(metrics["eval/entropy/chosen"])
+            metrics.update(_controller_metrics(controller, cfg))
         run_logger.log_metrics(metrics, step=step)
         alerts = monitors.observe(step, metrics)
-        if controller is not None and cfg.loss.alpha_update == "eval":
-            controller.update(metrics["eval/entropy/chosen"])
         if alerts and dist.is_main_process():
             _report_alerts(alerts, cfg.output_dir, run_logger, progress)
         return bool(alerts) and cfg.monitors.on_alert == "stop"
@@ -324,6 +342,8 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             steps = iter(sampler)  # the next epoch, or the rest of the resumed one
             continue
         faults.maybe_kill(step)
+        # Read at every step: the controller moves it after a step or an evaluation (loss.alpha_update).
+        alpha = controller.alpha if controller is not None else cfg.loss.alpha
         started = time.perf_counter()
         lr = policy.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         policy.train()
@@ -331,12 +351,13 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         micro_batches = assignment.micro_batches
         scale = world_size / assignment.num_pairs
         real_tokens = 0
-        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss on this rank
+        bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient here
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             batch = collate(assignment.pairs(train_data.pairs), mb, pad_token_id=tokenizer.pad_token_id,
                             packing=cfg.data.packing).to(device)  # fmt: skip
             policy.set_gradient_accumulation_boundary(last)
+            planted = faults.plant_nan_gradient(step, i, policy)
             out = _run_batch(cfg, policy, references["train"], batch, track_grad=True, alpha=alpha)
             out.losses = faults.plant_nan(step, i, out.losses)
             finite = torch.isfinite(out.losses).all()
@@ -347,11 +368,15 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                 finite, out.losses.sum(), torch.zeros((), device=device, dtype=out.losses.dtype)
             )
             policy.backward(loss * (scale * batch.weight))
+            if planted is not None:
+                planted.remove()
             if not last:
                 policy.step()
-            elif skip_step := dist.all_agree(
-                bool(bad), device=device
-            ):  # one collective decides for all ranks
+                continue
+            # A finite loss can still give a NaN/Inf gradient (bf16 overflow inside the graph): this rank's
+            # reduced gradient partition is checked too, in the same agreement.
+            bad |= ~engine.local_all_finite(policy, "grad", device)
+            if skip_step := dist.all_agree(bad, device=device):  # one collective decides for all ranks
                 engine.discard_gradients(policy)  # no update: optimizer, scheduler and step counters stay put
             else:
                 if step in cfg.train.dump_gradients_at:
@@ -361,29 +386,32 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
         acc.add("real_tokens", real_tokens)
-        acc.add("stop_requests", 1.0 if stop.received() else 0.0)  # rides in the one collective below
-        sums = dist.reduce_sums(acc.sums, device=device)  # the step's one collective and host sync
+        acc.add("stop_requests", 1.0 if stop.received() else 0.0)  # rides in the metrics collective below
+        # The same on every rank: summed over ranks here (no host sync of its own), divided back below.
+        norm = float("nan") if skip_step else _grad_norm(policy)
+        # The step's second collective (the first was the skip agreement) and second host sync.
+        sums = dist.reduce_sums({**acc.sums, "grad_norm": norm}, device=device)
         elapsed = time.perf_counter() - started
         metrics = acc.metrics(sums)
         stats = plan_stats(assignment.plan)
         if skip_step:
             nonfinite["skipped_total"] += 1
             nonfinite["consecutive"] += 1
-            logger.warning("step %d: non-finite loss on some rank; the update was skipped (%d in a row, %d in all)",
+            logger.warning("step %d: non-finite loss or gradient on some rank; the update was skipped (%d in a row, "
+                           "%d in all)",
                            step, nonfinite["consecutive"], nonfinite["skipped_total"])  # fmt: skip
         else:
             nonfinite["consecutive"] = 0
         metrics.update({
             "nonfinite/skipped_steps": nonfinite["skipped_total"],
-            "alpha": alpha, "grad_norm": float("nan") if skip_step else _grad_norm(policy), "lr": lr,
+            "alpha": alpha, "grad_norm": sums["grad_norm"] / world_size, "lr": lr,
             "tokens_per_second": sums["real_tokens"] / elapsed, "padding_fraction": stats.padding_fraction,
             "packing_fill": stats.fill,
         })  # fmt: skip
         if controller is not None and cfg.loss.alpha_update == "step":
             # identical inputs on every rank (globally reduced), so every rank computes the same next alpha
-            alpha = controller.update(metrics["entropy/chosen"])
-            metrics.update({"alpha/next": alpha, "alpha/entropy_smoothed": controller.smoothed,
-                            "alpha/target_entropy": cfg.loss.target_entropy})  # fmt: skip
+            controller.update(metrics["entropy/chosen"])
+            metrics.update(_controller_metrics(controller, cfg))
         monitors.record_train(step, metrics)
         run_logger.log_metrics(metrics, step=step)
         result.losses.append(metrics["loss"])
@@ -398,7 +426,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             save_checkpoint()
             run_logger.finish("FAILED")
             raise NonFiniteTrainingError(
-                f"{nonfinite['consecutive']} consecutive steps had a non-finite loss "
+                f"{nonfinite['consecutive']} consecutive steps had a non-finite loss or gradient "
                 f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped at step {step} with a good "
                 f"checkpoint in {checkpoint.checkpoint_root(cfg.output_dir)}"
             )
@@ -445,16 +473,18 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         run_logger.log_metrics({f"memory/{key}_max_over_ranks": max(m[key] for m in memory)}, step=step)
     result.steps = step
     run_logger.finish("FINISHED")
-    if dist.is_main_process():
+    info_path = os.path.join(cfg.output_dir, "run_info.json")
+    # A finished run started again trained nothing: its run_info.json (final loss, alerts) stays as it is.
+    if dist.is_main_process() and not (finished_before and os.path.exists(info_path)):
         write_json(
-            os.path.join(cfg.output_dir, "run_info.json"),
+            info_path,
             {"run_id": result.run_id, "tracking_uri": result.tracking_uri, "steps": step,
              "experiment": cfg.logging.experiment, "world_size": world_size,
              "attn_implementation": loaded.attn_implementation,
              "final_loss": result.losses[-1] if result.losses else None,
              "alerts": [a.to_json() for a in monitors.alerts], "stopped_by_alert": stopped_by_alert,
              "best_checkpoint": checkpoint.read_best(cfg.output_dir),
-             "final_alpha": alpha},
+             "final_alpha": controller.alpha if controller is not None else cfg.loss.alpha},
         )  # fmt: skip
     dist.barrier()
     return result
@@ -481,16 +511,25 @@ def _stop_after_checkpoint(cfg: Config, step: int, ranks: int, world_size: int, 
 class _Faults:
     """Documented fault injection for tests (docs/checkpoints.md), read from the environment:
     HDPO_FAULT_KILL_AT_STEP=s: rank 0 SIGKILLs its process group (launcher and ranks) as step s starts;
-    HDPO_FAULT_NAN_LOSS_AT_STEPS=a,b: rank 0 adds NaN to its first micro-batch's losses at those steps."""
+    HDPO_FAULT_NAN_LOSS_AT_STEPS=a,b: rank 0 adds NaN to its first micro-batch's losses at those steps;
+    HDPO_FAULT_NAN_GRAD_AT_STEPS=a,b: rank 0 makes one entry of the gradient flowing into its first
+    micro-batch's logits NaN at those steps (inside the graph: the loss stays finite)."""
 
-    def __init__(self, kill_at: int | None, nan_at: set[int]) -> None:
-        self.kill_at, self.nan_at = kill_at, nan_at
+    def __init__(self, kill_at: int | None, nan_at: set[int], nan_grad_at: set[int] = frozenset()) -> None:
+        self.kill_at, self.nan_at, self.nan_grad_at = kill_at, nan_at, nan_grad_at
 
     @classmethod
     def from_env(cls) -> _Faults:
         kill = os.environ.get("HDPO_FAULT_KILL_AT_STEP")
-        nan = os.environ.get("HDPO_FAULT_NAN_LOSS_AT_STEPS", "")
-        return cls(int(kill) if kill else None, {int(x) for x in nan.split(",") if x.strip()})
+
+        def steps(name: str) -> set[int]:
+            return {int(x) for x in os.environ.get(name, "").split(",") if x.strip()}
+
+        return cls(
+            int(kill) if kill else None,
+            steps("HDPO_FAULT_NAN_LOSS_AT_STEPS"),
+            steps("HDPO_FAULT_NAN_GRAD_AT_STEPS"),
+        )
 
     def maybe_kill(self, step: int) -> None:
         if self.kill_at == step and dist.is_main_process():
@@ -501,6 +540,23 @@ class _Faults:
         if step in self.nan_at and micro_batch == 0 and dist.is_main_process():
             return losses + float("nan")
         return losses
+
+    def plant_nan_gradient(self, step: int, micro_batch: int, policy):
+        """A forward hook on the output embedding whose output gets a gradient hook; returns its handle
+        (the caller removes it after the backward) or None."""
+        if not (step in self.nan_grad_at and micro_batch == 0 and dist.is_main_process()):
+            return None
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+            return grad
+
+        def on_forward(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(poison)
+
+        return policy.module.get_output_embeddings().register_forward_hook(on_forward)
 
 
 def resume_point(cfg: Config, world_size: int) -> tuple[str | None, dict | None]:
@@ -530,11 +586,10 @@ def resume_point(cfg: Config, world_size: int) -> tuple[str | None, dict | None]
     return folder, state
 
 
-def _grad_norm(policy) -> float:
+def _grad_norm(policy) -> torch.Tensor | float:
+    """The step's global gradient norm as DeepSpeed computed it (a tensor: read without a host sync)."""
     norm = policy.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if torch.is_tensor(norm) else norm)
+    return float("nan") if norm is None else norm
 
 
 def _dump_gradients(policy, output_dir: str, step: int) -> None:
@@ -572,6 +627,14 @@ def _evaluate(
                 _accumulate(acc, out)
     policy.train()
     return acc.metrics(dist.reduce_sums(acc.sums, device=device), prefix="eval/")
+
+
+def _controller_metrics(controller: AlphaController, cfg: Config) -> dict[str, float]:
+    return {
+        "alpha/next": controller.alpha,
+        "alpha/entropy_smoothed": controller.smoothed,
+        "alpha/target_entropy": cfg.loss.target_entropy,
+    }
 
 
 def _alpha_controller(cfg: Config) -> AlphaController | None:

@@ -106,10 +106,10 @@ def test_multi_turn_conversation_with_system_message(tok):
 def test_no_chat_template_is_a_clear_error_unless_one_is_given(tok, tmp_path):
     bare = make_tokenizer(chat_template=None)
     rec = PreferenceRecord("c", [USER], [HELLO], [HI], source="mem", index=0)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(DataError) as info:  # an input error (exit code 2), named by its config key
         run([rec], bare)
     assert str(info.value) == (
-        "the data holds conversations (lists of messages) but the tokenizer has no chat template; give one in "
+        "data.chat_template: the data holds conversations (lists of messages) but the tokenizer has no chat template; give one in "
         "data.chat_template (a Jinja template file)"
     )
     expected = list(run([rec], tok).pairs)

@@ -187,16 +187,20 @@ def tokenize_pairs(
         records = records.records
     _check_lengths(max_length, max_prompt_length, truncation, on_bad_record)
     if tokenizer.eos_token_id is None:
-        raise ValueError(
-            "the tokenizer has no EOS token: responses must end with one (set tokenizer.eos_token)"
+        raise DataError(
+            "the tokenizer has no EOS token: responses must end with one (set tokenizer.eos_token)",
+            source="model.tokenizer",
+            kind="no_eos_token",
         )
     template = None
     if any(r.format == "chat" for r in records):
         template = resolve_chat_template(tokenizer, chat_template)
         if template is None:
-            raise ValueError(
+            raise DataError(
                 "the data holds conversations (lists of messages) but the tokenizer has no chat template; "
-                "give one in data.chat_template (a Jinja template file)"
+                "give one in data.chat_template (a Jinja template file)",
+                source="data.chat_template",
+                kind="no_chat_template",
             )
     invalid = _validate_token_ids(records, len(tokenizer), on_bad_record)
 
