@@ -1,7 +1,8 @@
 """Metric names, the step accumulator, and the MLflow logger (rank 0) with its null twin.
 
 Per optimizer step the trainer adds per-pair and per-token sums into a `StepAccumulator` on the
-device, reduces them across ranks with one collective (`dist.reduce_sums`), and turns the global sums
+device, reduces them across ranks with one all-reduce (`dist.reduce_sums`: the step's second collective,
+after the non-finite agreement before the update), and turns the global sums
 into the metrics below (DESIGN.md §4-5). The same names, prefixed `eval/`, serve evaluations.
 """
 

@@ -6,12 +6,14 @@ policy forward -> token_stats -> per-sequence sums -> reference log-probs -> pre
 summed loss is scaled by world_size / global_pairs so that, after DeepSpeed averages gradients over
 ranks, the step's gradient is that of the mean over all pairs (DESIGN.md §5). The accumulation
 boundary is each rank's last micro-batch. Before the optimizer update one collective agrees whether
-any rank saw a non-finite loss (then every rank skips the update); after it, one all-reduce carries
-all of the step's metrics, and whether any rank got a stop signal (hdpo_ds/stop.py: then every rank
+any rank saw a non-finite loss or gradient partition (then every rank skips the update); after it, one
+all-reduce carries all of the step's metrics (the gradient norm too), and whether any rank got a stop
+signal (hdpo_ds/stop.py: then every rank
 checkpoints after that step and leaves with stop.EXIT_STOPPED). Checkpoints every `train.save_every`
 steps and at the end; resume from the latest complete one (hdpo_ds/checkpoint.py). Each evaluation
 feeds the over-optimisation detectors (hdpo_ds/monitors.py: alerts, an optional clean stop, the best
-checkpoint); with loss.alpha=auto each step's reduced entropy feeds the alpha controller.
+checkpoint); with loss.alpha=auto each step's (or each evaluation's) reduced entropy feeds the alpha
+controller, whose alpha the next step trains at.
 """
 
 from __future__ import annotations
