@@ -138,10 +138,6 @@ class PairSampler:
         self.epoch += 1
         self.offset = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.offset = 0
-
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of all pairs in ``epoch`` (same on every rank and every run)."""
         if self._perm_epoch != epoch:
