@@ -62,11 +62,16 @@ test-slow: $(STAMP) reproduce
 reproduce: $(STAMP)
 	$(PY) -m hdpo_ds.toy.reproduce --out outputs/toy --results docs/results.md --plot docs/img/toy-passk.png
 
+# Every command that produced a table in docs/benchmarks.md (its rows name their commands; some are
+# historical, with the commit that produced them).
 bench: $(STAMP)
 	$(PY) bench/token_stats_memory.py
+	$(PY) bench/token_stats_memory.py --kl --dtypes float32,bfloat16 --chunk-sizes 1024,512
 	$(PY) bench/packing.py
-	$(PY) bench/train_throughput.py
-	$(PY) bench/ref_modes.py
+	$(PY) bench/train_throughput.py --steps 16
+	$(PY) bench/ref_modes.py --steps 16 --hidden 128 --layers 4
+	$(PY) bench/ref_modes.py --steps 12
+	$(PY) bench/mlflow_logging.py
 	$(PY) bench/plan_rss.py
 
 lint: $(STAMP)

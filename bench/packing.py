@@ -17,6 +17,11 @@ three modes are interleaved (step k of each mode, then step k + 1 ...), so backg
 machine hits them alike. Real tokens are non-padding tokens. Usage:
 
     .venv/bin/python bench/packing.py [--pairs 256] [--pairs-per-step 64] [--threads 2]
+    .venv/bin/python bench/packing.py --plans-only     # the plan tables alone (fill, the L2 lower bound)
+
+It first prints two tables of plans only: the plan fill by step size and world size, and, on one rank,
+the planner's micro-batch count against Martello and Toth's L2 lower bound
+(hdpo_ds.data.packing.lower_bound_micro_batches) and best-fit decreasing.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from hdpo_ds.data import IGNORE_INDEX, MicroBatchPlan, TokenizedPair, collate, plan_stats, plan_step
+from hdpo_ds.data.packing import lower_bound_micro_batches
 
 PER_SEQUENCE = "per_sequence_sdpa"
 
@@ -123,6 +129,41 @@ def fill_table(args) -> None:
             )
 
 
+def best_fit_decreasing(sizes: list[int], budget: int) -> int:
+    """Micro-batches that classic best-fit decreasing needs (bench-local, independent of the planner)."""
+    free: list[int] = []
+    for size in sorted(sizes, reverse=True):
+        fitting = [b for b, room in enumerate(free) if room >= size]
+        if fitting:
+            b = min(fitting, key=lambda b: free[b])
+            free[b] -= size
+        else:
+            free.append(budget - size)
+    return len(free)
+
+
+def bound_table(args) -> None:
+    """One rank: the planner's micro-batches against Martello and Toth's L2 lower bound and best-fit
+    decreasing, on --bound-steps random steps of 64 to 256 lognormal pairs."""
+    rng = np.random.default_rng(args.seed + 2)
+    print(f"## packed micro-batches on one rank against the L2 lower bound, budget {args.budget}")
+    print("| pairs | sum / budget (L1) | L2 lower bound | planner | best-fit decreasing | planner - L2 |")
+    print("|---|---|---|---|---|---|")
+    gaps, over_bfd = [], 0
+    for pairs in np.linspace(64, 256, args.bound_steps).astype(int):
+        counts = lognormal_lengths(int(pairs), args.max_length, rng)
+        lengths = counts[:, :1] + counts[:, 1:]
+        sizes = [int(x) for x in lengths.sum(axis=1)]
+        plan = plan_step(lengths, world_size=1, max_tokens_per_micro_batch=args.budget)
+        used, bound = len(plan.ranks[0]), lower_bound_micro_batches(sizes, args.budget)
+        bfd = best_fit_decreasing(sizes, args.budget)
+        gaps.append(used - bound)
+        over_bfd += used > bfd
+        print(f"| {pairs} | {-(-sum(sizes) // args.budget)} | {bound} | {used} | {bfd} | {used - bound} |")
+    summary = f"# planner - L2: {min(gaps)} to {max(gaps)} micro-batches; steps where the planner needs more"
+    print(f"{summary} than best-fit decreasing: {over_bfd} of {len(gaps)}")
+
+
 def arrival_order_plan(lengths: np.ndarray, budget: int) -> list[MicroBatchPlan]:
     """Padded micro-batches in sampling order: add pairs while 2 × pairs × longest fits the budget."""
     mbs, current, width = [], [], 0
@@ -210,11 +251,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fill-steps", type=int, default=20, help="random steps per row of the fill table")
+    parser.add_argument("--bound-steps", type=int, default=15, help="steps of the lower-bound table")
+    parser.add_argument("--plans-only", action="store_true", help="only the plan tables: no model, no timing")
     args = parser.parse_args()
     args.budget = args.budget or 2 * args.max_length
     torch.set_num_threads(args.threads)
     load_before = _load_average()
     fill_table(args)
+    bound_table(args)
+    if args.plans_only:
+        return
 
     pairs = lognormal_pairs(args.pairs, args.vocab, args.max_length, args.seed)
     lengths = np.array([[p.chosen_length, p.rejected_length] for p in pairs])

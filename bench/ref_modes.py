@@ -6,7 +6,10 @@ online (a reference engine forwards every micro-batch), then `reference.mode=aut
 cache (its precompute time is reported apart), then cached. Tokens/s comes from the runs' MLflow
 metrics (median after step 1); peak memory is the largest peak RSS over the ranks.
 
-    .venv/bin/python bench/ref_modes.py [--steps 12] [--hidden 256] [--layers 4]
+    .venv/bin/python bench/ref_modes.py [--steps 12] [--hidden 256] [--layers 4] [--attn auto|sdpa|...]
+
+--attn sets model.attn_implementation of all three runs (default auto: sdpa_packed on CPU, packed rows);
+`--hidden 128 --layers 4` is the demo model's shape.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def run(name: str, overrides: list[str], args, workdir: str) -> dict:
     memory = client.get_metric_history(info["run_id"], "memory/peak_host_rss_mib_max_over_ranks")
     return {
         "name": name,
+        "attention": info["attn_implementation"],
         "tokens_per_second": statistics.median(v for s, v in speed.items() if s >= 2),
         "peak_rss_mib": memory[-1].value,
         "wall_s": wall,
@@ -74,22 +78,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=256, help="model width (the demo model has 128)")
     parser.add_argument("--layers", type=int, default=4)
+    attn = ["auto", "sdpa", "sdpa_packed", "eager"]
+    parser.add_argument("--attn", default="auto", choices=attn, help="model.attn_implementation of every run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         model = [f"model.name_or_path={model_dir(workdir, args.hidden, args.layers)}"]
+        model.append(f"model.attn_implementation={args.attn}")
         online = run("online", ["reference.mode=online", *model], args, workdir)
         build = run("auto-build", ["reference.mode=auto", *model], args, workdir)
         cached = run("cached", ["reference.mode=cached", *model], args, workdir)
     print(
         f"\n2 ranks, ZeRO-3, CPU, demo data, Llama hidden {args.hidden} x {args.layers} layers, {args.steps} steps, "
-        "median tokens/s after step 1\n"
+        f"attention {args.attn}, median tokens/s after step 1\n"
     )
     print(
-        "| reference | real tokens/s | vs online | peak RSS per rank (max, MiB) | wall s (incl. start-up) |"
+        "| reference | attention | real tokens/s | vs online | peak RSS per rank (max, MiB) | wall s (incl. start-up) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in (online, build, cached):
-        print(f"| {r['name']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
+        print(f"| {r['name']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
               f"| {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |")  # fmt: skip
 
 

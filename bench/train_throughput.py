@@ -4,7 +4,10 @@ Each variant is one `deepspeed --num_accelerators 2 launch/train.py` run (2 rank
 reference) on the demo data; tokens/s is read back from the run's MLflow metrics (real tokens, fillers
 and padding excluded, both ranks together), as the median over the steps after the first two.
 
-    .venv/bin/python bench/train_throughput.py [--steps 12] [--ranks 2]
+    .venv/bin/python bench/train_throughput.py [--steps 12] [--ranks 2] [--attn auto|sdpa|sdpa_packed|eager]
+
+--attn sets model.attn_implementation of the packed run (default auto: sdpa_packed on CPU); the padded run
+always uses auto (plain sdpa for padded rows).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def run(variant: str, overrides: list[str], args, workdir: str) -> dict:
     steady = [history[s] for s in sorted(history) if s >= 2]
     return {
         "variant": variant,
+        "attention": info["attn_implementation"],
         "tokens_per_second": statistics.median(steady),
         "padding_fraction": statistics.mean(padding.values()),
     }
@@ -51,16 +55,26 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--ranks", type=int, default=2)
+    attn = ["auto", "sdpa", "sdpa_packed", "eager"]
+    parser.add_argument(
+        "--attn", default="auto", choices=attn, help="attention of the packed run (model.attn_implementation)"
+    )
     args = parser.parse_args()
-    variants = {"packed": ["data.packing=true"], "padded": ["data.packing=false"]}
+    variants = {
+        "packed": ["data.packing=true", f"model.attn_implementation={args.attn}"],
+        "padded": ["data.packing=false"],
+    }
     with tempfile.TemporaryDirectory() as workdir:
         rows = [run(name, overrides, args, workdir) for name, overrides in variants.items()]
     base = rows[1]["tokens_per_second"]
-    print(f"\n{args.ranks} ranks, ZeRO-3, CPU, online reference, {args.steps} steps, median after step 1\n")
-    print("| variant | real tokens/s | unused budget / padding | vs padded |")
-    print("|---|---|---|---|")
+    print(
+        f"\n{args.ranks} ranks, ZeRO-3, CPU, online reference, {args.steps} steps, median after step 1, "
+        f"packed attention {args.attn}\n"
+    )
+    print("| variant | attention | real tokens/s | unused budget / padding | vs padded |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['tokens_per_second']:.0f} | {r['padding_fraction']:.3f} "
+        print(f"| {r['variant']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['padding_fraction']:.3f} "
               f"| {r['tokens_per_second'] / base:.2f}x |")  # fmt: skip
 
 

@@ -248,6 +248,9 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             valid = ", ".join(sorted(names))
             raise ConfigError(f"{key}: unknown key (valid keys here: {valid})")
         current = getattr(obj, name)
+        if isinstance(value, _OverrideText):
+            # a string key takes the override's text as typed: YAML would read `1:3` as the number 63
+            value = value.text if _takes_text(hints[name]) else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")
@@ -256,11 +259,25 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, name, _coerce(key, value, hints[name]))
 
 
+def _takes_text(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    return annotation is str
+
+
+@dataclass
+class _OverrideText:
+    """A command-line value: its text, and what YAML makes of it (for keys that are not strings)."""
+
+    text: str
+    parsed: Any
+
+
 def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected dotted.key=value")
     dotted, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = _OverrideText(raw, yaml.safe_load(raw) if raw != "" else "")
     nested: dict = {}
     node = nested
     parts = dotted.strip().split(".")

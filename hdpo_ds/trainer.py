@@ -295,13 +295,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                         desc="H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)  # fmt: skip
 
     def save_checkpoint() -> None:
-        # Agreed on every rank before anything is written: a checkpoint never holds non-finite weights.
-        if dist.all_agree(~engine.local_all_finite(policy, "weight", device), device=device):
-            run_logger.finish("FAILED")
-            raise NonFiniteTrainingError(
-                f"the weights at step {step} are not finite on some rank; no checkpoint was written (the last "
-                f"good one is in {checkpoint.checkpoint_root(cfg.output_dir)})"
-            )
+        refuse_nonfinite_weights(policy, device, step, cfg.output_dir, run_logger)
         state = {"step": step, "sampler": sampler.state_dict(), "mlflow_run_id": run_logger.run_id,
                  "config": to_dict(cfg), "world_size": world_size, "dtype": str(dtype).removeprefix("torch."),
                  "nonfinite": dict(nonfinite), "monitors": monitors.state_dict(),
@@ -493,7 +487,19 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
 
 
 class NonFiniteTrainingError(RuntimeError):
-    """Too many consecutive non-finite steps; a good checkpoint was written before stopping."""
+    """Too many consecutive non-finite steps (a good checkpoint was written before stopping), or weights
+    that are not finite (then no checkpoint is written)."""
+
+
+def refuse_nonfinite_weights(policy, device, step: int, output_dir: str, run_logger) -> None:
+    """Before any checkpoint: every rank checks its weight partition and all agree, so a checkpoint never
+    holds non-finite weights and no rank is left waiting in the save's collectives."""
+    if dist.all_agree(~engine.local_all_finite(policy, "weight", device), device=device):
+        run_logger.finish("FAILED")
+        raise NonFiniteTrainingError(
+            f"the weights at step {step} are not finite on some rank; no checkpoint was written (the last "
+            f"good one is in {checkpoint.checkpoint_root(output_dir)})"
+        )
 
 
 def _stop_after_checkpoint(cfg: Config, step: int, ranks: int, world_size: int, run_logger) -> None:

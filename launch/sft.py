@@ -5,6 +5,9 @@ python launch/sft.py --ds ds_configs/zero3.json --config ...      # one process,
 
 Records: `prompt` (text or role/content messages) and `completion`; `train.pairs_per_step` is the number
 of sequences per optimizer step. The final model goes to <output_dir>/hf.
+
+SIGUSR1 or SIGTERM: every rank finishes the current step, writes a checkpoint, and the process exits
+with 75 (hdpo_ds.stop.EXIT_STOPPED); the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hdpo_ds import stop
 
 
 def sft(cfg, ds_path: str, rank: int) -> None:
@@ -33,4 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # As in launch/train.py: the handlers go in before the heavy imports, so a stop signal during start-up
+    # stops the run after its first step instead of killing it.
+    stop.install()
     sys.exit(main())

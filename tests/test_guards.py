@@ -173,8 +173,14 @@ def test_a_missing_chat_template_file_names_the_key(tmp_path):
 def _save_tiny(path, both_formats: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(path)
     if both_formats:  # a hub snapshot with a pickled copy beside the safetensors one
@@ -231,9 +237,16 @@ def test_disable_dropout_makes_train_mode_compute_eval_mode():
 
     from hdpo_ds.models import disable_dropout
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.5,
-                         attn_implementation="eager")  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_dropout=0.5,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -258,3 +271,18 @@ def test_rebuild_stale_with_a_cached_reference_is_refused_at_start():
         ConfigError, match=r"^reference.rebuild_stale: has no effect with reference.mode=cached"
     ):
         _check_before_engines(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.rows=1:3", "1:3"),
+        ("data.eval_rows=-1:", "-1:"),
+        ("reference.mode=auto", "auto"),
+        ("logging.run_name=on", "on"),
+    ],
+)
+def test_a_string_key_takes_the_override_as_typed(override, expected):
+    """YAML 1.1 reads 1:3 as the base-60 number 63 and -1: as a mapping; a string key keeps the text."""
+    key = override.split("=")[0]
+    assert flatten(to_dict(load_config(None, [*BASE, override])))[key] == expected

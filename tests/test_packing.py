@@ -19,6 +19,7 @@ from hdpo_ds.data.packing import (
     MicroBatchPlan,
     _best_fit_decreasing,
     collate,
+    lower_bound_micro_batches,
     plan_stats,
     plan_step,
 )
@@ -186,6 +187,53 @@ def test_fill_on_long_tailed_data_beats_padding(world_size, capsys):
     assert packed.padding_fraction == 0.0
     assert padded.fill < 0.75
     assert packed.rank_imbalance < 1.01  # ranks get equal tokens, not equal pair counts
+
+
+def _fewest_bins(sizes: list[int], budget: int) -> int:
+    """The optimum, by exhaustive search (small instances only)."""
+    order = sorted(sizes, reverse=True)
+
+    def fits(bins: list[int], i: int) -> bool:
+        if i == len(order):
+            return True
+        tried = set()
+        for b, load in enumerate(bins):
+            if load + order[i] <= budget and load not in tried:
+                tried.add(load)
+                bins[b] += order[i]
+                if fits(bins, i + 1):
+                    return True
+                bins[b] -= order[i]
+        return False
+
+    return next(n for n in range(1, len(order) + 1) if fits([0] * n, 0))
+
+
+def test_lower_bound_worked_examples():
+    # three 7s need a micro-batch each (7 + 4 > 10), the three 4s two more: 5, while sum / budget gives 4
+    assert lower_bound_micro_batches([7, 7, 7, 4, 4, 4], 10) == 5 == _fewest_bins([7, 7, 7, 4, 4, 4], 10)
+    assert lower_bound_micro_batches([6, 6, 6], 10) == 3  # no two fit together; sum / budget gives 2
+    assert lower_bound_micro_batches([5, 5, 5, 5], 10) == 2
+    assert lower_bound_micro_batches([10, 1], 10) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=7), st.integers(20, 30))
+def test_lower_bound_never_exceeds_the_optimum(sizes, budget):
+    bound = lower_bound_micro_batches(sizes, budget)
+    assert math.ceil(sum(sizes) / budget) <= bound <= _fewest_bins(sizes, budget)
+
+
+def test_packer_within_two_of_the_lower_bound_and_never_above_best_fit_decreasing():
+    """One rank, 15 long-tailed steps of 64-256 pairs (the claim in docs/benchmarks.md)."""
+    for i, n in enumerate(np.linspace(64, 256, 15).astype(int)):
+        lengths = lognormal_lengths(int(n), seed=100 + i)
+        sizes = [int(x) for x in lengths.sum(axis=1)]
+        used = len(plan_step(lengths, world_size=1, max_tokens_per_micro_batch=BUDGET).ranks[0])
+        order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))
+        bfd = len(_best_fit_decreasing(order, sizes, BUDGET))
+        bound = lower_bound_micro_batches(sizes, BUDGET)
+        assert bound <= used <= min(bfd, bound + 2), (n, bound, used, bfd)
 
 
 def test_equal_micro_batch_counts_where_a_naive_split_differs():

@@ -40,7 +40,14 @@ def _missing_packages() -> list[str]:
     return [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b, path=path) is None]
 
 
+# CI sets it (.ci/run): there a cluster that cannot be set up fails the Slurm tests instead of skipping them.
+REQUIRE_SLURM = "HDPO_REQUIRE_SLURM"
+
+
 def _skip(reason: str) -> None:
+    """No cluster here: skip with the reason printed, or fail where HDPO_REQUIRE_SLURM=1 (CI)."""
+    if os.environ.get(REQUIRE_SLURM) == "1":
+        pytest.fail(f"{REQUIRE_SLURM}=1 and the Slurm tests cannot run: {reason}", pytrace=False)
     print(f"\nSKIP test_slurm: {reason}", file=sys.stderr)
     pytest.skip(reason)
 
@@ -307,6 +314,32 @@ def test_fill_slurm_env_leaves_the_batch_shell_alone_and_needs_a_master(monkeypa
     monkeypatch.setattr(os, "environ", {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"})
     assert dist.fill_slurm_env()  # a world of one needs no master: it fills its own
     assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+
+
+def _outcome(reason: str) -> tuple[str, str]:
+    try:
+        _skip(reason)
+    except pytest.skip.Exception as e:
+        return "skipped", str(e)
+    except pytest.fail.Exception as e:
+        return "failed", str(e)
+    return "ran", ""
+
+
+def test_a_missing_cluster_fails_where_ci_requires_slurm(monkeypatch):
+    monkeypatch.delenv(REQUIRE_SLURM, raising=False)
+    assert _outcome("not root") == ("skipped", "not root")  # a developer's machine
+    monkeypatch.setenv(REQUIRE_SLURM, "0")
+    assert _outcome("not root") == ("skipped", "not root")
+    monkeypatch.setenv(REQUIRE_SLURM, "1")  # what .ci/run exports
+    assert _outcome("not root") == ("failed", "HDPO_REQUIRE_SLURM=1 and the Slurm tests cannot run: not root")
+
+
+def test_ci_requires_slurm():
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        lines = [line.strip() for line in f]
+    assert f"export {REQUIRE_SLURM}=1" in lines
+    assert lines.index(f"export {REQUIRE_SLURM}=1") < lines.index("make test")
 
 
 def test_stop_signals_only_set_a_flag():

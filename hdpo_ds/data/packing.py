@@ -243,6 +243,23 @@ def _plan_items(sizes: list[int], longest: list[int], seqs_per_item: int, world_
     return StepPlan(tuple(ranks), budget, packing, n)
 
 
+def lower_bound_micro_batches(sizes: Sequence[int] | np.ndarray, budget: int) -> int:
+    """Martello and Toth's L2 lower bound on the micro-batches of `budget` tokens that packed items of
+    `sizes` (each <= budget) need on one rank: no packing does with fewer (bench/packing.py compares the
+    planner with it). L2 = max over K in {0} and the sizes <= budget / 2 of
+    |{s > budget - K}| + |{budget - K >= s > budget / 2}| + max(0, ceil((sum of {budget / 2 >= s >= K}
+    - the room left beside the second set, one micro-batch each) / budget))."""
+    items = [int(x) for x in sizes]
+    best = 0
+    for k in sorted({0, *(x for x in items if 2 * x <= budget)}):
+        alone = sum(x > budget - k for x in items)
+        large = [x for x in items if 2 * x > budget and x <= budget - k]
+        small = sum(x for x in items if 2 * x <= budget and x >= k)
+        spill = small - (len(large) * budget - sum(large))
+        best = max(best, alone + len(large) + max(0, -(-spill // budget)))
+    return best
+
+
 def plan_stats(plan: StepPlan) -> PlanStats:
     """Fill, padding and balance of a plan (see :class:`PlanStats`)."""
     mbs = [mb for rank in plan.ranks for mb in rank]

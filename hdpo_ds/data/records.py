@@ -168,6 +168,41 @@ def parse_rows(rows: str | slice | None) -> slice | None:
     return slice(start, stop)
 
 
+@dataclasses.dataclass
+class RawTable:
+    """What :func:`read_table` returns: ``rows`` (source, index within the source, raw row) after the row
+    slice, not yet validated; ``fingerprint`` and ``sources`` as in :class:`LoadResult`."""
+
+    rows: list[tuple[str, int, Any]]
+    fingerprint: str
+    sources: list[str]
+
+
+def read_table(
+    files: Sequence[str] | str, *, split: str | None = None, rows: str | slice | None = None
+) -> RawTable:
+    """Read and concatenate the rows of every source, then apply the row slice (``split`` and ``rows`` as in
+    :func:`load_records`, which validates them as preference pairs; SFT reads its records through this too)."""
+    specs = [files] if isinstance(files, str | os.PathLike) else list(files)
+    if not specs:
+        raise ValueError("no data files given")
+    row_slice = parse_rows(rows)
+
+    fp = hashlib.sha256()
+    fp.update(RECORDS_FORMAT_VERSION.encode())
+    fp.update(json.dumps({"split": split, "rows": _slice_repr(row_slice)}, sort_keys=True).encode())
+    table: list[tuple[str, int, Any]] = []  # (source, index within source, raw row)
+    sources: list[str] = []
+    for spec in specs:
+        for source, source_rows, source_fp in _read_spec(str(spec), split):
+            sources.append(source)
+            fp.update(source_fp.encode())
+            table.extend((source, i, row) for i, row in enumerate(source_rows))
+    if row_slice is not None:
+        table = table[row_slice]
+    return RawTable(table, fp.hexdigest(), sources)
+
+
 def load_records(
     files: Sequence[str] | str,
     *,
@@ -188,23 +223,8 @@ def load_records(
         raise ValueError(
             f"data.on_bad_record must be one of {', '.join(ON_BAD_RECORD)}; got {on_bad_record!r}"
         )
-    specs = [files] if isinstance(files, str | os.PathLike) else list(files)
-    if not specs:
-        raise ValueError("no data files given")
-    row_slice = parse_rows(rows)
-
-    fp = hashlib.sha256()
-    fp.update(RECORDS_FORMAT_VERSION.encode())
-    fp.update(json.dumps({"split": split, "rows": _slice_repr(row_slice)}, sort_keys=True).encode())
-    table: list[tuple[str, int, Any]] = []  # (source, index within source, raw row)
-    sources: list[str] = []
-    for spec in specs:
-        for source, source_rows, source_fp in _read_spec(str(spec), split):
-            sources.append(source)
-            fp.update(source_fp.encode())
-            table.extend((source, i, row) for i, row in enumerate(source_rows))
-    if row_slice is not None:
-        table = table[row_slice]
+    raw = read_table(files, split=split, rows=rows)
+    table, sources = raw.rows, raw.sources
 
     records: list[PreferenceRecord] = []
     skipped: collections.Counter[str] = collections.Counter()
@@ -236,7 +256,7 @@ def load_records(
     logger.info(
         "loaded %d preference pairs from %d row(s) in %d source(s)", len(records), len(table), len(sources)
     )
-    return LoadResult(records, skipped, fp.hexdigest(), len(table), sources)
+    return LoadResult(records, skipped, raw.fingerprint, len(table), sources)
 
 
 def normalise_record(row: Any, *, source: str = "<records>", index: int = 0) -> PreferenceRecord | None:

@@ -230,26 +230,14 @@ def tokenize_pairs(
         num_proc,
     )
 
-    if cache_dir is None:
-        table, from_cache, path = build(None), False, None
-    else:
-        path = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), f"tokenized-{fingerprint[:40]}")
-        built_here = False
-        if is_main_process and not _cache_complete(path):
-            _write_cache(path, build, fingerprint)
-            built_here = True
-        if barrier is not None:
-            barrier()  # the other ranks wait here until the main process has written the cache
-        if _cache_complete(path):
-            table, from_cache = _read_cache(path), not built_here
-        elif barrier is None and not is_main_process:
-            logger.warning("no barrier given and no cache at %s yet: tokenizing in memory on this rank", path)
-            table, from_cache, path = build(None), False, None
-        else:
-            raise RuntimeError(
-                f"the main process did not leave a tokenization cache at {path}; is cache_dir on a filesystem "
-                "shared by the ranks that wait on it?"
-            )
+    table, from_cache, path = cached_table(
+        build,
+        cache_dir,
+        f"tokenized-{fingerprint[:40]}",
+        fingerprint,
+        is_main_process=is_main_process,
+        barrier=barrier,
+    )
 
     pairs, stats = _summarise(table)
     for key in (
@@ -265,6 +253,51 @@ def tokenize_pairs(
         if stats[key]:
             logger.info("tokenization: %d %s", stats[key], key.replace("_", " "))
     return TokenizeResult(pairs, stats, fingerprint, from_cache, path)
+
+
+def cached_table(
+    build: Callable[[str | None], Any],
+    cache_dir: str | None,
+    name: str,
+    fingerprint: str,
+    *,
+    is_main_process: bool = True,
+    barrier: Callable[[], None] | None = None,
+) -> tuple[Any, bool, str | None]:
+    """The Arrow table `build(cache_file)` makes, cached at `cache_dir/name` (written atomically by the main
+    process, read back by later runs and by the other ranks after `barrier`). Returns (table, from_cache,
+    cache path); without `cache_dir`, `build(None)` in memory. Shared by the preference and SFT tokenizers."""
+    if cache_dir is None:
+        return build(None), False, None
+    path = os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), name)
+    built_here = False
+    if is_main_process and not _cache_complete(path):
+        _write_cache(path, build, fingerprint)
+        built_here = True
+    if barrier is not None:
+        barrier()  # the other ranks wait here until the main process has written the cache
+    if _cache_complete(path):
+        return _read_cache(path), not built_here, path
+    if barrier is None and not is_main_process:
+        logger.warning("no barrier given and no cache at %s yet: tokenizing in memory on this rank", path)
+        return build(None), False, None
+    raise RuntimeError(
+        f"the main process did not leave a tokenization cache at {path}; is cache_dir on a filesystem "
+        "shared by the ranks that wait on it?"
+    )
+
+
+def truncate_prompt(
+    prompt: list[int], max_prompt_length: int, truncation: str, prefix: list[int]
+) -> list[int]:
+    """An over-long prompt cut to `max_prompt_length`: keep_start keeps its start; keep_end its end and its
+    leading special `prefix` (BOS). Shared by the preference and SFT tokenizers."""
+    if truncation == "keep_start":
+        return prompt[:max_prompt_length]
+    # Keep the leading BOS: models lean on it, and it carries no content worth truncating.
+    head = prefix if prefix and prompt[: len(prefix)] == prefix else []
+    head = head if len(head) < max_prompt_length else []
+    return head + prompt[len(prompt) - (max_prompt_length - len(head)) :]
 
 
 def resolve_chat_template(tokenizer: Any, chat_template: str | None = None) -> str | None:
@@ -450,7 +483,7 @@ class _Tokenize:
         self.truncation = truncation
         self.on_bad_record = on_bad_record
         self.eos = tokenizer.eos_token_id
-        self.prefix = _special_prefix(tokenizer)
+        self.prefix = special_prefix(tokenizer)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["id"])
@@ -581,13 +614,7 @@ class _Tokenize:
             return p, c, r, flags, "dropped_overlength"
         if len(p) > max_prompt:
             flags |= TRUNCATED_PROMPT
-            if self.truncation == "keep_start":
-                p = p[:max_prompt]
-            else:
-                # Keep the leading BOS: models lean on it, and it carries no content worth truncating.
-                head = self.prefix if self.prefix and p[: len(self.prefix)] == self.prefix else []
-                head = head if len(head) < max_prompt else []
-                p = head + p[len(p) - (max_prompt - len(head)) :]
+            p = truncate_prompt(p, max_prompt, self.truncation, self.prefix)
         room = max_len - len(p)
         if len(c) > room:
             flags |= TRUNCATED_CHOSEN | (LOST_EOS_CHOSEN if c[-1] == self.eos else 0)
@@ -605,7 +632,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: str | None
     tokenizer's special prefix + its tokens; a conversation is rendered with the chat template and
     add_generation_prompt=True. Sampling (hdpo_ds/evaluate.py) and SFT (hdpo_ds/sft.py) start from these."""
     if isinstance(prompt, str):
-        return _special_prefix(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return special_prefix(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     template = resolve_chat_template(tokenizer, chat_template)
     text = tokenizer.apply_chat_template(
         prompt, tokenize=False, add_generation_prompt=True, chat_template=template
@@ -613,7 +640,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: str | None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts in front of a text (BOS for Llama-style tokenizers)."""
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
