@@ -28,6 +28,7 @@ __all__ = [
     "attention_features",
     "check_attention",
     "check_model_source",
+    "config_for_saving",
     "load_model",
     "load_model_config",
     "load_tokenizer",
@@ -301,6 +302,18 @@ def select_attention(
     return requested
 
 
+_SAVED_CONFIG_VALUES = "_hdpo_saved_config_values"
+
+
+def config_for_saving(model: torch.nn.Module):
+    """A copy of `model.config` with the values load_model changed for training put back (use_cache),
+    for the checkpoints' hf_config and the Hugging Face export."""
+    config = copy.deepcopy(model.config)
+    for key, value in getattr(model, _SAVED_CONFIG_VALUES, {}).items():
+        setattr(config, key, value)
+    return config
+
+
 def _is_local(path: str) -> bool:
     return os.path.exists(path)
 
@@ -374,6 +387,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
     # Again on the built modules: remote-code models show their sinks only here.
     check_attention(attn, attention_features(model.config, packing=packing, model=model), source, device_type)
+    # Generation wants the KV cache; training never does. Saved configs get the model's own value back.
+    setattr(model, _SAVED_CONFIG_VALUES, {"use_cache": getattr(model.config, "use_cache", True)})
     model.config.use_cache = False
     if for_training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
