@@ -145,7 +145,7 @@ def dry_run(
     policy_ds = engine.fill_ds_config(ds_config, cfg, world_size=world_size, device_type=device_type,
                                       hidden_size=shape.hidden_size)  # fmt: skip
     engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
-                          hidden_size=shape.hidden_size, training=False)  # fmt: skip
+                          hidden_size=shape.hidden_size, training=False, dtype=dtype)  # fmt: skip
     ok(f"ds_configs filled for {world_size} ranks ({str(dtype).removeprefix('torch.')}, ZeRO stage "
        f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})")  # fmt: skip
 
