@@ -207,3 +207,32 @@ def test_a_feature_the_config_check_missed_is_refused_at_the_first_forward():
         ValueError, match=r"sdpa_packed attention was called with \['softcap'\] by Gemma2Attention"
     ):
         model(input_ids=ids, position_ids=ids, use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["falcon", "opt"])
+def test_architectures_that_mix_packed_sequences_refuse_packing(batch, family):
+    """transformers 5.23's Falcon and OPT keep packed sequences apart under no attention implementation
+    (their masks and positions ignore the restarts of position_ids): data.packing=true is refused for
+    every implementation, padded rows are not."""
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    from hdpo_ds.models import select_attention
+
+    pairs, mb = batch
+    if family == "falcon":
+        config = tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    else:
+        config = tf.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64
+        )
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    assert np.abs(_batch_sums(eager, pairs, mb, packing=True) - _alone(eager, pairs))[1:].min() > 1e-3
+    np.testing.assert_allclose(
+        _batch_sums(eager, pairs, mb, packing=False), _alone(eager, pairs), rtol=1e-5, atol=1e-5
+    )
+    for attn in ("auto", "eager", "sdpa", "sdpa_packed", "eager_packed"):
+        with pytest.raises(ConfigError, match=rf"data.packing=true \(transformers' {family} mixes"):
+            select_attention(attn, "cpu", config, packing=True)
+    assert select_attention("auto", "cpu", config, packing=False) == "sdpa"
