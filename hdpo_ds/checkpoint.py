@@ -37,6 +37,7 @@ import torch
 
 from hdpo_ds import dist
 from hdpo_ds.atomic import fsync_dir, write_json
+from hdpo_ds.models import config_for_saving
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def save(
     _save_torch_atomically(_rng_state(), os.path.join(folder, f"rng_rank{dist.rank()}.pt"))
     if dist.is_main_process():
         write_json(os.path.join(folder, CLIENT_STATE), client_state)
-        engine.module.config.save_pretrained(os.path.join(folder, "hf_config"))
+        config_for_saving(engine.module).save_pretrained(os.path.join(folder, "hf_config"))
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(folder, "hf_config"))
     dist.barrier()  # every rank's files are written
@@ -340,30 +341,67 @@ def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf for name, buf in module.named_buffers() if name in keys}
 
 
+def _raise_together(problem: str | None, what: str, device, cause: BaseException | None = None) -> None:
+    """Collective: every rank learns whether any rank has a problem, and then all raise CheckpointError
+    (rank by rank messages), so that no rank goes on into a collective the others never join."""
+    if not dist.all_agree(problem is not None, device=device):
+        return
+    problems = dist.gather_objects(problem)
+    ranks: dict[str, list[int]] = {}
+    for r, p in enumerate(problems):
+        if p is not None:
+            ranks.setdefault(p, []).append(r)
+    detail = "; ".join(f"rank {', '.join(map(str, rs))}: {p}" for p, rs in ranks.items())
+    raise CheckpointError(f"{what} failed ({detail}); every rank stops here") from cause
+
+
+def _attempt(fn, *args) -> tuple[str | None, BaseException | None]:
+    """Run `fn(*args)` (this rank's own work between collectives); its failure as (message, exception)."""
+    try:
+        fn(*args)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}", e
+    return None, None
+
+
 def export_hf(engine, tokenizer, out_dir: str, *, max_shard_bytes: int = 2 * 2**30) -> None:
     """Gather the model's weights parameter by parameter (collective) and let rank 0 write them as
-    safetensors shards with the config, generation config and tokenizer; never the whole model at once."""
+    safetensors shards with the config, generation config and tokenizer; never the whole model at once.
+
+    Every check that can fail is agreed before the next collective (one all-reduce per parameter): a
+    failure on any rank (rank 0's writes, a non-finite parameter, seen by every rank on the gathered
+    tensor) raises CheckpointError on all ranks together."""
     import deepspeed
 
     module = engine.module
-    writer = _ShardWriter(out_dir, max_shard_bytes) if dist.is_main_process() else None
-    if dist.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
+    device = getattr(engine, "device", "cpu")
+    what = f"export to {out_dir}"
+    main = dist.is_main_process()
+    writer = _ShardWriter(out_dir, max_shard_bytes) if main else None
+    problem, cause = _attempt(os.makedirs, out_dir, 0o777, True) if main else (None, None)
+    _raise_together(problem, what, device, cause)
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if writer is not None:
-                if not torch.isfinite(param.data).all():
-                    raise CheckpointError(f"refusing to export a non-finite parameter {name}")
-                writer.add(name, param.data.detach().to("cpu", copy=True).contiguous())
-    if writer is not None:
+            problem, cause = None, None
+            if not torch.isfinite(param.data).all():
+                problem = f"refusing to export a non-finite parameter {name}"
+            elif writer is not None:
+                problem, cause = _attempt(
+                    writer.add, name, param.data.detach().to("cpu", copy=True).contiguous()
+                )
+        _raise_together(problem, what, device, cause)
+
+    def finish() -> None:
         for name, buf in _persistent_buffers(module).items():
             writer.add(name, buf.detach().to("cpu", copy=True).contiguous())
         writer.finish()
-        module.config.save_pretrained(out_dir)
+        config_for_saving(module).save_pretrained(out_dir)
         if getattr(module, "generation_config", None) is not None:
             module.generation_config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    dist.barrier()
+
+    problem, cause = _attempt(finish) if main else (None, None)
+    _raise_together(problem, what, device, cause)  # also the barrier: rank 0's files are written
 
 
 def export_hf_from_checkpoint(folder: str, out_dir: str, *, max_shard_bytes: int = 2 * 2**30) -> None:

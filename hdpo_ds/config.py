@@ -37,7 +37,9 @@ class ModelConfig:
     tokenizer: str = ""  # default: name_or_path
     from_scratch: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: follows the ds_config
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_packed", "sdpa", "eager"] = "auto"
+    attn_implementation: Literal[
+        "auto", "flash_attention_2", "sdpa_packed", "eager_packed", "sdpa", "eager"
+    ] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     # Dropout off in the policy (and the reference): otherwise the policy trains against an eval-mode

@@ -28,7 +28,13 @@ from hdpo_ds import engine
 from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import PairSampler, plan_stats, tokenize_pairs, tokenizer_fingerprint
 from hdpo_ds.data.refcache import RefCache, RefCacheError, cache_status
-from hdpo_ds.models import check_model_source, load_tokenizer
+from hdpo_ds.models import (
+    attention_features,
+    check_attention,
+    check_model_source,
+    load_tokenizer,
+    select_attention,
+)
 from hdpo_ds.plan import (
     Hardware,
     MemoryPlan,
@@ -84,6 +90,18 @@ def _check_weights(cfg: Config) -> str:
     return f"model.name_or_path: {len(files)} weight file(s), {size / 2**30:.1f} GiB"
 
 
+def _check_attention(cfg: Config, hf_config, source: str, device_type: str) -> str:
+    """model.attn_implementation against what the model's attention needs (models.check_attention). An
+    explicit flash_attention_2 is checked for what it applies, not for flash-attn on this machine."""
+    features = attention_features(hf_config, packing=cfg.data.packing)
+    attn = cfg.model.attn_implementation
+    if attn == "auto":
+        attn = select_attention(attn, device_type, hf_config, packing=cfg.data.packing, source=source)
+    else:
+        check_attention(attn, features, source, device_type)
+    return f"model.attn_implementation: {attn} for {source} (applies {', '.join(features) or 'causal attention'})"
+
+
 def dry_run(
     cfg: Config,
     ds_config_path: str,
@@ -112,15 +130,22 @@ def dry_run(
     shape = model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path")
     ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device)")
     ok(_check_weights(cfg))
+    ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
     if cfg.reference.name_or_path:
         check_model_source(dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
                            key="reference.name_or_path")  # fmt: skip
         ok(f"reference.name_or_path: {cfg.reference.name_or_path}")
+        ref_config = load_hf_config(
+            cfg.reference.name_or_path,
+            trust_remote_code=cfg.model.trust_remote_code,
+            key="reference.name_or_path",
+        )
+        ok(_check_attention(cfg, ref_config, cfg.reference.name_or_path, device_type))
     dtype = engine.resolve_dtype(cfg, ds_config, bf16_capable=device_type == "cuda")
     policy_ds = engine.fill_ds_config(ds_config, cfg, world_size=world_size, device_type=device_type,
                                       hidden_size=shape.hidden_size)  # fmt: skip
     engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
-                          hidden_size=shape.hidden_size, training=False)  # fmt: skip
+                          hidden_size=shape.hidden_size, training=False, dtype=dtype)  # fmt: skip
     ok(f"ds_configs filled for {world_size} ranks ({str(dtype).removeprefix('torch.')}, ZeRO stage "
        f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})")  # fmt: skip
 

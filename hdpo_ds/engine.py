@@ -92,16 +92,23 @@ def fill_ds_config(
     device_type: str,
     hidden_size: int | None = None,
     training: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Return a copy of `ds_config` with every "auto" value filled from the run config.
 
     This is the one place that maps our run config onto DeepSpeed's keys:
     - batch keys: one micro-batch per rank per DeepSpeed "step", gradient_accumulation_steps 1; the
       trainer sets the accumulation boundary on each rank's last micro-batch of an optimizer step;
-    - optimizer lr / betas / eps / weight_decay from `optim.*` (on CPU, torch's AdamW, which needs no
-      compiled op); gradient_clipping from `optim.max_grad_norm`;
-    - bf16 / fp16 from the resolved dtype; under bf16, gradient accumulation in fp32
-      (data_types.grad_accum_dtype; an explicit other value is kept and logged);
+    - optimizer lr / betas / eps / weight_decay from `optim.*`; gradient_clipping from
+      `optim.max_grad_norm`. Adam / AdamW run as torch's AdamW (`torch_adam: true`) on every device:
+      DeepSpeed's FusedAdam JIT-compiles with nvcc on first use. An explicit `optimizer.params.torch_adam`
+      is kept (false: FusedAdam), and an offloaded optimizer keeps DeepSpeed's CPU Adam (`adam_w_mode`
+      only picks Adam or AdamW, which torch's path honours too);
+    - bf16 / fp16 from `dtype`: the policy's resolved dtype (resolve_dtype of this config when None, for
+      the policy only). The reference (training=False) must be given the policy's dtype, so that both
+      models run in one dtype; an explicit reference bf16/fp16 switch that disagrees is a ConfigError;
+      under bf16, the policy's gradients accumulate in fp32 (data_types.grad_accum_dtype; an explicit
+      other value is kept and logged);
     - for the reference (training=False), ZeRO-3 parameter offload to CPU when reference.offload;
     - ZeRO-3 bucket sizes from the hidden size, as transformers' integration does.
     A key that is still "auto" afterwards, or a value that contradicts the run config, raises
@@ -116,11 +123,19 @@ def fill_ds_config(
     _set_auto(ds, "gradient_accumulation_steps", 1, "gradient_accumulation_steps")
     _set_auto(ds, "train_batch_size", world_size, "train_batch_size")
 
-    dtype = resolve_dtype(cfg, ds_config)
+    if dtype is None:
+        if not training:
+            raise ValueError("fill_ds_config: the reference's ds_config needs the policy's dtype (dtype=...)")
+        dtype = resolve_dtype(cfg, ds_config)
     for key, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         section = ds.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = wanted
+        elif section["enabled"] != wanted and not training:
+            raise ConfigError(
+                f"reference.ds_config: {key}.enabled={section['enabled']} conflicts with the policy's dtype "
+                f'{str(dtype).removeprefix("torch.")} (the reference runs in the policy\'s dtype; set it to "auto")'
+            )
         elif section["enabled"] != wanted:
             raise ConfigError(
                 f"ds_config.{key}.enabled: {section['enabled']} conflicts with model.dtype={dtype}"
@@ -149,11 +164,11 @@ def fill_ds_config(
         for key, value in (("lr", cfg.optim.lr), ("betas", list(cfg.optim.betas)), ("eps", cfg.optim.eps),
                            ("weight_decay", cfg.optim.weight_decay)):  # fmt: skip
             _set_auto(params, key, value, f"optimizer.params.{key}")
-        if device_type == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
+        if optimizer.get("type", "").lower() in ("adam", "adamw"):
             zero = ds.get("zero_optimization", {})
             offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
             if not offloaded:
-                params.setdefault("torch_adam", True)
+                params.setdefault("torch_adam", True)  # no compiled op (FusedAdam: nvcc at first use)
         _set_auto(ds, "gradient_clipping", cfg.optim.max_grad_norm, "gradient_clipping")
     else:
         if "optimizer" in ds:

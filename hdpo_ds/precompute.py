@@ -13,6 +13,7 @@ process wrote.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -47,7 +48,14 @@ from hdpo_ds.splits import Split, load_split_records, tokenize_split
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FAULT_ENV", "clear_cache", "ensure_reference_caches", "precompute_split", "run_precompute"]
+__all__ = [
+    "FAULT_ENV",
+    "clear_cache",
+    "ensure_reference_caches",
+    "free_reference",
+    "precompute_split",
+    "run_precompute",
+]
 
 FAULT_ENV = "HDPO_FAULT_EXIT_AFTER_SHARDS"
 
@@ -197,6 +205,19 @@ def _split_fingerprints(cfg: Config, splits: dict[str, Split], dtype: torch.dtyp
     }
 
 
+def free_reference(reference: OnlineReference) -> None:
+    """Give back a reference engine's memory before training allocates its own: DeepSpeed's destroy()
+    (optimizer-free here, but hooks, buffers and partitions hang off the engine), then the garbage
+    collector and, on CUDA, the caching allocator. `reference` holds no engine afterwards."""
+    destroy = getattr(reference.engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+    reference.engine = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def ensure_reference_caches(
     cfg: Config,
     splits: dict[str, Split],
@@ -244,6 +265,7 @@ def ensure_reference_caches(
             actions[name] = "rebuilt" if status == "stale" else "computed"
     todo = [name for name, action in actions.items() if action != "reused"]
     if todo:
+        built_here = reference is None
         ref = reference or build_reference_engine(cfg, ref_ds, dtype, device_type)
         for name in todo:
             where = os.path.join(root, name)
@@ -255,6 +277,8 @@ def ensure_reference_caches(
                 dist.barrier()
             precompute_split(cfg, splits[name], ref, where, fingerprints[name], versions,
                              pad_token_id=pad_token_id, device=device)  # fmt: skip
+        if built_here:
+            free_reference(ref)
         del ref
     caches = {name: RefCache.load(os.path.join(root, name), fingerprints[name], versions) for name in splits}
     for name, cache in caches.items():
@@ -263,7 +287,9 @@ def ensure_reference_caches(
 
 
 def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
-    """The whole offline pass (launch/precompute_ref.py): data, reference engine, caches of every split."""
+    """The whole offline pass (launch/precompute_ref.py): data, reference engine, caches of every split.
+    Its dtype is resolved from the --ds (inference) config; the cache fingerprint records it, so a training
+    run in another dtype finds the cache stale rather than using it."""
     infer_ds = engine.load_ds_config(ds_config_path)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
@@ -274,7 +300,7 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
     dtype = engine.resolve_dtype(cfg, infer_ds)
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
     ref_ds = engine.fill_ds_config(infer_ds, cfg, world_size=dist.world_size(), device_type=device_type,
-                                   hidden_size=hidden, training=False)  # fmt: skip
+                                   hidden_size=hidden, training=False, dtype=dtype)  # fmt: skip
     _, actions = ensure_reference_caches(cfg, splits, ref_ds=ref_ds, dtype=dtype, device_type=device_type,
                                          device=device, pad_token_id=tokenizer.pad_token_id, compute_missing=True)  # fmt: skip
     return actions

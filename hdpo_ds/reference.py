@@ -14,11 +14,12 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from hdpo_ds.config import Config
-from hdpo_ds.data.packing import PackedBatch
-from hdpo_ds.data.refcache import CACHE_FORMAT_VERSION, RefCache, file_sha256
+from hdpo_ds.data.packing import IGNORE_INDEX, PackedBatch
+from hdpo_ds.data.refcache import CACHE_FORMAT_VERSION, RefCache, RefCacheError, file_sha256
 from hdpo_ds.logprobs import SegmentSums, segment_sums, token_logps
 
 __all__ = [
@@ -72,11 +73,29 @@ class CachedReference:
     device: torch.device
 
     def sequence_logps(self, batch: PackedBatch) -> torch.Tensor:
-        rows = torch.tensor([self.cache.ids[i] for i in batch.pair_ids], dtype=torch.long)
+        """(num_seqs,) float32 on self.device. The cache's response token counts are checked against the
+        batch's first (a mismatch raises RefCacheError naming the pair): the values are never used for
+        other sequences than the ones they were computed on."""
+        rows = np.array([self.cache.ids[i] for i in batch.pair_ids], dtype=np.int64)
+        chosen, rejected = (idx.cpu() for idx in pair_sequence_indices(batch))
+        labelled = batch.labels.cpu() != IGNORE_INDEX  # host sync: one per micro-batch
+        counts = torch.bincount(batch.seq_index.cpu()[labelled], minlength=batch.num_seqs).numpy()
+        sides = (
+            ("chosen", chosen, self.cache.chosen_tokens),
+            ("rejected", rejected, self.cache.rejected_tokens),
+        )
+        for side, seqs, stored in sides:
+            mismatch = np.flatnonzero(counts[seqs.numpy()] != stored[rows])
+            if mismatch.size:
+                j = int(mismatch[0])
+                raise RefCacheError(
+                    f"pair {batch.pair_ids[j]}: the batch has {counts[seqs[j]]} {side} response tokens, the "
+                    f"reference cache {self.cache.path} stored {stored[rows[j]]} (a stale cache, or one of "
+                    "other data; rebuild it)"
+                )
         out = torch.empty(batch.num_seqs, dtype=torch.float32)
-        chosen, rejected = pair_sequence_indices(batch)
-        out[chosen.cpu()] = torch.from_numpy(self.cache.chosen[rows.numpy()]).float()
-        out[rejected.cpu()] = torch.from_numpy(self.cache.rejected[rows.numpy()]).float()
+        out[chosen] = torch.from_numpy(self.cache.chosen[rows]).float()
+        out[rejected] = torch.from_numpy(self.cache.rejected[rows]).float()
         return out.to(self.device)
 
 

@@ -218,7 +218,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     policy_ds = engine.fill_ds_config(ds_config, cfg, world_size=world_size, device_type=device_type,
                                       hidden_size=hidden)  # fmt: skip
     ref_ds = engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
-                                   hidden_size=hidden, training=False)  # fmt: skip
+                                   hidden_size=hidden, training=False, dtype=dtype)  # fmt: skip
 
     # ---- models and engines (built inside zero.Init under ZeRO-3: never whole on one rank)
     zero3_handle = engine.zero3_loading(policy_ds)

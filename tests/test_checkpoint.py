@@ -93,6 +93,8 @@ def test_hf_export_loads_and_matches_the_checkpoint(assets, ck_full):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     hf_dir = ck_full["dir"] / "hf"
+    # training runs with use_cache=false; the export carries the model's own value (Llama: true)
+    assert AutoConfig.from_pretrained(hf_dir).use_cache is True
     exported = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     AutoTokenizer.from_pretrained(hf_dir)  # the tokenizer travels with it
     state = get_fp32_state_dict_from_zero_checkpoint(str(ck_full["dir"] / "checkpoints"), tag="step00000006")
@@ -116,6 +118,9 @@ def test_offline_export_equals_in_run_export(ck_full, tmp_path):
     for name in in_run:
         torch.testing.assert_close(offline[name], in_run[name], rtol=0, atol=0)
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out).use_cache is True  # the checkpoint's hf_config has it too
 
 
 def test_resume_with_changed_alpha_is_refused(assets, ck_full):

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
 from hdpo_ds.engine import fill_ds_config, load_ds_config
@@ -97,7 +98,7 @@ def test_fill_ds_config_fills_every_auto_key():
 def test_fill_ds_config_bf16_and_reference():
     ds = load_ds_config("ds_configs/zero3_infer.json")
     filled = fill_ds_config(ds, _cfg("model.dtype=bfloat16"), world_size=2, device_type="cuda",
-                            hidden_size=32, training=False)  # fmt: skip
+                            hidden_size=32, training=False, dtype=torch.bfloat16)  # fmt: skip
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
     assert "optimizer" not in filled and "gradient_clipping" not in filled
 
@@ -146,7 +147,53 @@ def test_lr_multiplier_hand_worked():
 def test_reference_offload_is_filled_for_training_and_precompute_alike():
     ds = load_ds_config("ds_configs/zero3_infer.json")
     filled = fill_ds_config(ds, _cfg("reference.offload=true"), world_size=2, device_type="cpu", hidden_size=64,
-                            training=False)  # fmt: skip
+                            training=False, dtype=torch.float32)  # fmt: skip
     assert filled["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
-    plain = fill_ds_config(ds, _cfg(), world_size=2, device_type="cpu", hidden_size=64, training=False)
+    plain = fill_ds_config(
+        ds, _cfg(), world_size=2, device_type="cpu", hidden_size=64, training=False, dtype=torch.float32
+    )
     assert "offload_param" not in plain["zero_optimization"]
+
+
+def test_reference_ds_config_takes_the_policy_dtype():
+    """model.dtype auto with a bf16 policy config and an "auto" reference config: on CPU the reference's
+    own resolution would be float32; the reference engine runs in the policy's dtype instead, and a
+    reference config that says otherwise is refused naming its key."""
+    from hdpo_ds.engine import resolve_dtype
+
+    cfg = _cfg()
+    dtype = resolve_dtype(cfg, load_ds_config("ds_configs/zero3_35b.json"))
+    assert dtype == torch.bfloat16
+    infer = load_ds_config("ds_configs/zero3_infer.json")
+    assert (
+        infer["bf16"]["enabled"] == "auto" and resolve_dtype(cfg, infer, bf16_capable=False) == torch.float32
+    )
+    ref = fill_ds_config(
+        infer, cfg, world_size=2, device_type="cpu", hidden_size=64, training=False, dtype=dtype
+    )
+    assert ref["bf16"]["enabled"] is True and ref["fp16"]["enabled"] is False
+    infer["bf16"]["enabled"] = False
+    with pytest.raises(
+        ConfigError, match=r"reference.ds_config: bf16.enabled=False conflicts with the policy's dtype"
+    ):
+        fill_ds_config(
+            infer, cfg, world_size=2, device_type="cpu", hidden_size=64, training=False, dtype=dtype
+        )
+    with pytest.raises(ValueError, match="the policy's dtype"):
+        fill_ds_config(infer, cfg, world_size=2, device_type="cpu", hidden_size=64, training=False)
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_torch_adamw_unless_the_ds_config_asks_for_deepspeeds_own(device_type):
+    """FusedAdam JIT-compiles with nvcc on first use: torch's AdamW is filled in on CUDA as on CPU; an explicit
+    torch_adam is kept, and an offloaded optimizer keeps DeepSpeed's CPU Adam."""
+    cfg = _cfg()
+    ds = load_ds_config("ds_configs/zero3.json")
+    filled = fill_ds_config(ds, cfg, world_size=2, device_type=device_type, hidden_size=64)
+    assert filled["optimizer"]["params"]["torch_adam"] is True
+    ds["optimizer"]["params"]["torch_adam"] = False
+    filled = fill_ds_config(ds, cfg, world_size=2, device_type=device_type, hidden_size=64)
+    assert filled["optimizer"]["params"]["torch_adam"] is False
+    offload_ds = load_ds_config("ds_configs/zero3_offload.json")
+    offload = fill_ds_config(offload_ds, cfg, world_size=2, device_type=device_type, hidden_size=64)
+    assert "torch_adam" not in offload["optimizer"]["params"]

@@ -88,14 +88,16 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels != IGNORE_INDEX, logps.gather(-1, safe[..., None])[..., 0], 0.0)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_packed"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_packed", "eager_packed"])
 def test_packed_and_padded_forwards_match_separate_forwards(attn):
-    """sdpa_packed is hdpo_ds.models' per-sequence attention, what auto selects on CPU for packing."""
+    """sdpa_packed and eager_packed are hdpo_ds.models' per-sequence attention; auto selects sdpa_packed on
+    CPU for packing (a Llama asks for nothing else)."""
     from hdpo_ds.models import select_attention
 
-    assert select_attention("auto", "cpu", packing=True) == "sdpa_packed"
-    assert select_attention("auto", "cpu", packing=False) == "sdpa"
-    attn = select_attention(attn, "cpu")  # registers sdpa_packed with transformers
+    config = tiny_llama(256).config
+    assert select_attention("auto", "cpu", config, packing=True) == "sdpa_packed"
+    assert select_attention("auto", "cpu", config, packing=False) == "sdpa"
+    attn = select_attention(attn, "cpu", config)  # registers sdpa_packed with transformers
     lengths = np.array([[9, 14], [30, 5], [2, 3], [17, 17], [25, 40]])
     pairs = random_pairs(lengths, vocab=256, seed=1)
     pairs[2] = TokenizedPair("p2", [7], [9], [10, 11], False, False)  # one-token prompt and response

@@ -334,3 +334,26 @@ def test_planner_predicts_rss_of_a_2_rank_run():
     assert result["prediction"]["params"] >= 50_000_000
     for ratio in result["ratio"]:
         assert 0.75 <= ratio <= 1.25, result
+
+
+def test_dry_run_checks_the_attention_implementation(capsys, monkeypatch, tmp_path):
+    """The run's attention rule (hdpo_ds.models.check_attention) in the dry run: a Gemma-2 config asks for
+    logit softcapping, which sdpa_packed does not apply; auto picks eager_packed, which does."""
+    from transformers import Gemma2Config
+
+    monkeypatch.chdir(ROOT)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=8)
+    Gemma2Config(vocab_size=512, num_key_value_heads=2, attn_logit_softcapping=50.0, **shape).save_pretrained(
+        tmp_path
+    )
+    model = [
+        f"model.name_or_path={tmp_path}",
+        "model.from_scratch=true",
+        f"model.tokenizer={MODELS}/tiny-demo",
+    ]
+    code, _, err = dry_run(capsys, *demo_args(*model, "model.attn_implementation=sdpa_packed"))
+    assert code == 2, err
+    assert "model.attn_implementation: sdpa_packed does not apply attn_logit_softcapping=50.0" in err
+    code, out, err = dry_run(capsys, *demo_args(*model))
+    assert code == 0, err
+    assert f"model.attn_implementation: eager_packed for {tmp_path} (applies" in out

@@ -225,3 +225,71 @@ def test_auto_mode_stops_on_a_stale_cache_and_rebuilds_it_when_asked(setup, tmp_
     assert actions == {"train": "rebuilt"}
     assert read_manifest(str(root / "train"))["fingerprint"]["data.max_length"] == 200
     assert len(caches["train"].ids) == 30
+
+
+def test_lookups_check_the_stored_token_counts(built):
+    """Each lookup compares the cache's response token counts with the batch's; a mismatch names the pair
+    and both counts (here a cache row edited in memory, as a cache of other data would look)."""
+    from hdpo_ds.data import MicroBatchPlan, collate
+    from hdpo_ds.reference import CachedReference
+
+    pairs = built["split"].data.pairs
+    cache = RefCache.load(str(built["dir"]), built["fingerprint"])
+    batch = collate(pairs, MicroBatchPlan((3, 4, 5), False, 0, 0), pad_token_id=0, packing=True)
+    values = CachedReference(cache, torch.device("cpu")).sequence_logps(batch)
+    row = cache.ids[pairs.ids[4]]
+    assert values[3].item() == pytest.approx(cache.rejected[row])  # pair 4's rejected: the 4th sequence
+    stored = int(cache.rejected_tokens[row])
+    cache.rejected_tokens[row] += 2
+    with pytest.raises(
+        RefCacheError,
+        match=rf"pair {pairs.ids[4]}: the batch has {stored} rejected response tokens, the reference cache "
+        rf"{built['dir']} stored {stored + 2}",
+    ):
+        CachedReference(cache, torch.device("cpu")).sequence_logps(batch)
+
+
+def test_auto_mode_destroys_the_reference_engine_it_built(setup, tmp_path, monkeypatch):
+    """The temporary reference engine of an auto precompute is destroyed (DeepSpeed's engine.destroy)
+    and no reference to it is kept once training starts."""
+    import gc
+    import weakref
+
+    import hdpo_ds.precompute as precompute
+
+    destroyed, built_engines = [], []
+
+    class SpyEngine(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            return self.model(**inputs)
+
+        def destroy(self):
+            destroyed.append(self)
+
+    def build(cfg, ref_ds, dtype, device_type):
+        built_engines.append(SpyEngine(setup["model"]))
+        return OnlineReference(built_engines[-1], 64)
+
+    monkeypatch.setattr(precompute, "build_reference_engine", build)
+    cfg = _cfg(setup, f"reference.cache_path={tmp_path / 'auto'}", "reference.mode=auto")
+    splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
+    _, actions = precompute.ensure_reference_caches(
+        cfg,
+        splits,
+        ref_ds={},
+        dtype=torch.float32,
+        device_type="cpu",
+        device=torch.device("cpu"),
+        pad_token_id=setup["tokenizer"].pad_token_id,
+        compute_missing=True,
+    )
+    assert actions == {"train": "computed"} and len(built_engines) == 1
+    assert destroyed == built_engines, "the reference engine built for the precompute was not destroyed"
+    engine = weakref.ref(built_engines.pop())
+    destroyed.clear()
+    gc.collect()
+    assert engine() is None, "ensure_reference_caches kept a reference to the engine it built"
