@@ -214,10 +214,7 @@ class NullLogger:
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
-    def reopen(self) -> None:
-        pass
-
-    def discard_redone_steps(self, resume_step: int) -> None:
+    def reopen(self, resume_step: int | None = None) -> None:
         pass
 
 
@@ -227,7 +224,9 @@ class MlflowLogger:
     Every call writes a record to `<output_dir>/mlflow_spool/` and returns at once: the training loop
     never waits on the network. The sender delivers records in order and retries while the tracking
     server is unreachable; `finish` waits at most `flush_timeout_s` for the rest, and what is still
-    unsent then goes out when the run resumes or with `python -m hdpo_ds.spool replay OUTPUT_DIR`.
+    unsent then goes out when the run resumes or with `python -m hdpo_ds.spool replay OUTPUT_DIR`. Each
+    key's steps increase within a process; a resumed run's points at steps the server already has (it
+    redoes them exactly) are skipped by the sender, so every step keeps one point.
 
     A new run is created at once (its id goes into checkpoints), so an unreachable server stops a
     new run at start-up; a resumed run (run_id given) needs no server to start.
@@ -260,10 +259,11 @@ class MlflowLogger:
         except BaseException:
             self._spool.close()
             raise
-        # A resumed run holds an earlier process's backlog until it knows the steps it redoes
-        # (discard_redone_steps), so that their old points need not be sent at all.
-        self._spooler = spool.Spooler(self._spool, sender, retry_max_interval_s=retry_max_interval_s,
-                                      describe=f"MLflow at {tracking_uri}", start=run_id is None)  # fmt: skip
+        where = f"MLflow at {tracking_uri}"
+        self._spooler = spool.Spooler(
+            self._spool, sender, retry_max_interval_s=retry_max_interval_s, describe=where
+        )
+        self._last_steps: dict[str, int] = {}  # per key, the last step this process logged
         self._finished = False
         atexit.register(self._at_exit)
 
@@ -293,15 +293,20 @@ class MlflowLogger:
         if self._finished:
             raise RuntimeError(f"MLflow run {self.run_id}: logging after finish()")
         self._spooler.put(op, self.run_id, **payload)
-        if op not in ("status", "tags"):
-            self._spooler.start()
 
     def log_params(self, params: dict) -> None:
         self._put("params", params={k: str(v)[: self._MAX_PARAM_CHARS] for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        # The timestamp is fixed here, so a replayed point is the same point (SQL stores drop the copy).
-        self._put("metrics", step=int(step), metrics={k: float(v) for k, v in metrics.items()})
+        # One point per key and step: the sender skips a point at a step its key reached before.
+        step = int(step)
+        for key in metrics:
+            if self._last_steps.get(key, step - 1) >= step:
+                last = self._last_steps[key]
+                raise ValueError(f"MLflow run {self.run_id}: {key!r} at step {step} after step {last}")
+        self._last_steps.update(dict.fromkeys(metrics, step))
+        # The timestamp is fixed here, so a replayed point is the same point.
+        self._put("metrics", step=step, metrics={k: float(v) for k, v in metrics.items()})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put("tags", tags={k: str(v) for k, v in tags.items()})
@@ -344,13 +349,10 @@ class MlflowLogger:
         if not self._finished:
             self._close()
 
-    def reopen(self) -> None:
-        """Mark a resumed run as running again."""
+    def reopen(self, resume_step: int | None = None) -> None:
+        """Mark a resumed run as running again (and tag the checkpoint step it resumed from). The steps it
+        redoes need nothing more: their points reach MLflow once (spool.Spooler skips the copies)."""
         self._put("status", status="RUNNING")
-
-    def discard_redone_steps(self, resume_step: int) -> None:
-        """Before a resumed run logs steps again: remove the points it will log anew (see
-        spool.discard_redone_steps). Queued like every other record, so it runs after the earlier
-        process's unsent records and before this process's new points."""
-        self.set_tags({f"hdpo_ds.resumed_at_step.{int(time.time())}": str(resume_step)})
-        self._put("discard", resume_step=int(resume_step))
+        self._spooler.learn(self.run_id)
+        if resume_step is not None:
+            self.set_tags({f"hdpo_ds.resumed_at_step.{int(time.time())}": str(resume_step)})

@@ -441,8 +441,7 @@ def train_sft(cfg: Config, ds_config_path: str) -> TrainResult:
     if dist.is_main_process():
         run_logger = MlflowLogger.for_run(cfg, run_id=resume_state["mlflow_run_id"] if resume_state else None)
         if resume_state:
-            run_logger.reopen()
-            run_logger.discard_redone_steps(step)
+            run_logger.reopen(step)
         else:
             params = {f"config.{k}": v for k, v in flatten(to_dict(cfg)).items()}
             params.update({f"versions.{k}": v for k, v in package_versions().items()})

@@ -263,8 +263,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     run_logger = NullLogger()
     if dist.is_main_process() and resume_state:
         run_logger = MlflowLogger.for_run(cfg, run_id=resume_state["mlflow_run_id"])
-        run_logger.reopen()
-        run_logger.discard_redone_steps(step)
+        run_logger.reopen(step)
     elif dist.is_main_process():
         run_logger = MlflowLogger.for_run(cfg)
         params = {f"config.{k}": v for k, v in flatten(to_dict(cfg)).items()}

@@ -39,7 +39,7 @@ def _assert_same_training(resumed: dict, full: dict) -> None:
         assert resumed["metrics"]["loss"][step] == pytest.approx(
             full["metrics"]["loss"][step], rel=1e-5, abs=1e-7
         )
-    assert resumed["metrics"]["_counts"]["loss"] == CK_STEPS  # the redone steps replaced the old points
+    assert resumed["metrics"]["_counts"]["loss"] == CK_STEPS  # a redone step's point is not sent twice
     assert resumed["metrics"]["_counts"]["eval/loss"] == len(full["metrics"]["eval/loss"])
     got, expected = _weights(resumed["dir"]), _weights(full["dir"])
     assert set(got) == set(expected)

@@ -38,14 +38,15 @@ class Refusal(ValueError):
 
 
 class FakeSender:
-    """Delivers groups into `delivered` (a list, or a JSON-lines file); fails while `down` is set;
-    refuses records whose seq is in `refuse`; `hang` blocks inside send until released."""
+    """Delivers groups into `delivered` (a list, or a JSON-lines file: the server); fails while `down` is
+    set; refuses records whose seq is in `refuse`; `hang` blocks inside send until released; the process
+    SIGKILLs itself once the server has a group with step `kill_at_step`, before send returns."""
 
     def __init__(self, refuse=(), path=None):
-        self.delivered, self.calls, self.failures = [], [], 0
+        self.delivered, self.calls, self.failures, self.failed_sends, self.asked = [], [], 0, 0, []
         self.down, self.hang = threading.Event(), threading.Event()
         self.inside = threading.Event()
-        self.refuse, self.path = set(refuse), path
+        self.refuse, self.path, self.kill_at_step = set(refuse), path, None
 
     def send(self, group, spooler):
         self.calls.append([r["seq"] for r in group])
@@ -54,6 +55,7 @@ class FakeSender:
             time.sleep(0.01)
         if self.down.is_set():
             self.failures += 1
+            self.failed_sends += 1
             raise Outage("connection refused")
         if any(r["seq"] in self.refuse for r in group):
             raise Refusal("bad value")
@@ -61,9 +63,27 @@ class FakeSender:
         if self.path:
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in group)
+        if self.kill_at_step is not None and any(r.get("step") == self.kill_at_step for r in group):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def last_steps(self, run_id, keys):
+        self.asked.append(sorted(keys))
+        if self.down.is_set():
+            self.failures += 1
+            raise Outage("connection refused")
+        steps = {}
+        for r in _server_records(self.path) if self.path else self.delivered:
+            if r["run"] == run_id and r["op"] == "metrics":
+                for key in set(r["metrics"]) & set(keys):
+                    steps[key] = max(steps.get(key, r["step"]), r["step"])
+        return steps
 
     def is_permanent(self, error):
         return isinstance(error, Refusal)
+
+
+def _server_records(path):
+    return [json.loads(line) for line in open(path).read().splitlines()] if os.path.exists(path) else []
 
 
 def _metrics(spooler, run, steps):
@@ -91,9 +111,11 @@ def test_outage_keeps_order_and_replays_every_record_once(tmp_path):
     assert [r["seq"] for r in sender.delivered] == list(range(1, 42))  # in order, each once
     assert [r["step"] for r in sender.delivered if r["op"] == "metrics"] == list(range(40))
     # Every failed call was the same first group, retried; consecutive metrics go as one group.
-    failed = sender.calls[: sender.failures]
+    failed = sender.calls[: sender.failed_sends]
     assert all(call == failed[0] and call[0] == 1 for call in failed)
-    assert len(sender.calls) - sender.failures < 41
+    assert len(sender.calls) - sender.failed_sends < 41
+    # The server may have stored a group whose answer got lost: before the retry, it was asked.
+    assert sender.asked and sender.asked[0] == ["loss", "lr"]
     counters = spooler.counters_for("r1")
     assert (counters.sent, counters.replayed, counters.outages, counters.rejected) == (41, 41, 1, 0)
     assert counters.down_seconds > 0
@@ -196,27 +218,119 @@ def test_killed_process_backlog_is_replayed_once_with_its_timestamps(tmp_path):
     assert counters.sent == 11 and counters.outages == 1  # the child's outage is kept in state.json
 
 
-def test_unsent_points_of_redone_steps_are_not_sent(tmp_path):
-    """A killed process left steps 1-3 unsent; the run resumes from the step-2 checkpoint. Points it
-    redoes (training at >= 2, evaluation after 2) are not sent: a tracking server could not delete them."""
-    spool = Spool(str(tmp_path / "sp"), "fake://")
-    for step in (1, 2, 3):
-        spool.append("metrics", "r1", step=step, metrics={"loss": float(step)})
-        spool.append("metrics", "r1", step=step, metrics={"eval/loss": float(step)})
-    spool.append("metrics", "r2", step=3, metrics={"loss": 3.0})  # another run: untouched
-    spool.close()
-    sender = FakeSender()
-    # held until the resumed run says which steps it redoes, as MlflowLogger does for a resumed run
-    spooler = Spooler(Spool(str(tmp_path / "sp"), "fake://"), sender, retry_max_interval_s=0.05, start=False)
-    spooler.put("discard", "r1", resume_step=2)
-    spooler.put("metrics", "r1", step=2, metrics={"loss": 12.0})
-    assert spooler.close(10)
-    sent = [
-        (r["run"], r["step"], r["metrics"]) for r in sender.delivered if r["op"] == "metrics" and r["metrics"]
+def _points(records):
+    return [
+        (r["run"], k, r["step"], v) for r in records if r["op"] == "metrics" for k, v in r["metrics"].items()
     ]
-    assert sent == [("r1", 1, {"loss": 1.0}), ("r1", 1, {"eval/loss": 1.0}), ("r1", 2, {"eval/loss": 2.0}),
-                    ("r2", 3, {"loss": 3.0}), ("r1", 2, {"loss": 12.0})]  # fmt: skip
-    assert spooler.counters_for("r1").superseded == 3 and spooler.spool.acked_seq == 9
+
+
+def test_points_of_redone_steps_reach_the_server_once(tmp_path):
+    """Run r1 logged steps 0-5 (evaluations at 2 and 4); the server acknowledged steps 0-3, then the process
+    died. Resumed from the step-2 checkpoint, it logs the same values again (resume is exact) from step 2,
+    and the evaluations after 2. Every point reaches the server once: the dead process's unsent backlog
+    (steps 4-5) first, then only the points at steps the server has not got."""
+
+    def point(step):
+        return {"loss": 1.0 / (step + 1), "lr": 0.1 * step}
+
+    def log(target, steps, evals):
+        for step in steps:
+            target("metrics", "r1", step=step, metrics=point(step))
+            if step in evals:
+                target("metrics", "r1", step=step, metrics={"eval/loss": float(step)})
+
+    server = str(tmp_path / "server.jsonl")
+    first = Spooler(
+        Spool(str(tmp_path / "sp"), "fake://"), FakeSender(path=server), retry_max_interval_s=0.05
+    )
+    log(first.put, range(4), {2})
+    assert first.close(10)
+    spool = Spool(str(tmp_path / "sp"), "fake://")  # logged, then killed before the server got them
+    log(spool.append, range(4, 6), {4})
+    spool.close()
+    sender = FakeSender(path=server)
+    resumed = Spooler(Spool(str(tmp_path / "sp"), "fake://"), sender, retry_max_interval_s=0.05)
+    log(resumed.put, range(2, 8), {4, 6})
+    resumed.put("metrics", "r2", step=3, metrics={"loss": 3.0})  # another run: its own steps
+    assert resumed.close(10)
+
+    expected = [("r1", k, s, v) for s in range(8) for k, v in point(s).items()]
+    expected += [("r1", "eval/loss", s, float(s)) for s in (2, 4, 6)] + [("r2", "loss", 3, 3.0)]
+    delivered = _points(_server_records(server))
+    assert sorted(delivered) == sorted(expected)  # each once, with the values of the uninterrupted run
+    # 2 keys at steps 2-5 and the evaluation at 4 were sent before
+    assert resumed.counters_for("r1").skipped == 9
+    assert resumed.counters_for("r1").replayed == 3  # the dead process's backlog
+    state = json.loads((tmp_path / "sp" / "state.json").read_text())
+    assert state["runs"]["r1"]["steps"] == {"loss": 7, "lr": 7, "eval/loss": 6}
+    assert state["runs"]["r2"]["steps"] == {"loss": 3}
+
+
+# A process that logs steps 0-4 and dies once the server has taken the group with step 4, before it
+# could record the acknowledgement.
+_DIES_AFTER_DELIVERY = """
+import sys, time
+sys.path.insert(0, {root!r})
+from hdpo_ds.spool import Spool, Spooler
+from tests.test_mlflow_spool import FakeSender
+
+sender = FakeSender(path={server!r})
+sender.kill_at_step = 4
+spooler = Spooler(Spool({root_sp!r}, "fake://"), sender, retry_max_interval_s=0.05)
+for s in range(5):
+    spooler.put("metrics", "r1", step=s, metrics={{"loss": float(s)}})
+time.sleep(60)
+"""
+
+
+def test_group_the_server_took_before_a_kill_is_not_sent_again(tmp_path):
+    server, root_sp = tmp_path / "server.jsonl", str(tmp_path / "sp")
+    child = _DIES_AFTER_DELIVERY.format(root=ROOT, server=str(server), root_sp=root_sp)
+    proc = subprocess.run(
+        [sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [r["step"] for r in _server_records(str(server))] == [0, 1, 2, 3, 4]
+    unacked = 5 - json.loads((tmp_path / "sp" / "state.json").read_text())["acked_seq"]
+    assert unacked >= 1  # at least the record of step 4 was taken by the server but not acknowledged
+
+    sender = FakeSender(path=str(server))
+    spooler = Spooler(Spool(root_sp, "fake://"), sender, retry_max_interval_s=0.05)
+    assert spooler.spool.backlog_at_open == unacked
+    spooler.put("metrics", "r1", step=5, metrics={"loss": 5.0})
+    assert spooler.close(10)
+    assert [r["step"] for r in _server_records(str(server))] == [0, 1, 2, 3, 4, 5]  # each once
+    assert sender.asked == [["loss"]]  # the server was asked once, about the first group after the kill
+    assert spooler.counters_for("r1").skipped == unacked
+
+
+def test_run_resumed_into_an_empty_spool_asks_the_server_once_per_key(tmp_path):
+    """train.resume=PATH with a checkpoint of another output_dir: this spool holds no steps of the run, so
+    it asks the server (once per key) instead of sending the redone steps a second time."""
+    server = str(tmp_path / "server.jsonl")
+    other = Spooler(
+        Spool(str(tmp_path / "other"), "fake://"), FakeSender(path=server), retry_max_interval_s=0.05
+    )
+
+    def log(spooler, steps):
+        for step in steps:
+            spooler.put("metrics", "r1", step=step, metrics={"loss": float(step)})
+            if step in (2, 4, 6):
+                spooler.put("metrics", "r1", step=step, metrics={"eval/loss": -float(step)})
+
+    log(other, range(6))
+    assert other.close(10)
+    sender = FakeSender(path=server)
+    resumed = Spooler(Spool(str(tmp_path / "sp"), "fake://"), sender, retry_max_interval_s=0.05)
+    resumed.learn("r1")
+    log(resumed, range(3, 8))  # from the step-3 checkpoint of the other folder
+    assert resumed.close(10)
+    expected = [("r1", "loss", s, float(s)) for s in range(8)] + [
+        ("r1", "eval/loss", s, -s) for s in (2, 4, 6)
+    ]
+    assert sorted(_points(_server_records(server))) == sorted(expected)
+    assert sorted(key for asked in sender.asked for key in asked) == ["eval/loss", "loss"]
+    assert resumed.counters_for("r1").skipped == 4  # loss at 3-5, the evaluation at 4
 
 
 def test_acknowledged_segments_and_artifact_copies_are_deleted(tmp_path, monkeypatch):
@@ -272,7 +386,12 @@ def _history(uri, run_id):
     }
 
 
-def test_resumed_logger_replays_old_backlog_before_discarding_redone_steps(tmp_path):
+def _exact(step):
+    """What a run logs at `step`, in every attempt: resume is exact."""
+    return {"loss": 1.0 / (step + 1), "alpha": 0.9}
+
+
+def test_killed_and_resumed_logger_keeps_one_point_per_step_on_sqlite(tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -282,23 +401,25 @@ def test_resumed_logger_replays_old_backlog_before_discarding_redone_steps(tmp_p
     run_id = first.run_id
     assert client.get_run(run_id).info.experiment_id == experiment
     first.log_params({"x": 1})
-    first.log_metrics({"loss": 0.0}, step=0)
+    for step in range(3):
+        first.log_metrics(_exact(step), step=step)
     assert first.flush(30)
-    first._spooler.close(0)  # the process dies: logging stops here, and steps 1-3 never reach MLflow
+    first._spooler.close(0)  # the process dies: logging stops here, and steps 3-4 never reach MLflow
     first._finished = True
     spool = Spool(str(tmp_path / "sp"))
-    for step in (1, 2, 3):
-        spool.append("metrics", run_id, step=step, metrics={"loss": float(step)})
+    for step in (3, 4):
+        spool.append("metrics", run_id, step=step, metrics=_exact(step))
     spool.close()
 
-    # Resumed from the step-2 checkpoint: steps 2-3 are redone with other values.
+    # Resumed from the step-1 checkpoint: steps 1-4 are redone, with the same values.
     resumed = MlflowLogger(
         uri, "spool", "a", run_id=run_id, spool_dir=str(tmp_path / "sp"), retry_max_interval_s=0.1
     )
-    resumed.reopen()
-    resumed.discard_redone_steps(2)
-    for step in (2, 3, 4):
-        resumed.log_metrics({"loss": 10.0 + step}, step=step)
+    resumed.reopen(1)
+    for step in range(1, 6):
+        resumed.log_metrics(_exact(step), step=step)
+    with pytest.raises(ValueError, match="'loss' at step 5 after step 5"):  # one point per step, always
+        resumed.log_metrics({"loss": 0.0}, step=5)
     note = tmp_path / "alerts.jsonl"
     note.write_text('{"step": 3}\n')
     resumed.log_artifact(str(note))
@@ -306,10 +427,10 @@ def test_resumed_logger_replays_old_backlog_before_discarding_redone_steps(tmp_p
     resumed.log_json_artifact("summary.json", {"ok": True})
     resumed.finish()
     run, history = _history(uri, run_id)
-    assert history["loss"] == [(0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0), (4, 14.0)]
+    assert history == {key: [(s, _exact(s)[key]) for s in range(6)] for key in ("loss", "alpha")}
     assert run.info.status == "FINISHED" and run.data.params == {"x": "1"}
-    assert run.data.tags["hdpo_ds.spool.replayed"] == "3"  # the dead process's backlog
-    assert run.data.tags["hdpo_ds.spool.superseded"] == "2"  # its steps 2 and 3 were redone
+    assert run.data.tags["hdpo_ds.spool.replayed"] == "2"  # the dead process's backlog
+    assert run.data.tags["hdpo_ds.spool.skipped"] == "8"  # 2 keys at the redone steps 1-4
     assert any(k.startswith("hdpo_ds.resumed_at_step.") for k in run.data.tags)
     names = {a.path for a in client.list_artifacts(run_id)}
     assert names == {"alerts.jsonl", "summary.json"}
@@ -526,6 +647,53 @@ def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, 
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/entropy.png"]
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to replay" in again.stdout
+
+
+# A run that logs steps 0-3 to the server, then 4-5 while the server no longer answers, and is killed.
+_LOGS_THEN_DIES = """
+import os, signal, sys, threading
+sys.path.insert(0, {root!r})
+from hdpo_ds.metrics import MlflowLogger
+from tests.test_mlflow_spool import _exact
+
+run = MlflowLogger({uri!r}, "resume", "", spool_dir={spool!r}, retry_max_interval_s=0.2)
+print(run.run_id, flush=True)
+for step in range(4):
+    run.log_metrics(_exact(step), step=step)
+assert run.flush(60)
+run._spooler.sender.client.log_batch = lambda *args, **kwargs: threading.Event().wait()
+for step in range(4, 6):
+    run.log_metrics(_exact(step), step=step)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_killed_and_resumed_run_keeps_one_point_per_step_on_a_tracking_server(server, tmp_path):
+    """A tracking server cannot delete points: the redone steps' points are not sent a second time."""
+    from mlflow.tracking import MlflowClient
+
+    spool = str(tmp_path / "out" / "mlflow_spool")
+    child = _LOGS_THEN_DIES.format(root=ROOT, uri=server.uri, spool=spool)
+    proc = subprocess.run(
+        [sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_id = proc.stdout.split()[0]
+    client = MlflowClient(server.uri)
+    first_copies = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
+    assert sorted(first_copies) == [0, 1, 2, 3]  # steps 4-5 wait in the spool
+
+    resumed = MlflowLogger(server.uri, "resume", "", run_id=run_id, spool_dir=spool, retry_max_interval_s=0.2)
+    resumed.reopen(2)  # from the step-2 checkpoint: steps 2-5 are redone, exactly
+    for step in range(2, 8):
+        resumed.log_metrics(_exact(step), step=step)
+    resumed.finish()
+    run, history = _history(server.uri, run_id)
+    assert history == {key: [(s, _exact(s)[key]) for s in range(8)] for key in ("loss", "alpha")}
+    stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
+    assert {s: stamps[s] for s in first_copies} == first_copies  # the first copies stay
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["hdpo_ds.spool.replayed"] == "2" and run.data.tags["hdpo_ds.spool.skipped"] == "8"
 
 
 @pytest.mark.parametrize(
