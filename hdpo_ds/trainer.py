@@ -377,7 +377,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             "nonfinite/skipped_steps": nonfinite["skipped_total"],
             "alpha": alpha, "grad_norm": float("nan") if skip_step else _grad_norm(policy), "lr": lr,
             "tokens_per_second": sums["real_tokens"] / elapsed, "padding_fraction": stats.padding_fraction,
-            "packing_fill": stats.fill,
+            "packing_fill": stats.fill, "tokens": sums["real_tokens"], "step_time_s": elapsed,
         })  # fmt: skip
         if controller is not None and cfg.loss.alpha_update == "step":
             # identical inputs on every rank (globally reduced), so every rank computes the same next alpha
