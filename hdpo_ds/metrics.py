@@ -36,7 +36,9 @@ __all__ = [
     "resolve_tracking_uri",
 ]
 
-# Every key the trainer logs per optimizer step; evaluations log the first block under "eval/".
+# The keys the trainer logs at every optimizer step (tests/test_trainer.py checks the set is exact); with
+# loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*.
+# Evaluations log the first block under "eval/".
 PAIR_METRICS = (
     "loss",
     "rewards/chosen",
@@ -56,7 +58,18 @@ PAIR_METRICS = (
     "topk_entropy/chosen",
     "topk_entropy/rejected",
 )
-STEP_METRICS = (*PAIR_METRICS, "alpha", "grad_norm", "lr", "tokens_per_second", "padding_fraction")
+STEP_METRICS = (
+    *PAIR_METRICS,
+    "alpha",
+    "grad_norm",
+    "lr",
+    "tokens",
+    "step_time_s",
+    "tokens_per_second",
+    "padding_fraction",
+    "packing_fill",
+    "nonfinite/skipped_steps",
+)
 TDPO_METRICS = ("kl/chosen", "kl/rejected", "kl/margin")  # also logged (and under eval/) for TDPO runs
 
 

@@ -401,7 +401,7 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             "nonfinite/skipped_steps": nonfinite["skipped_total"],
             "alpha": alpha, "grad_norm": sums["grad_norm"] / world_size, "lr": lr,
             "tokens_per_second": sums["real_tokens"] / elapsed, "padding_fraction": stats.padding_fraction,
-            "packing_fill": stats.fill,
+            "packing_fill": stats.fill, "tokens": sums["real_tokens"], "step_time_s": elapsed,
         })  # fmt: skip
         if controller is not None and cfg.loss.alpha_update == "step":
             # identical inputs on every rank (globally reduced), so every rank computes the same next alpha

@@ -7,6 +7,7 @@ one rank a zero-weight filler micro-batch.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -22,6 +24,23 @@ from hdpo_ds.data import PairSampler, load_records, tokenize_pairs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 MAX_LENGTH, BUDGET, PAIRS_PER_STEP, STEPS = 96, 192, 4, 5
+# What a launcher sets (and hdpo_ds.dist.fill_single_process_env fills for a world of one).
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def restored_environ():
+    """On exit, os.environ is again what it was on entry: added variables removed, changed and removed
+    ones put back."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def free_port() -> int:
@@ -135,6 +154,7 @@ def launch(
     }
     env["OMP_NUM_THREADS"] = "1"  # compared runs use the same thread count
     env.update(env_extra or {})
+    started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:
@@ -142,11 +162,12 @@ def launch(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    wall_s = time.monotonic() - started
     # Keep every launch's output beside its run, for reading after a failure.
     log_index = len(glob.glob(str(assets["root"] / f"{name}.*.log")))
     (assets["root"] / f"{name}.{log_index}.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
     result = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "pgid": proc.pid,
-              "dir": assets["root"] / name}  # fmt: skip
+              "dir": assets["root"] / name, "wall_s": wall_s}  # fmt: skip
     if expect_success:
         assert proc.returncode == 0, f"{launcher} run failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
         # DeepSpeed's CPU allreduce segments (64 MiB per rank) must not outlive the run (engine.py)

@@ -166,6 +166,43 @@ def test_fdpo_capped_exp_is_continuous_at_the_cap():
     )
 
 
+@pytest.mark.parametrize("past", [1e-3, 1.0, 10.0, 60.0])
+def test_fdpo_capped_exp_continues_with_the_slope_at_the_cap(past):
+    """Past the cap c the docstring promises the tangent line: value e^c * (1 + (x - c)), slope e^c
+    (a hard clamp would give slope 0); below it exp itself, value and slope e^x."""
+    from hdpo_ds.losses import FDPO_MAX_EXPONENT as CAP
+    from hdpo_ds.losses import _capped_exp
+
+    x = torch.tensor([CAP + past], dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(_capped_exp(x).sum(), x)
+    assert slope.item() == pytest.approx(math.exp(CAP), rel=1e-12)
+    assert _capped_exp(x).item() == pytest.approx(math.exp(CAP) * (1 + past), rel=1e-12)
+    below = torch.tensor([CAP - past], dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(_capped_exp(below).sum(), below)
+    assert slope.item() == pytest.approx(math.exp(CAP - past), rel=1e-12)
+
+
+def test_fdpo_alpha_gradient_past_the_cap_by_hand():
+    """fdpo_alpha, f_alpha=0.5, beta=0.1, chosen log-ratio r_w = -100 (exponent -f_alpha*r_w = 50, past the
+    cap c = 40), r_l = 0. g(r) = (1 - capped_exp(-a*r)) / a, so past the cap dg/dr = e^c (the cap's slope
+    times a / a); z = beta*(g(r_w) - g(r_l)) with g(0) = 0, and dL/dlp_w = -sigmoid(-z) * beta * e^c."""
+    from hdpo_ds.losses import FDPO_MAX_EXPONENT as CAP
+
+    a, beta = 0.5, 0.1
+    lp_w = torch.tensor([-100.0], dtype=torch.float64, requires_grad=True)
+    lp_l = torch.tensor([-7.0], dtype=torch.float64, requires_grad=True)
+    ref_w, ref_l = torch.tensor([0.0], dtype=torch.float64), torch.tensor([-7.0], dtype=torch.float64)
+    out = preference_loss(lp_w, lp_l, ref_w, ref_l, loss_type="fdpo_alpha", beta=beta, f_alpha=a)
+    g_w = (1 - math.exp(CAP) * (1 + (50.0 - CAP))) / a  # the tangent line at the cap, 10 past it
+    z = beta * g_w
+    sigmoid_neg_z = 1 / (1 + math.exp(z))  # z ~ -5.3e16: sigmoid(-z) = 1 to double precision
+    assert out.losses.item() == pytest.approx(-z, rel=1e-12)  # softplus(-z) = -z for z this negative
+    grad_w, grad_l = torch.autograd.grad(out.losses.sum(), [lp_w, lp_l])
+    assert grad_w.item() == pytest.approx(-sigmoid_neg_z * beta * math.exp(CAP), rel=1e-12)
+    # g'(0) = 1 (exp's own slope below the cap): dL/dlp_l = +sigmoid(-z) * beta
+    assert grad_l.item() == pytest.approx(sigmoid_neg_z * beta * 1.0, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

@@ -1,7 +1,8 @@
 """Demo-scale checks of the monitors (`make test-slow`; numbers recorded in docs/results.md).
 
-- An over-optimising demo run (64 pairs, lr 5e-3, 120 steps, evaluation every 4 steps): detector (a) or
-  (b) fires no later than the held-out loss's minimum, or before eval reward accuracy peaks.
+- An over-optimising demo run (64 pairs, lr 5e-3, 120 steps, evaluation every 4 steps): every alert comes
+  where its documented condition first holds; the first, (a) or (b), after the first evaluation and no
+  later than the held-out loss's minimum, with that loss already within 5% of it.
 - Adaptive alpha on the demo task (all 2000 pairs, the demo's cosine schedule, 80 steps of 32 pairs,
   the controller's defaults): with a target of 4.8 nats the smoothed chosen-token entropy reaches the
   +-10% band and alpha stays in its bounds, where a fixed alpha of 1 never reaches the band.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_monitors_runs import run_demo
+from tests.test_monitors_runs import documented_alerts, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -37,9 +38,11 @@ def test_overoptimising_demo_run_alerts_early(tmp_path):
         f"eval loss lowest at step {best_loss_step} ({loss[best_loss_step]:.4f}); at the end {loss[120]:.4f}"
     )
     print(f"eval reward accuracy peaks at step {peak_accuracy_step} ({accuracy[peak_accuracy_step]:.4f})")
-    early = [a for a in alerts if a["detector"] in ("topk_entropy_turn", "logps_falling")]
-    assert early, "neither (a) nor (b) fired"
-    assert early[0]["step"] <= best_loss_step or early[0]["step"] < peak_accuracy_step
+    assert {a["detector"]: a["step"] for a in alerts} == documented_alerts(run["metrics"])
+    first = alerts[0]
+    assert first["detector"] in ("topk_entropy_turn", "logps_falling")
+    assert sorted(loss)[0] < first["step"] <= best_loss_step
+    assert loss[first["step"]] <= 1.05 * loss[best_loss_step]
 
 
 def _smoothed(series: dict[int, float], decay: float = 0.8) -> dict[int, float]:

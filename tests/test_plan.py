@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,12 +29,40 @@ from hdpo_ds.plan import (
     plan_memory,
     recommend,
 )
-from tests.run_helpers import ROOT
+from tests.run_helpers import ROOT, restored_environ
 
 MODELS = os.path.join(ROOT, "configs/models")
 SHIPPED = ["tiny-demo", "llama-7b", "llama-34b", "command-r-35b", "llama-70b"]
 # Exact counts known from the model cards / the published checkpoints (sum of parameter numels).
 KNOWN = {"llama-7b": 6_738_415_616, "llama-70b": 68_976_648_192}
+# The same worked by hand from each config.json (V vocab, H hidden, L layers, n heads, g kv heads, d head_dim,
+# I intermediate): per layer q and o (H·n·d each), k and v (H·g·d each), the gated MLP (3·H·I) and the
+# norms (2·H; Cohere's parallel block has one); then the embedding V·H (twice when lm_head is untied) and
+# the final norm H.
+BY_HAND = {
+    # V 512, H 128, L 4, n 4, g 2, d 32, I 384, tied
+    "tiny-demo": (512 * 128 + 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384 + 2 * 128) + 128, 853_120),
+    # V 32000, H 4096, L 32, n = g = 32, d 128, I 11008, untied
+    "llama-7b": (
+        2 * 32000 * 4096 + 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 4096,
+        6_738_415_616,
+    ),
+    # V 32000, H 8192, L 48, n 64, g 8, d 128, I 22016, untied
+    "llama-34b": (
+        2 * 32000 * 8192 + 48 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 22016 + 2 * 8192) + 8192,
+        33_743_970_304,
+    ),
+    # V 256000, H 8192, L 40, n = g = 64, d 128, I 22528, tied, one norm per layer
+    "command-r-35b": (
+        256000 * 8192 + 40 * (4 * 8192 * 8192 + 3 * 8192 * 22528 + 8192) + 8192,
+        34_980_831_232,
+    ),
+    # V 32000, H 8192, L 80, n 64, g 8, d 128, I 28672, untied
+    "llama-70b": (
+        2 * 32000 * 8192 + 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) + 8192,
+        68_976_648_192,
+    ),
+}
 
 DEMO_TRAIN = os.path.join(ROOT, "configs/data/demo/train.jsonl")
 BIG_PATHS = [
@@ -51,11 +78,14 @@ def shapes():
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_meta_count_equals_analytic_and_known(name, shapes):
-    config = load_hf_config(os.path.join(MODELS, name))
-    assert shapes[name].num_params == analytic_param_count(config)
+def test_parameter_counts_by_hand_and_known(name, shapes):
+    """The meta-device count and the planner's analytic count both equal the count worked by hand."""
+    formula, count = BY_HAND[name]
+    assert formula == count
+    assert shapes[name].num_params == count
+    assert analytic_param_count(load_hf_config(os.path.join(MODELS, name))) == count
     if name in KNOWN:
-        assert shapes[name].num_params == KNOWN[name]
+        assert count == KNOWN[name]
 
 
 def test_command_r_shape(shapes):
@@ -118,8 +148,10 @@ def test_offload_moves_optimizer_state_to_host(shapes):
     shape = shapes["command-r-35b"]
     on = plan_memory(shape, Hardware(2, 8, 80), Settings(8192, offload_optimizer=True))
     off = plan_memory(shape, Hardware(2, 8, 80), Settings(8192))
-    x = math.ceil(shape.num_params / 16)
-    # GPU keeps the bf16 parameter shard; host gets gradients (2x), master (4x), Adam (8x), fp32 grad (4x).
+    x = 34_980_831_232 // 16  # parameters per rank, by hand (test_command_r_shape); 16 ranks divide it
+    assert x * 16 == 34_980_831_232 and x == 2_186_301_952
+    # GPU keeps the bf16 parameter shard; host gets the bf16 gradients (2 bytes per parameter), the fp32
+    # master (4) and Adam's fp32 m and v (8), and the fp32 gradient partition CPU Adam steps on (4).
     assert off.peak_bytes - on.peak_bytes == (2 + 4 + 8) * x
     assert on.host_bytes_per_node == 8 * (2 + 4 + 8 + 4) * x
 
@@ -154,10 +186,37 @@ def test_plan_cli_json(capsys):
     assert out["hardware"]["world_size"] == 32
     assert out["deepspeed_estimate"]["gpu_bytes_per_gpu"] > 0
     assert any("MFU" in a for a in out["assumptions"])
-    assert out["fits"] == (out["headroom_bytes"] >= 0)
-    assert (
-        out["largest_micro_batch_tokens"] >= 8192 if out["fits"] else out["largest_micro_batch_tokens"] == 0
-    )
+    # By hand. Llama-70B (H 8192, L 80, 8 kv heads of 128, I 28672, V 32000) on 32 GPUs: x = 68,976,648,192
+    # / 32 parameters per rank. On the GPU: the bf16 shard 2x; the buckets 2·(H² + int(0.9·H²)) bytes; during the
+    # backward the largest module (the 32000×8192 embedding) gathered with its gradient, 2·2·262,144,000, and
+    # 2·(1e9 - 262,144,000) more kept gathered (stage3_max_live_parameters 1e9).
+    x = 68_976_648_192 // 32
+    assert x * 32 == 68_976_648_192
+    persistent = 2 * x + 2 * (8192**2 + int(0.9 * 8192**2))
+    gathered = 2 * 2 * 262_144_000 + 2 * (1_000_000_000 - 262_144_000)
+    # Checkpointed activations per token: each layer's bf16 input (L·H·2) + two layers' worth (recomputed
+    # layer and its gradient) of 2 norms·(4 + 2·2)·H + (3·H + 2·1024 + 4·I)·2, + the final norm (4 + 2·2)·H.
+    per_layer = 2 * (4 + 2 * 2) * 8192 + (3 * 8192 + 2 * 1024 + 4 * 28672) * 2
+    assert per_layer == 413_696
+    activations = 8192 * (80 * 8192 * 2 + 2 * per_layer + (4 + 2 * 2) * 8192)
+    # logits and their gradient in bf16 (T·V·2 each) + token_stats' fp32 chunk of 1024×V
+    logits = 2 * 8192 * 32000 * 2 + 1024 * 32000 * 4
+    peak = persistent + gathered + activations + logits  # the cached reference holds no model
+    assert out["peak_bytes"] == peak == 26_322_274_610 and out["peak_phase"] == "backward"
+    required = int(peak * 1.10 + 3 * GIB)  # +10% fragmentation, 3 GiB runtime reserve (assumptions)
+    assert out["required_bytes"] == required and out["headroom_bytes"] == 80 * GIB - required > 0
+    assert out["fits"] is True
+    # host, per node of 8 GPUs: bf16 gradients 2x, fp32 master 4x, Adam m and v 8x, CPU Adam's fp32 grad 4x
+    assert out["host_bytes_per_node"] == 8 * (2 + 4 + 8 + 4) * x
+
+    # Doubling the micro-batch: at T tokens the peak grows by T·(activations per token + 2·V·2) bytes.
+    # 16384 tokens fit (49.5 GiB required), 32768 do not (88.7 GiB).
+    def required_at(t):
+        grown = peak + (t - 8192) * (activations // 8192 + 2 * 32000 * 2)
+        return int(grown * 1.10 + 3 * GIB)
+
+    assert required_at(16384) <= 80 * GIB < required_at(32768)
+    assert out["largest_micro_batch_tokens"] == 16384
 
 
 def test_plan_cli_unknown_model(capsys, tmp_path):
@@ -179,7 +238,8 @@ def _train_main():
 
 
 def dry_run(capsys, *args: str) -> tuple[int, str, str]:
-    code = _train_main()(["--dry-run", *args])
+    with restored_environ():  # an in-process run of the entry point (tests/conftest.py)
+        code = _train_main()(["--dry-run", *args])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

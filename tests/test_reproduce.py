@@ -4,13 +4,13 @@ sampled pairs -> H-DPO for two alphas -> pass@k report, markdown and plot; a sec
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from hdpo_ds.evaluate import pass_at_k
 from tests.run_helpers import ROOT
 
 
@@ -25,19 +25,28 @@ def test_smoke_reproduction(tmp_path):
     reports = data["results"]["0"]
     assert set(reports) == {"SFT", "alpha=0.8", "alpha=1", "_pairs"}
     assert reports["_pairs"]["counts"]["train_pairs"] > 0
+    runs = {"SFT": "sft", "alpha=0.8": "hdpo_alpha0.8", "alpha=1": "hdpo_alpha1"}
     for name in ("SFT", "alpha=0.8", "alpha=1"):
         report = reports[name]
+        samples_file = out / "seed0" / runs[name] / "eval" / "samples.jsonl"
+        samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
         assert report["settings"]["n"] == 4 and report["settings"]["temperatures"] == [0.5, 1.0]
         for t in ("0.5", "1"):
             m = report["temperatures"][t]
             passes = [m[f"pass_at_{k}"] for k in (1, 2, 4)]
             assert passes == sorted(passes) and 0 <= passes[0] <= 1  # pass@k never falls with k
             assert m["token_entropy"] > 0 and 0 < m["distinct_1"] <= 1
-            per = report["per_prompt"][t]
-            assert len(per) == 8
-            assert m["pass_at_2"] == pytest.approx(
-                np.mean([pass_at_k(v["n"], v["correct"], 2) for v in per.values()])
-            )
+            # pass@k from the samples themselves: per prompt, c correct of n, 1 - C(n - c, k) / C(n, k)
+            n, c = {}, {}
+            for x in samples:
+                if f"{x['temperature']:g}" == t:
+                    n[x["id"]] = n.get(x["id"], 0) + 1
+                    c[x["id"]] = c.get(x["id"], 0) + x["correct"]
+            assert len(n) == 8 and set(n.values()) == {4}
+            assert report["per_prompt"][t] == {i: {"correct": c[i], "n": n[i]} for i in n}
+            for k in (1, 2, 4):
+                expected = np.mean([1 - math.comb(n[i] - c[i], k) / math.comb(n[i], k) for i in n])
+                assert m[f"pass_at_{k}"] == pytest.approx(expected, rel=1e-12), (name, t, k)
         # T = 0.5 samples from a sharper distribution than T = 1
         assert (
             report["temperatures"]["0.5"]["token_entropy_sampling"]

@@ -512,13 +512,20 @@ def test_evaluation_two_ranks_equal_one_process(sft_assets, sft_one, tmp_path):
     assert sorted((tmp_path / "one.jsonl").read_text().splitlines()) == sorted(
         (tmp_path / "two.jsonl").read_text().splitlines()
     )
-    # the report's pass@k is the estimator over the per-prompt counts it lists
-    from hdpo_ds.evaluate import pass_at_k
+    # pass@k from the samples themselves: per prompt, c correct of n, 1 - C(n - c, k) / C(n, k) (Chen et al.)
+    from math import comb
 
-    for t, per in one["per_prompt"].items():
+    samples = [json.loads(line) for line in (tmp_path / "one.jsonl").read_text().splitlines()]
+    for t in one["temperatures"]:
+        n, c = {}, {}
+        for x in samples:
+            if f"{x['temperature']:g}" == t:
+                n[x["id"]] = n.get(x["id"], 0) + 1
+                c[x["id"]] = c.get(x["id"], 0) + x["correct"]
+        assert one["per_prompt"][t] == {i: {"correct": c[i], "n": n[i]} for i in n}
         for k in (1, 2, 8):
-            expected = np.mean([pass_at_k(v["n"], v["correct"], k) for v in per.values()])
-            assert one["temperatures"][t][f"pass_at_{k}"] == pytest.approx(expected)
+            expected = np.mean([1 - comb(n[i] - c[i], k) / comb(n[i], k) for i in n])
+            assert one["temperatures"][t][f"pass_at_{k}"] == pytest.approx(expected, rel=1e-12)
     # MLflow got the same numbers
     from mlflow.tracking import MlflowClient
 

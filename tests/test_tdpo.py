@@ -180,19 +180,22 @@ def test_two_rank_tdpo2_step0_equals_single_process(assets):
         kl = (log_ref.exp() * (log_ref - log_pol)).sum()
         return log_pol.gather(-1, target).sum(), log_ref.gather(-1, target).sum(), kl
 
-    cols = [[], [], [], [], [], []]
+    # TDPO2 as Zeng et al. write it (hdpo_ds/losses.py), pair by pair in float64: U = (lp_w - ref_w) -
+    # (lp_l - ref_l), loss = -log sigmoid(beta * (U - alpha * (KL_l - KL_w))) = log(1 + e^-z).
+    beta, alpha = 0.5, 0.5
+    losses, kl_chosen, kl_margin = [], [], []
     for i in indices:
         pair = pairs[int(i)]
-        w, l_ = terms(pair.prompt_ids, pair.chosen_ids), terms(pair.prompt_ids, pair.rejected_ids)
-        for k, value in enumerate((w[0], l_[0], w[1], l_[1], w[2], l_[2])):
-            cols[k].append(value)
-    out = tdpo_loss(*(torch.stack(c) for c in cols), loss_type="tdpo2", beta=0.5, tdpo_alpha=0.5)
-    assert (torch.stack(cols[5]) > 0).all()  # the KL term is really there
-    assert run["metrics"]["loss"][0] == pytest.approx(out.losses.mean().item(), rel=1e-5)
-    assert run["metrics"]["kl/chosen"][0] == pytest.approx(out.chosen_kl.mean().item(), rel=1e-5)
-    assert run["metrics"]["kl/margin"][0] == pytest.approx(
-        (out.rejected_kl - out.chosen_kl).mean().item(), rel=1e-4
-    )
+        lp_w, ref_w, kl_w = (float(v) for v in terms(pair.prompt_ids, pair.chosen_ids))
+        lp_l, ref_l, kl_l = (float(v) for v in terms(pair.prompt_ids, pair.rejected_ids))
+        assert kl_w > 0 and kl_l > 0  # the KL term is really there
+        z = beta * (((lp_w - ref_w) - (lp_l - ref_l)) - alpha * (kl_l - kl_w))
+        losses.append(math.log1p(math.exp(-z)))
+        kl_chosen.append(kl_w)
+        kl_margin.append(kl_l - kl_w)
+    assert run["metrics"]["loss"][0] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert run["metrics"]["kl/chosen"][0] == pytest.approx(sum(kl_chosen) / len(kl_chosen), rel=1e-5)
+    assert run["metrics"]["kl/margin"][0] == pytest.approx(sum(kl_margin) / len(kl_margin), rel=1e-4)
 
 
 def test_tdpo_refuses_the_cache_at_start_up():

@@ -3,7 +3,7 @@
 Runs shared by the tests of this module (each launch costs 15-40 s here; assets: tests/run_helpers.py):
 - `ds2`: the deepspeed launcher, 2 ranks, 5 steps, full gradient dumped at step 0;
 - `py1`: plain `python launch/train.py`, one process, the same 5 steps;
-- `tr2`: torchrun, 2 ranks, 2 steps.
+- `tr2`: torchrun, 2 ranks, 2 steps, padded micro-batches (`data.packing=false`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,16 @@ import pytest
 import torch
 
 from hdpo_ds.data import PairSampler
-from hdpo_ds.losses import preference_loss
-from hdpo_ds.metrics import STEP_METRICS
-from tests.run_helpers import BUDGET, PAIRS_PER_STEP, ROOT, STEPS, overrides
+from hdpo_ds.metrics import PAIR_METRICS, STEP_METRICS
+from tests.run_helpers import (
+    BUDGET,
+    PAIRS_PER_STEP,
+    RENDEZVOUS_VARIABLES,
+    ROOT,
+    STEPS,
+    overrides,
+    restored_environ,
+)
 from tests.run_helpers import launch as _launch
 
 
@@ -34,6 +41,11 @@ def ds2(assets):
 @pytest.fixture(scope="module")
 def py1(assets):
     return _launch(assets, "py1", "python", STEPS)
+
+
+@pytest.fixture(scope="module")
+def tr2(assets):
+    return _launch(assets, "tr2", "torchrun", 2, extra=["data.packing=false"])
 
 
 def _single_process_step0(assets):
@@ -60,10 +72,15 @@ def _single_process_step0(assets):
         pair = pairs[int(i)]
         lp_w.append(sequence_logp(pair.prompt_ids, pair.chosen_ids))
         lp_l.append(sequence_logp(pair.prompt_ids, pair.rejected_ids))
-    lp_w, lp_l = torch.stack(lp_w), torch.stack(lp_l)
-    # At step 0 the reference is the policy's initial copy: same values, no gradient.
-    out = preference_loss(lp_w, lp_l, lp_w.detach(), lp_l.detach(), loss_type="hdpo", beta=0.5, alpha=0.9)
-    loss = out.losses.mean()
+    # H-DPO as Omura et al. write it (hdpo_ds/losses.py), pair by pair: z = alpha*beta*(lp_w - lp_l) -
+    # beta*(ref_w - ref_l), loss = -log sigmoid(z) = log(1 + e^-z); at step 0 the reference is the policy's
+    # initial copy (the same values, no gradient). beta 0.5, alpha 0.9: run_helpers.overrides.
+    beta, alpha = 0.5, 0.9
+    losses = []
+    for chosen, rejected in zip(lp_w, lp_l, strict=True):
+        z = alpha * beta * (chosen - rejected) - beta * (chosen.detach() - rejected.detach())
+        losses.append(torch.log1p(torch.exp(-z)))
+    loss = sum(losses) / len(losses)
     loss.backward()
     return loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
 
@@ -103,19 +120,85 @@ def test_two_ranks_follow_the_one_process_trajectory(ds2, py1):
 
 
 @pytest.mark.distributed
-def test_torchrun_launch(assets, py1):
-    tr2 = _launch(assets, "tr2", "torchrun", 2)
-    assert tr2["params"]["run.world_size"] == "2"
+def test_torchrun_launch_with_padded_micro_batches(tr2, py1):
+    """torchrun's 2 ranks, one padded sequence per row, follow one packed process."""
+    assert tr2["params"]["run.world_size"] == "2" and tr2["params"]["run.attn_implementation"] == "sdpa"
     for step in range(2):
         assert tr2["metrics"]["loss"][step] == pytest.approx(py1["metrics"]["loss"][step], rel=1e-4, abs=1e-6)
 
 
+def _step_pairs(assets, step: int, world_size: int, packing: bool):
+    """The step's pairs (tokenized, in step order) and its plan, from the sampler the run used."""
+    sampler = PairSampler(
+        assets["pairs"].lengths,
+        pairs_per_step=PAIRS_PER_STEP,
+        world_size=world_size,
+        rank=0,
+        seed=assets["seed"],
+        max_tokens_per_micro_batch=BUDGET,
+        packing=packing,
+    )
+    assignment = sampler.assignment(0, step)  # 40 pairs, 4 per step: steps 0-4 are epoch 0's first five
+    return [assets["pairs"][int(i)] for i in assignment.pair_indices], assignment.plan
+
+
+@pytest.mark.parametrize(
+    ("run", "world_size", "packing", "steps"),
+    [
+        ("py1", 1, True, STEPS),
+        pytest.param("ds2", 2, True, STEPS, marks=pytest.mark.distributed),
+        pytest.param("tr2", 2, False, 2, marks=pytest.mark.distributed),
+    ],
+)
+def test_step_metrics_are_what_the_batch_implies(assets, request, run, world_size, packing, steps):
+    """Per step, from the tokenized pairs themselves: `tokens` = their non-padding tokens (the prompt in both
+    sequences); `packing_fill` = tokens / (micro-batches of all ranks x budget); `padding_fraction` = pad /
+    tensor tokens, where a padded micro-batch is 2 x pairs rows of its longest sequence (fillers count) and
+    a packed one has none; `tokens_per_second` = tokens / `step_time_s`, and the steps took less time than
+    the whole launch; the per-token means divide the per-pair sums by the step's response tokens."""
+    result = request.getfixturevalue(run)
+    metrics = result["metrics"]
+    for step in range(steps):
+        pairs, plan = _step_pairs(assets, step, world_size, packing)
+        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        assert metrics["tokens"][step] == tokens, step
+        micro_batches = [mb for rank in plan.ranks for mb in rank]
+        assert len(micro_batches) == world_size * plan.micro_batches_per_rank
+        assert metrics["packing_fill"][step] == pytest.approx(
+            tokens / (len(micro_batches) * BUDGET), rel=1e-12
+        )
+        filled, tensor = 0, 0  # over every micro-batch, fillers included (their rows are padded too)
+        for mb in micro_batches:
+            members = [pairs[i] for i in mb.pairs]
+            mb_tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in members)
+            longest = max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in members)
+            filled += mb_tokens
+            tensor += 2 * len(members) * longest if not packing else mb_tokens
+        assert (tensor > filled) == (not packing)  # the padded rows of this step do pad
+        assert metrics["padding_fraction"][step] == pytest.approx(
+            (tensor - filled) / tensor, rel=1e-12, abs=0
+        )
+        assert metrics["tokens_per_second"][step] == pytest.approx(
+            tokens / metrics["step_time_s"][step], rel=1e-12
+        )
+        for side in ("chosen", "rejected"):
+            response_tokens = sum(len(getattr(p, f"{side}_ids")) for p in pairs)
+            assert metrics[f"logps/{side}_mean"][step] == pytest.approx(
+                metrics[f"logps/{side}"][step] * len(pairs) / response_tokens, rel=1e-12
+            )
+    assert 0 < sum(metrics["step_time_s"][s] for s in range(steps)) < result["wall_s"]
+
+
 def test_mlflow_holds_every_metric_for_every_step(py1):
+    """The keys logged per step are STEP_METRICS exactly (a key missing from the list fails), every step;
+    evaluations log PAIR_METRICS under eval/."""
     metrics = py1["metrics"]
+    per_step = {k for k in metrics if k != "_counts" and not k.startswith(("eval/", "memory/"))}
+    assert per_step == set(STEP_METRICS), per_step ^ set(STEP_METRICS)
     for key in STEP_METRICS:
         assert sorted(metrics[key]) == list(range(STEPS)), key
-    eval_keys = [k for k in metrics if k.startswith("eval/")]
-    assert len(eval_keys) == 17
+    eval_keys = {k for k in metrics if k.startswith("eval/")}
+    assert eval_keys == {f"eval/{k}" for k in PAIR_METRICS}
     for key in eval_keys:
         assert sorted(metrics[key]) == [2, 4, STEPS], key
     params = py1["params"]
@@ -124,6 +207,13 @@ def test_mlflow_holds_every_metric_for_every_step(py1):
     # step 0: policy == reference, so the log-ratios are exactly 0
     assert metrics["logratio/chosen"][0] == 0.0 and metrics["logratio/rejected"][0] == 0.0
     assert all(0 <= metrics["rewards/accuracies"][s] <= 1 for s in range(STEPS))
+
+
+def _train_main():
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    import train as launch_train
+
+    return launch_train.main
 
 
 @pytest.mark.parametrize(
@@ -135,10 +225,7 @@ def test_mlflow_holds_every_metric_for_every_step(py1):
         ("data.train_files=[/nonexistent/train.jsonl]", "/nonexistent/train.jsonl"),
     ],
 )
-def test_bad_input_fails_before_any_engine(assets, monkeypatch, capsys, override, message):
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    import train as launch_train
-
+def test_bad_input_fails_before_any_engine(assets, monkeypatch, capsys, isolated_environ, override, message):
     from hdpo_ds import engine
 
     def forbidden(*args, **kwargs):
@@ -146,11 +233,25 @@ def test_bad_input_fails_before_any_engine(assets, monkeypatch, capsys, override
 
     monkeypatch.setattr(engine, "build_policy_engine", forbidden)
     monkeypatch.setattr(engine, "init_distributed", forbidden)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    for key in RENDEZVOUS_VARIABLES:  # a world of one, as `python launch/train.py` is (restored after)
+        isolated_environ.pop(key, None)
     args = ["--ds", "ds_configs/zero3.json", *overrides(assets, "bad", 1), override]
-    assert launch_train.main(args) == 2
+    assert _train_main()(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_in_process_run_leaves_the_environment_as_it_was(assets, capsys):
+    """The entry point fills RANK, WORLD_SIZE, MASTER_PORT ... for a world of one; restored_environ (what
+    the isolated_environ fixture uses) takes them, and anything else the run set, away again."""
+    before = dict(os.environ)
+    with restored_environ():
+        for key in RENDEZVOUS_VARIABLES:
+            os.environ.pop(key, None)
+        args = ["--ds", "ds_configs/zero3.json", *overrides(assets, "bad", 1), "loss.beta=-1"]
+        assert _train_main()(args) == 2
+        assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1" and "MASTER_PORT" in os.environ
+    assert dict(os.environ) == before
+    assert "loss.beta: must be > 0" in capsys.readouterr().err
 
 
 def _without_version(config: dict) -> dict:

@@ -8,7 +8,8 @@ scratch with launch/sft.py; (ii) sample completions of the pair prompts from the
 launch/evaluate.py and build preference pairs by correctness (hdpo_ds/sampled_pairs.py); (iii) train H-DPO
 with launch/train.py for every alpha, same beta, steps and seed, the SFT model as reference (its log-probs
 cached once per seed and shared); (iv) evaluate the SFT model and every H-DPO model with launch/evaluate.py:
-pass@k for k = 1, 2, 4, ..., n at T = 0.5 and 1.0, token entropy, distinct-n, distinct correct answers.
+pass@k for k = 1, 2, 4, ..., n at T = 0.5 and 1.0, token entropy, distinct-n, distinct correct answers (the
+report in <model run>/eval/report.json, every sample beside it in samples.jsonl).
 Then the table, the commands and a plot of pass@k against k go into the results file, between the
 markers below (the rest of the file is left alone).
 
@@ -132,11 +133,12 @@ def run_seed(plan: Plan, seed: int, out: str, tracking_uri: str, commands: list[
     reports = {}
     for name, model in models.items():
         report = os.path.join(os.path.dirname(model), "eval", "report.json")
+        samples = os.path.join(os.path.dirname(report), "samples.jsonl")
         _run([py, "launch/evaluate.py", "--model", model, "--prompts", f"{task}/eval_prompts.jsonl",
               "--checker", "arith", "--temperatures", *map(str, plan.temperatures), "--k", *map(str, plan.ks),
               "--num-samples", str(plan.n), "--max-new-tokens", str(plan.max_new_tokens), "--seed", str(seed),
-              "--prompts-per-batch", "16", "--out", report, "--tracking-uri", tracking_uri,
-              "--experiment", "hdpo_ds-toy-eval", "--run-name", f"toy-seed{seed}-{name}", "--no-progress"],
+              "--prompts-per-batch", "16", "--out", report, "--samples", samples,
+              "--tracking-uri", tracking_uri, "--experiment", "hdpo_ds-toy-eval", "--run-name", f"toy-seed{seed}-{name}", "--no-progress"],
              os.path.join(logs, f"eval_{name.replace('=', '')}.log"), commands, done=os.path.isfile(report))  # fmt: skip
         with open(report) as f:
             reports[name] = json.load(f)
