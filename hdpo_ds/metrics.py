@@ -70,7 +70,6 @@ STEP_METRICS = (
     "packing_fill",
     "nonfinite/skipped_steps",
 )
-TDPO_METRICS = ("kl/chosen", "kl/rejected", "kl/margin")  # also logged (and under eval/) for TDPO runs
 
 
 class StepAccumulator:

@@ -138,9 +138,9 @@ def _entry(body):
     return run_entry_point("doc", "ds", body, ["--ds", "x.json", *BASE])
 
 
-def test_input_errors_exit_2_and_bugs_surface_as_bugs(monkeypatch, capsys):
+def test_input_errors_exit_2_and_bugs_surface_as_bugs(isolated_environ, capsys):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        isolated_environ.pop(name, None)
 
     def bad_input(cfg, ds, rank):
         raise ConfigError("train.max_steps: must be >= 1, got 0")
