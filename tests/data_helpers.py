@@ -63,8 +63,9 @@ def make_tokenizer(*, chat_template: str | None = CHAT_TEMPLATE, vocab_size: int
     return tok
 
 
-def tiny_llama(vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0):
-    """A 2-layer fp32 Llama small enough for unit tests (hidden 64, 4 heads, 2 kv heads)."""
+def tiny_llama(vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0, **config_values):
+    """A 2-layer fp32 Llama small enough for unit tests (hidden 64, 4 heads, 2 kv heads), in eval mode;
+    `config_values` set further LlamaConfig fields (e.g. attention_dropout)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,6 +77,7 @@ def tiny_llama(vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0
         intermediate_size=128,
         vocab_size=vocab_size,
         max_position_embeddings=1024,
+        **config_values,
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)

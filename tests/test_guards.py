@@ -13,6 +13,7 @@ import torch
 from hdpo_ds import checkpoint
 from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
 from hdpo_ds.engine import fill_ds_config, load_ds_config
+from tests.data_helpers import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["model.name_or_path=configs/models/tiny-demo", "data.train_files=[a.jsonl]"]
@@ -171,17 +172,7 @@ def test_a_missing_chat_template_file_names_the_key(tmp_path):
 
 
 def _save_tiny(path, both_formats: bool = False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(64)
     model.save_pretrained(path)
     if both_formats:  # a hub snapshot with a pickled copy beside the safetensors one
         torch.save(model.state_dict(), os.path.join(path, "pytorch_model.bin"))
@@ -233,22 +224,9 @@ def test_each_weight_file_is_hashed_once_for_all_splits(tmp_path, monkeypatch):
 
 
 def test_disable_dropout_makes_train_mode_compute_eval_mode():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from hdpo_ds.models import disable_dropout
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_dropout=0.5,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(64, attn_implementation="eager", attention_dropout=0.5)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model.eval()(input_ids=ids).logits
