@@ -367,16 +367,19 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
                 planted.remove()
             if not last:
                 policy.step()
-                continue
-            # A finite loss can still give a NaN/Inf gradient (bf16 overflow inside the graph): this rank's
-            # reduced gradient partition is checked too, in the same agreement.
-            bad |= ~engine.local_all_finite(policy, "grad", device)
-            if skip_step := dist.all_agree(bad, device=device):  # one collective decides for all ranks
-                engine.discard_gradients(policy)  # no update: optimizer, scheduler and step counters stay put
             else:
-                if step in cfg.train.dump_gradients_at:
-                    _dump_gradients(policy, cfg.output_dir, step)
-                policy.step()
+                # A finite loss can still give a NaN/Inf gradient (bf16 overflow inside the graph): this
+                # rank's reduced gradient partition is checked too, in the same agreement.
+                bad |= ~engine.local_all_finite(policy, "grad", device)
+                skip_step = dist.all_agree(bad, device=device)  # one collective decides for all ranks
+                if skip_step:
+                    engine.discard_gradients(
+                        policy
+                    )  # no update: optimizer, scheduler, step counters stay put
+                else:
+                    if step in cfg.train.dump_gradients_at:
+                        _dump_gradients(policy, cfg.output_dir, step)
+                    policy.step()
             if not mb.filler:
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
