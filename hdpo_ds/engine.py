@@ -311,16 +311,19 @@ def full_gradients(engine) -> dict[str, torch.Tensor]:
 
 def _local_partitions(engine, kind: str):
     """This rank's share of every trainable parameter's gradient ("grad") or weights ("weight"): the
-    ZeRO-3 partition where the parameter is partitioned, else the whole tensor."""
-    from deepspeed.utils import safe_get_local_grad
+    ZeRO-3 partition where the parameter is partitioned, else the whole tensor (every rank visits the
+    parameters in the same order, as safe_get_full_grad may be collective under ZeRO 1-2)."""
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
     for param in engine.module.parameters():
         if not param.requires_grad:
             continue
         if kind == "weight":
             yield param.ds_tensor if hasattr(param, "ds_tensor") else param.data
-        else:
-            yield safe_get_local_grad(param) if hasattr(param, "ds_id") else param.grad
+        elif hasattr(param, "ds_id"):
+            yield safe_get_local_grad(param)
+        else:  # ZeRO 0-2 keep the reduced gradient in the optimizer's buffers, not in param.grad
+            yield safe_get_full_grad(param)
 
 
 def local_all_finite(engine, kind: str, device: torch.device) -> torch.Tensor:
