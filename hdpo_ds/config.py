@@ -251,8 +251,10 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             raise ConfigError(f"{key}: unknown key (valid keys here: {valid})")
         current = getattr(obj, name)
         if isinstance(value, _OverrideText):
-            # a string key takes the override's text as typed: YAML would read `1:3` as the number 63
-            value = value.text if _takes_text(hints[name]) else value.parsed
+            # a string key takes the override's text when YAML makes something else of it (`1:3` is the
+            # base-60 number 63, `-1:` a mapping, `on` true); a quoted value is already a string
+            wants_text = _takes_text(hints[name]) and not isinstance(value.parsed, str)
+            value = value.text if wants_text else value.parsed
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping of sub-keys, got {value!r}")

@@ -258,6 +258,7 @@ def test_rebuild_stale_with_a_cached_reference_is_refused_at_start():
         ("data.eval_rows=-1:", "-1:"),
         ("reference.mode=auto", "auto"),
         ("logging.run_name=on", "on"),
+        ("data.rows='1:3'", "1:3"),
     ],
 )
 def test_a_string_key_takes_the_override_as_typed(override, expected):
