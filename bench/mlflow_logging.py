@@ -58,10 +58,7 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
 def step_metrics(step: int) -> dict[str, float]:
     from hdpo_ds.metrics import STEP_METRICS
 
-    return {
-        key: 1.0 / (step + 1 + i)
-        for i, key in enumerate(STEP_METRICS)
-    }
+    return {key: 1.0 / (step + 1 + i) for i, key in enumerate(STEP_METRICS)}
 
 
 def direct(uri: str, steps: int) -> dict:
