@@ -293,3 +293,34 @@ def test_auto_mode_destroys_the_reference_engine_it_built(setup, tmp_path, monke
     destroyed.clear()
     gc.collect()
     assert engine() is None, "ensure_reference_caches kept a reference to the engine it built"
+
+
+def test_a_stale_cache_in_cached_mode_gives_advice_that_works_there(setup, tmp_path):
+    """reference.mode=cached never computes: the stale-cache error points at the precompute pass or at
+    reference.mode=auto, not at a key that has no effect in this mode."""
+    from hdpo_ds.precompute import ensure_reference_caches
+
+    root = tmp_path / "cached"
+
+    def ensure(compute_missing, *extra):
+        cfg = _cfg(setup, f"reference.cache_path={root}", "reference.mode=cached", *extra)
+        splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
+        return ensure_reference_caches(
+            cfg,
+            splits,
+            ref_ds={},
+            dtype=torch.float32,
+            device_type="cpu",
+            device=torch.device("cpu"),
+            pad_token_id=setup["tokenizer"].pad_token_id,
+            compute_missing=compute_missing,
+            reference=OnlineReference(setup["model"], 64),
+        )
+
+    ensure(True)  # as launch/precompute_ref.py would
+    with pytest.raises(RefCacheError) as info:
+        ensure(False, "data.max_length=200")
+    message = str(info.value)
+    assert "launch/precompute_ref.py reference.rebuild_stale=true" in message
+    assert "reference.mode=auto reference.rebuild_stale=true" in message
+    assert "data.max_length: 256" in message
