@@ -65,6 +65,25 @@ def _build(setup, cache_dir, *extra, tokenizer=None):
     return cfg, split, fingerprint
 
 
+def _ensure_caches(setup, root, mode: str, compute_missing: bool, *extra, reference=None):
+    """precompute.ensure_reference_caches for the train split of `_cfg` with its cache under `root`."""
+    from hdpo_ds.precompute import ensure_reference_caches
+
+    cfg = _cfg(setup, f"reference.cache_path={root}", f"reference.mode={mode}", *extra)
+    splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
+    return ensure_reference_caches(
+        cfg,
+        splits,
+        ref_ds={},
+        dtype=torch.float32,
+        device_type="cpu",
+        device=torch.device("cpu"),
+        pad_token_id=setup["tokenizer"].pad_token_id,
+        compute_missing=compute_missing,
+        reference=reference,
+    )
+
+
 @pytest.fixture(scope="module")
 def built(setup):
     cache_dir = setup["root"] / "cache"
@@ -204,16 +223,11 @@ def test_wrong_row_count_is_refused(built, tmp_path):
 def test_auto_mode_stops_on_a_stale_cache_and_rebuilds_it_when_asked(setup, tmp_path):
     """reference.mode=auto: missing -> computed; stale -> an error naming the change, or with
     reference.rebuild_stale a rebuild that says so; matching -> reused."""
-    from hdpo_ds.precompute import ensure_reference_caches
-
     root = tmp_path / "auto"
+    reference = OnlineReference(setup["model"], 64)
 
     def ensure(*extra):
-        cfg = _cfg(setup, f"reference.cache_path={root}", "reference.mode=auto", *extra)
-        splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
-        return ensure_reference_caches(cfg, splits, ref_ds={}, dtype=torch.float32, device_type="cpu",
-                                       device=torch.device("cpu"), pad_token_id=setup["tokenizer"].pad_token_id,
-                                       compute_missing=True, reference=OnlineReference(setup["model"], 64))  # fmt: skip
+        return _ensure_caches(setup, root, "auto", True, *extra, reference=reference)
 
     assert ensure()[1] == {"train": "computed"}
     assert ensure()[1] == {"train": "reused"}
@@ -275,18 +289,7 @@ def test_auto_mode_destroys_the_reference_engine_it_built(setup, tmp_path, monke
         return OnlineReference(built_engines[-1], 64)
 
     monkeypatch.setattr(precompute, "build_reference_engine", build)
-    cfg = _cfg(setup, f"reference.cache_path={tmp_path / 'auto'}", "reference.mode=auto")
-    splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
-    _, actions = precompute.ensure_reference_caches(
-        cfg,
-        splits,
-        ref_ds={},
-        dtype=torch.float32,
-        device_type="cpu",
-        device=torch.device("cpu"),
-        pad_token_id=setup["tokenizer"].pad_token_id,
-        compute_missing=True,
-    )
+    _, actions = _ensure_caches(setup, tmp_path / "auto", "auto", True)
     assert actions == {"train": "computed"} and len(built_engines) == 1
     assert destroyed == built_engines, "the reference engine built for the precompute was not destroyed"
     engine = weakref.ref(built_engines.pop())
@@ -298,28 +301,11 @@ def test_auto_mode_destroys_the_reference_engine_it_built(setup, tmp_path, monke
 def test_a_stale_cache_in_cached_mode_gives_advice_that_works_there(setup, tmp_path):
     """reference.mode=cached never computes: the stale-cache error points at the precompute pass or at
     reference.mode=auto, not at a key that has no effect in this mode."""
-    from hdpo_ds.precompute import ensure_reference_caches
-
     root = tmp_path / "cached"
-
-    def ensure(compute_missing, *extra):
-        cfg = _cfg(setup, f"reference.cache_path={root}", "reference.mode=cached", *extra)
-        splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
-        return ensure_reference_caches(
-            cfg,
-            splits,
-            ref_ds={},
-            dtype=torch.float32,
-            device_type="cpu",
-            device=torch.device("cpu"),
-            pad_token_id=setup["tokenizer"].pad_token_id,
-            compute_missing=compute_missing,
-            reference=OnlineReference(setup["model"], 64),
-        )
-
-    ensure(True)  # as launch/precompute_ref.py would
+    reference = OnlineReference(setup["model"], 64)
+    _ensure_caches(setup, root, "cached", True, reference=reference)  # as launch/precompute_ref.py would
     with pytest.raises(RefCacheError) as info:
-        ensure(False, "data.max_length=200")
+        _ensure_caches(setup, root, "cached", False, "data.max_length=200", reference=reference)
     message = str(info.value)
     assert "launch/precompute_ref.py reference.rebuild_stale=true" in message
     assert "reference.mode=auto reference.rebuild_stale=true" in message
