@@ -48,7 +48,7 @@ demo: $(STAMP)
 
 # Regenerates configs/data/demo and configs/models/tiny-demo (committed; identical for a seed up to the transformers version in config.json).
 demo-assets: $(STAMP)
-	$(PY) -m hdpo_ds.demo
+	$(PY) -m hdpo_ds.examples.demo_assets
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -60,7 +60,7 @@ test-slow: $(STAMP) reproduce
 # SFT -> sampled pairs -> H-DPO for alpha 0.8 / 0.9 / 1.0 / 1.1 -> pass@k, 3 seeds, on CPU (under an hour on
 # 2 cores). Stages whose outputs exist in outputs/toy are skipped; rm -rf outputs/toy starts over.
 reproduce: $(STAMP)
-	$(PY) -m hdpo_ds.toy.reproduce --out outputs/toy --results docs/results.md --plot docs/img/toy-passk.png
+	$(PY) -m hdpo_ds.examples.toy.reproduce --out outputs/toy --results docs/results.md --plot docs/img/toy-passk.png
 
 # Every command that produced a table in docs/benchmarks.md (its rows name their commands; some are
 # historical, with the commit that produced them).

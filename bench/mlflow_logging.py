@@ -56,7 +56,7 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
 
 
 def step_metrics(step: int) -> dict[str, float]:
-    from hdpo_ds.metrics import STEP_METRICS
+    from hdpo_ds.tracking.metrics import STEP_METRICS
 
     return {key: 1.0 / (step + 1 + i) for i, key in enumerate(STEP_METRICS)}
 
@@ -97,7 +97,7 @@ def direct_dead(uri: str, steps: int) -> dict:
 def spooled(
     uri: str, steps: int, workdir: str, run_id: str | None = None, flush_timeout_s: float = 120.0
 ) -> dict:
-    from hdpo_ds.metrics import MlflowLogger
+    from hdpo_ds.tracking.mlflow_logger import MlflowLogger
 
     spool = os.path.join(workdir, f"spool-{time.monotonic_ns()}")
     logger = MlflowLogger(uri, "bench", "", run_id=run_id, spool_dir=spool, flush_timeout_s=flush_timeout_s)
@@ -129,7 +129,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     from hdpo_ds.config import LoggingConfig
-    from hdpo_ds.spool import bound_http_retries
+    from hdpo_ds.tracking.spool import bound_http_retries
 
     defaults = LoggingConfig()
     bound_http_retries(defaults.http_max_retries, defaults.http_timeout_s)

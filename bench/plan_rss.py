@@ -2,7 +2,7 @@
 
 A Llama of about 61M parameters (hidden 640, 8 layers, vocab 32,000, tied; the demo tokenizer) trains
 for a few H-DPO steps with the online reference on the demo data, through the real trainer
-(`hdpo_ds.trainer.train`) under `deepspeed --num_accelerators 2`, in float32 (CPU). Each rank records
+(`hdpo_ds.recipes.preference.train`) under `deepspeed --num_accelerators 2`, in float32 (CPU). Each rank records
 its RSS after importing everything, resets the kernel's peak counter (/proc/self/clear_refs), trains,
 and reads the peak (VmHWM). The planner predicts the peak live bytes of one rank for the same settings
 (fp32, torch AdamW, 2 ranks, the micro-batch token budget). glibc is told to hand freed blocks back
@@ -77,7 +77,7 @@ def worker(argv: list[str]) -> None:
     import transformers  # noqa: F401
 
     from hdpo_ds.config import load_config
-    from hdpo_ds.trainer import train
+    from hdpo_ds.recipes.preference import train
 
     cfg = load_config(None, args.rest)
     rank = int(os.environ["RANK"])
@@ -86,7 +86,7 @@ def worker(argv: list[str]) -> None:
         f.write("5")  # reset VmHWM to the current RSS
     train(cfg, os.path.join(ROOT, "ds_configs/zero3.json"))
     peak = _status("VmHWM")
-    from hdpo_ds import dist
+    from hdpo_ds.runtime import dist
 
     dist.shutdown()
     with open(os.path.join(args.out, f"rss_rank{rank}.json"), "w") as f:
@@ -96,8 +96,8 @@ def worker(argv: list[str]) -> None:
 def predict(model: str) -> dict:
     """The planner for this run: fp32 on CPU (no separate master copy), torch AdamW, 2 ranks."""
     from hdpo_ds.config import load_config
-    from hdpo_ds.engine import fill_ds_config, load_ds_config
-    from hdpo_ds.plan import Hardware, load_hf_config, model_shape, plan_memory, settings_from_ds_config
+    from hdpo_ds.runtime.engine import fill_ds_config, load_ds_config
+    from hdpo_ds.tools.plan import Hardware, load_hf_config, model_shape, plan_memory, settings_from_ds_config
 
     cfg = load_config(None, overrides(model, "unused", 1))
     shape = model_shape(load_hf_config(model))

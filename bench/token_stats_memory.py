@@ -54,7 +54,7 @@ def _naive_kl(policy, reference):
 def child(args) -> None:
     import torch
 
-    from hdpo_ds.logprobs import token_kl, token_stats
+    from hdpo_ds.objectives.logprobs import token_kl, token_stats
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -1,6 +1,6 @@
 """What the launch scripts share: arguments, per-rank logging, and turning bad input into exit code 2.
 
-Argument parsing lives only in entry points (DESIGN.md §2); this module is their common part.
+Argument parsing lives only in entry points (docs/design.md §2); this module is their common part.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from hdpo_ds import dist
-from hdpo_ds.checkpoint import CheckpointError
 from hdpo_ds.config import Config, ConfigError, load_config
 from hdpo_ds.data import DataError
-from hdpo_ds.data.refcache import RefCacheError
+from hdpo_ds.reference.cache import RefCacheError
+from hdpo_ds.runtime import dist
+from hdpo_ds.runtime.checkpoint import CheckpointError
 
 __all__ = ["run_entry_point"]
 
@@ -39,10 +39,10 @@ def run_entry_point(
     """Parse `--ds`, `--config` and dotted overrides, set up the process, run `body(cfg, ds, rank)`.
 
     Works under the deepspeed launcher (which passes --local_rank), torchrun, one srun task per rank
-    (hdpo_ds.dist.fill_slurm_env), and plain python (a world of one). Bad configuration or data prints
-    `error (rank R): ...` and returns 2; a stop on a signal (hdpo_ds/stop.py) returns stop.EXIT_STOPPED.
+    (hdpo_ds.runtime.dist.fill_slurm_env), and plain python (a world of one). Bad configuration or data prints
+    `error (rank R): ...` and returns 2; a stop on a signal (hdpo_ds/runtime/stop.py) returns stop.EXIT_STOPPED.
     With `with_dry_run`, `--dry-run [--world-size N ...]` checks the run for N ranks instead
-    (hdpo_ds/dryrun.py).
+    (hdpo_ds/tools/dryrun.py).
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ds", required=True, help=ds_help)
@@ -84,8 +84,8 @@ def run_entry_point(
         print(f"[rank{rank}] srun task {rank} of {os.environ['WORLD_SIZE']} (local rank {os.environ['LOCAL_RANK']}) "
               f"on node {os.environ.get('SLURMD_NODENAME', '?')}, master {os.environ['MASTER_ADDR']}:"
               f"{os.environ['MASTER_PORT']}", file=sys.stderr, flush=True)  # fmt: skip
-    from hdpo_ds.stop import EXIT_STOPPED, TrainingStopped
-    from hdpo_ds.trainer import NonFiniteTrainingError
+    from hdpo_ds.recipes.preference import NonFiniteTrainingError
+    from hdpo_ds.runtime.stop import EXIT_STOPPED, TrainingStopped
 
     try:
         body(load_config(args.config, args.overrides), args.ds, rank)
@@ -112,7 +112,7 @@ def _dry_run(args: argparse.Namespace) -> int:
         return 0
     world_size = args.world_size or int(env.get("WORLD_SIZE", env.get("SLURM_STEP_NUM_TASKS", 1)))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from hdpo_ds.dryrun import dry_run, format_report
+    from hdpo_ds.tools.dryrun import dry_run, format_report
 
     try:
         report = dry_run(load_config(args.config, args.overrides), args.ds, world_size=world_size,

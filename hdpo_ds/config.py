@@ -4,7 +4,7 @@
 
 An unknown key, a value of the wrong type, or an inconsistent combination raises `ConfigError`
 naming the dotted key, before anything expensive is built. Key names that scripts and docs outside
-the package rely on are listed in DESIGN.md §3 and keep their names.
+the package rely on are listed in docs/design.md §3 and keep their names.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from hdpo_ds.data.records import parse_rows
-from hdpo_ds.losses import TDPO_LOSS_TYPES, canonical_loss_type
-from hdpo_ds.monitors import DETECTORS
+from hdpo_ds.monitoring.detectors import DETECTORS
+from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES, canonical_loss_type
 
 __all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
 
@@ -79,7 +79,7 @@ class DataConfig:
 class LossConfig:
     type: str = "hdpo"
     beta: float = 0.1
-    # A number, or "auto": the AlphaController (hdpo_ds/monitors.py) steers alpha so that the per-token
+    # A number, or "auto": the AlphaController (hdpo_ds/monitoring/detectors.py) steers alpha so that the per-token
     # entropy of chosen responses approaches target_entropy, starting at alpha_init.
     alpha: float | Literal["auto"] = 1.0
     target_entropy: float = 0.0  # nats per chosen-response token; required with alpha=auto
@@ -133,7 +133,7 @@ class TrainConfig:
 
 @dataclass
 class MonitorsConfig:
-    """Over-optimisation detectors on evaluation metrics (hdpo_ds/monitors.py, docs/monitors.md)."""
+    """Over-optimisation detectors on evaluation metrics (hdpo_ds/monitoring/detectors.py, docs/monitors.md)."""
 
     enabled: bool = True
     detectors: list[str] = field(default_factory=lambda: list(DETECTORS))
@@ -150,7 +150,9 @@ class MonitorsConfig:
     saturated_evals: int = 3  # (d)
     best_metric: str = "eval/loss"  # which checkpoint checkpoints/best.json names
     best_mode: Literal["min", "max"] = "min"
-    plots: bool = True  # PNG plots of the monitors as MLflow artifacts at the end (hdpo_ds/report.py)
+    plots: bool = (
+        True  # PNG plots of the monitors as MLflow artifacts at the end (hdpo_ds/tracking/report.py)
+    )
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Sample n completions per prompt and report pass@k, token entropy and diversity (hdpo_ds/evaluate.py).
+"""Sample n completions per prompt and report pass@k, token entropy and diversity (hdpo_ds/recipes/evaluate.py).
 
 python launch/evaluate.py --model outputs/run/hf --prompts eval.jsonl --checker arith \
     --temperatures 0.5 1.0 --k 1 4 16 -n 32 --out outputs/run/eval/report.json
@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from hdpo_ds import dist
+    from hdpo_ds.runtime import dist
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     from hdpo_ds.data import DataError
-    from hdpo_ds.evaluate import EvalSettings, run_evaluation
+    from hdpo_ds.recipes.evaluate import EvalSettings, run_evaluation
 
     settings = EvalSettings(temperatures=args.temperatures, ks=args.k, n=args.n, max_new_tokens=args.max_new_tokens,
                             seed=args.seed, prompts_per_batch=args.prompts_per_batch, checker=args.checker,

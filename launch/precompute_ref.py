@@ -19,7 +19,7 @@ from hdpo_ds.cli import run_entry_point
 
 
 def precompute(cfg, ds_path: str, rank: int) -> None:
-    from hdpo_ds.precompute import cache_root, run_precompute
+    from hdpo_ds.recipes.precompute import cache_root, run_precompute
 
     actions = run_precompute(cfg, ds_path)
     if rank == 0:

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (hdpo_ds/sft.py) on the same DeepSpeed engine, packing and checkpoints as H-DPO.
+"""Supervised fine-tuning (hdpo_ds/recipes/sft.py) on the same DeepSpeed engine, packing and checkpoints as H-DPO.
 
 deepspeed launch/sft.py --ds ds_configs/zero3.json --config configs/toy/sft.yaml [key.sub=value ...]
 python launch/sft.py --ds ds_configs/zero3.json --config ...      # one process, no launcher
@@ -7,7 +7,7 @@ Records: `prompt` (text or role/content messages) and `completion`; `train.pairs
 of sequences per optimizer step. The final model goes to <output_dir>/hf.
 
 SIGUSR1 or SIGTERM: every rank finishes the current step, writes a checkpoint, and the process exits
-with 75 (hdpo_ds.stop.EXIT_STOPPED); the same command resumes from it.
+with 75 (hdpo_ds.runtime.stop.EXIT_STOPPED); the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hdpo_ds import stop
+from hdpo_ds.runtime import stop
 
 
 def sft(cfg, ds_path: str, rank: int) -> None:
-    from hdpo_ds.sft import train_sft
+    from hdpo_ds.recipes.sft import train_sft
 
     result = train_sft(cfg, ds_path)
     if rank == 0:

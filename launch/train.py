@@ -7,7 +7,7 @@ sbatch slurm/train.sbatch --ds ds_configs/zero3.json --config ...  # one srun ta
 python launch/train.py --dry-run --world-size 16 --ds ... --config ...   # check only, print the memory plan
 
 SIGUSR1 or SIGTERM: every rank finishes the current step, writes a checkpoint, and the process exits
-with 75 (hdpo_ds.stop.EXIT_STOPPED); the same command resumes from it.
+with 75 (hdpo_ds.runtime.stop.EXIT_STOPPED); the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hdpo_ds import stop
+from hdpo_ds.runtime import stop
 
 
 def train(cfg, ds_path: str, rank: int) -> None:
-    from hdpo_ds.trainer import train as run_training
+    from hdpo_ds.recipes.preference import train as run_training
 
     result = run_training(cfg, ds_path)
     if rank == 0:

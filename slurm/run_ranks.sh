@@ -5,13 +5,13 @@
 # (exec keeps the batch shell's pid, which is what `--signal=B:USR1@...` signals.) docs/slurm.md has more.
 #
 # Ranks: srun starts the allocation's tasks (--nodes x --ntasks-per-node); each maps SLURM_PROCID,
-# SLURM_LOCALID and SLURM_STEP_NUM_TASKS to RANK, LOCAL_RANK and WORLD_SIZE (hdpo_ds/dist.py). The master
+# SLURM_LOCALID and SLURM_STEP_NUM_TASKS to RANK, LOCAL_RANK and WORLD_SIZE (hdpo_ds/runtime/dist.py). The master
 # is the job's first node, its address asked from Slurm (`scontrol show node`, NodeAddr), never guessed
 # from DNS; the port is a free one on that node (this script runs there).
 #
 # Signals: SIGUSR1 to this shell (Slurm's warning ahead of the time limit, or `scancel --signal=USR1
 # --batch <job>`) is forwarded to srun, which passes it to every rank; the ranks agree on a step, finish
-# it, checkpoint and exit 75 (hdpo_ds.stop.EXIT_STOPPED). Then this script calls `scontrol requeue`, and
+# it, checkpoint and exit 75 (hdpo_ds.runtime.stop.EXIT_STOPPED). Then this script calls `scontrol requeue`, and
 # the requeued job resumes from `latest` (train.resume: auto). SIGTERM (scancel, scontrol requeue,
 # preemption) reaches the ranks from Slurm directly: they checkpoint within KillWait if they can, and
 # the job is not requeued from here.
@@ -75,7 +75,7 @@ fi
 MASTER_PORT=${HDPO_MASTER_PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 export MASTER_ADDR MASTER_PORT
 
-# Rank 0 notes a stop here (hdpo_ds/stop.py); a requeued job has the same id, so clear it first.
+# Rank 0 notes a stop here (hdpo_ds/runtime/stop.py); a requeued job has the same id, so clear it first.
 mkdir -p "$repo/slurm/logs"
 export HDPO_STOP_MARKER="$repo/slurm/logs/stop-${SLURM_CLUSTER_NAME:-cluster}-$SLURM_JOB_ID.json"
 rm -f "$HDPO_STOP_MARKER"

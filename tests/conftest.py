@@ -1,7 +1,7 @@
 """Session-wide fixtures for the tests that launch real runs, and the environment guard of in-process runs.
 
 An entry point called in this process (`launch/train.py`'s `main`) fills RANK, WORLD_SIZE, MASTER_PORT ...
-for a world of one (hdpo_ds.dist.fill_single_process_env); left behind, they would make every later
+for a world of one (hdpo_ds.runtime.dist.fill_single_process_env); left behind, they would make every later
 in-process run think a launcher started it. Such a test takes `isolated_environ`, and every test is
 checked for having left those variables as it found them.
 """

@@ -24,7 +24,7 @@ from hdpo_ds.data import PairSampler, load_records, tokenize_pairs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 MAX_LENGTH, BUDGET, PAIRS_PER_STEP, STEPS = 96, 192, 4, 5
-# What a launcher sets (and hdpo_ds.dist.fill_single_process_env fills for a world of one).
+# What a launcher sets (and hdpo_ds.runtime.dist.fill_single_process_env fills for a world of one).
 RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -6,7 +6,7 @@ alternating sliding layers) and gpt-oss (attention sinks, alternating sliding la
 (6 tokens) is shorter than most sequences, so a path that drops it gives other log-probs. Each
 implementation either gives the per-sequence eager log-probs (1e-5) or is refused at load with a
 ConfigError naming the model's setting; the expected outcomes are written out here, not read from
-hdpo_ds.models' own table.
+hdpo_ds.runtime.models' own table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from hdpo_ds.config import ConfigError, ModelConfig
 from hdpo_ds.data.packing import IGNORE_INDEX, MicroBatchPlan, collate
 from hdpo_ds.data.tokenize import TokenizedPair
-from hdpo_ds.logprobs import segment_sums, token_logps
+from hdpo_ds.objectives.logprobs import segment_sums, token_logps
 from tests.test_packing import random_pairs
 
 VOCAB, WINDOW = 128, 6
@@ -122,7 +122,7 @@ def _batch_sums(model, pairs, mb, packing: bool) -> np.ndarray:
 
 
 def _load(family, attn: str, packing: bool = True):
-    from hdpo_ds.models import load_model
+    from hdpo_ds.runtime.models import load_model
 
     cfg = ModelConfig(name_or_path=family["dir"], from_scratch=True, attn_implementation=attn)
     loaded = load_model(
@@ -167,7 +167,7 @@ def test_padded_rows_equal_eager_per_sequence(family, batch):
 def test_gpt_oss_eager_mixes_packed_sequences_in_transformers(batch):
     """Why eager/sdpa are refused for packed gpt-oss rows: GptOssModel.forward builds its masks without
     position_ids, so in a packed row each sequence attends to the ones before it. When a transformers
-    release fixes this, this test fails: move gpt_oss out of hdpo_ds.models' list."""
+    release fixes this, this test fails: move gpt_oss out of hdpo_ds.runtime.models' list."""
     from transformers import AutoModelForCausalLM
 
     pairs, mb = batch
@@ -179,7 +179,7 @@ def test_gpt_oss_eager_mixes_packed_sequences_in_transformers(batch):
 
 def test_unsupported_combination_is_refused_before_weights_load():
     """The config alone decides (no model is built): the error names the model's setting and the way out."""
-    from hdpo_ds.models import select_attention
+    from hdpo_ds.runtime.attention import select_attention
 
     config = _config("gemma2")
     with pytest.raises(ConfigError) as info:
@@ -197,7 +197,7 @@ def test_a_feature_the_config_check_missed_is_refused_at_the_first_forward():
     it past the config check raises instead of dropping the softcap."""
     from transformers import AutoModelForCausalLM
 
-    from hdpo_ds.models import select_attention
+    from hdpo_ds.runtime.attention import select_attention
 
     select_attention("sdpa_packed", "cpu", _config("mistral"))  # registers the per-sequence paths
     model = AutoModelForCausalLM.from_config(_config("gemma2"), attn_implementation="eager").eval()
@@ -217,7 +217,7 @@ def test_architectures_that_mix_packed_sequences_refuse_packing(batch, family):
     import transformers as tf
     from transformers import AutoModelForCausalLM
 
-    from hdpo_ds.models import select_attention
+    from hdpo_ds.runtime.attention import select_attention
 
     pairs, mb = batch
     if family == "falcon":

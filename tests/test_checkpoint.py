@@ -109,7 +109,7 @@ def test_hf_export_loads_and_matches_the_checkpoint(assets, ck_full):
 
 def test_offline_export_equals_in_run_export(ck_full, tmp_path):
     out = tmp_path / "offline"
-    subprocess.run([sys.executable, "-m", "hdpo_ds.checkpoint", "export", str(ck_full["dir"] / "checkpoints"), str(out)],
+    subprocess.run([sys.executable, "-m", "hdpo_ds.runtime.export", str(ck_full["dir"] / "checkpoints"), str(out)],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     from safetensors.torch import load_file
 

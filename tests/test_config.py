@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
-from hdpo_ds.engine import fill_ds_config, load_ds_config
-from hdpo_ds.trainer import lr_multiplier
+from hdpo_ds.recipes.preference import lr_multiplier
+from hdpo_ds.runtime.engine import fill_ds_config, load_ds_config
 
 BASE = ["model.name_or_path=configs/models/tiny-demo", "data.train_files=[a.jsonl]"]
 
@@ -159,7 +159,7 @@ def test_reference_ds_config_takes_the_policy_dtype():
     """model.dtype auto with a bf16 policy config and an "auto" reference config: on CPU the reference's
     own resolution would be float32; the reference engine runs in the policy's dtype instead, and a
     reference config that says otherwise is refused naming its key."""
-    from hdpo_ds.engine import resolve_dtype
+    from hdpo_ds.runtime.engine import resolve_dtype
 
     cfg = _cfg()
     dtype = resolve_dtype(cfg, load_ds_config("ds_configs/zero3_35b.json"))

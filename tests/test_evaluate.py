@@ -1,4 +1,4 @@
-"""Sampling evaluation (hdpo_ds/evaluate.py): pass@k, temperature sampling, diversity, prompts, pairs."""
+"""Sampling evaluation (hdpo_ds/recipes/evaluate.py): pass@k, temperature sampling, diversity, prompts, pairs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hdpo_ds.data import DataError
-from hdpo_ds.evaluate import (
+from hdpo_ds.recipes.evaluate import (
     PromptSamples,
     check_arith,
     distinct_n,
@@ -23,7 +23,7 @@ from hdpo_ds.evaluate import (
     sample_completions,
     summarise,
 )
-from hdpo_ds.sampled_pairs import build_pairs
+from hdpo_ds.tools.sampled_pairs import build_pairs
 
 # ---------------------------------------------------------------------------------------------- pass@k
 
@@ -257,7 +257,7 @@ def test_arith_checker_reads_the_final_answer():
 def test_unknown_checker_is_named():
     with pytest.raises(ValueError, match="--checker"):
         load_checker("nope")
-    fn, fields = load_checker("hdpo_ds.evaluate:check_exact")
+    fn, fields = load_checker("hdpo_ds.recipes.evaluate:check_exact")
     assert fn("  x ", {"answer": "x"}) and fields == ()
 
 

@@ -24,9 +24,9 @@ from tests.run_helpers import ROOT, VENV_BIN, free_port
 WORKER = r"""
 import json, os, sys, time
 import torch
-from hdpo_ds import checkpoint, dist, engine
+from hdpo_ds.runtime import checkpoint, dist, engine, export
 from hdpo_ds.config import ModelConfig
-from hdpo_ds.models import load_model, load_tokenizer
+from hdpo_ds.runtime.models import load_model, load_tokenizer
 
 root = sys.argv[1]
 engine.init_distributed()
@@ -43,7 +43,7 @@ assert all(p.numel() == 0 for p in ref.module.parameters())  # partitioned: ever
 
 def outcome(target):
     try:
-        checkpoint.export_hf(ref, tokenizer, target, max_shard_bytes=16384)
+        export.export_hf(ref, tokenizer, target, max_shard_bytes=16384)
         return "exported"
     except Exception as e:
         return f"{type(e).__name__}: {e}"

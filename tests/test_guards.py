@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 
-from hdpo_ds import checkpoint
 from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
-from hdpo_ds.engine import fill_ds_config, load_ds_config
+from hdpo_ds.runtime import checkpoint
+from hdpo_ds.runtime.engine import fill_ds_config, load_ds_config
 from tests.data_helpers import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +106,7 @@ def test_bf16_accumulates_gradients_in_fp32():
 
 
 def test_an_explicit_accumulation_dtype_is_kept_and_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="hdpo_ds.engine"):
+    with caplog.at_level(logging.WARNING, logger="hdpo_ds.runtime.engine"):
         ds = _filled("bfloat16", data_types={"grad_accum_dtype": "bf16"})
     assert ds["data_types"] == {"grad_accum_dtype": "bf16"}
     assert "grad_accum_dtype=bf16" in caplog.text
@@ -117,7 +117,7 @@ def test_the_process_group_timeout_is_the_config_key(monkeypatch):
 
     import deepspeed
 
-    from hdpo_ds import engine
+    from hdpo_ds.runtime import engine
 
     seen = {}
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: seen.update(kwargs))
@@ -161,7 +161,7 @@ def test_input_errors_exit_2_and_bugs_surface_as_bugs(isolated_environ, capsys):
 
 
 def test_a_missing_chat_template_file_names_the_key(tmp_path):
-    from hdpo_ds.splits import load_split_records
+    from hdpo_ds.recipes.splits import load_split_records
 
     cfg = load_config(None, [*BASE, f"data.chat_template={tmp_path / 'chat.jinja'}"])
     with pytest.raises(ConfigError, match=r"^data.chat_template: no such file"):
@@ -180,7 +180,7 @@ def _save_tiny(path, both_formats: bool = False):
 
 
 def test_only_the_weight_files_transformers_loads_are_hashed(tmp_path):
-    from hdpo_ds.reference import loaded_weight_files
+    from hdpo_ds.reference.sources import loaded_weight_files
 
     _save_tiny(tmp_path / "both", both_formats=True)
     assert [os.path.basename(f) for f in loaded_weight_files(str(tmp_path / "both"))] == ["model.safetensors"]
@@ -203,7 +203,8 @@ def test_only_the_weight_files_transformers_loads_are_hashed(tmp_path):
 def test_each_weight_file_is_hashed_once_for_all_splits(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from hdpo_ds import precompute, reference
+    from hdpo_ds.recipes import precompute
+    from hdpo_ds.reference import sources as reference
 
     _save_tiny(tmp_path / "model", both_formats=True)
     hashed = []
@@ -224,7 +225,7 @@ def test_each_weight_file_is_hashed_once_for_all_splits(tmp_path, monkeypatch):
 
 
 def test_disable_dropout_makes_train_mode_compute_eval_mode():
-    from hdpo_ds.models import disable_dropout
+    from hdpo_ds.runtime.models import disable_dropout
 
     model = tiny_llama(64, attn_implementation="eager", attention_dropout=0.5)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -240,7 +241,7 @@ def test_disable_dropout_makes_train_mode_compute_eval_mode():
 
 
 def test_rebuild_stale_with_a_cached_reference_is_refused_at_start():
-    from hdpo_ds.trainer import _check_before_engines
+    from hdpo_ds.recipes.preference import _check_before_engines
 
     cfg = load_config(
         None, [*BASE, "reference.mode=cached", "reference.cache_path=c", "reference.rebuild_stale=true"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hdpo_ds.logprobs import segment_sums, token_stats
+from hdpo_ds.objectives.logprobs import segment_sums, token_stats
 
 IGNORE = -100
 
@@ -187,7 +187,7 @@ def test_segment_sums_matches_python_loop():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_token_logps_equals_token_stats_logps(dtype):
-    from hdpo_ds.logprobs import token_logps
+    from hdpo_ds.objectives.logprobs import token_logps
 
     logits, labels = _random_case(11, 90, seed=13)
     x = logits.to(dtype)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hdpo_ds.losses import LOSS_TYPES, preference_loss
+from hdpo_ds.objectives.losses import LOSS_TYPES, preference_loss
 
 
 def _pair(dtype=torch.float64):
@@ -155,7 +155,7 @@ def test_fdpo_finite_for_large_log_ratios(loss_type, magnitude):
 
 
 def test_fdpo_capped_exp_is_continuous_at_the_cap():
-    from hdpo_ds.losses import FDPO_MAX_EXPONENT, _capped_exp
+    from hdpo_ds.objectives.losses import FDPO_MAX_EXPONENT, _capped_exp
 
     x = torch.tensor(
         [FDPO_MAX_EXPONENT - 1e-6, FDPO_MAX_EXPONENT, FDPO_MAX_EXPONENT + 1e-6], dtype=torch.float64
@@ -170,8 +170,8 @@ def test_fdpo_capped_exp_is_continuous_at_the_cap():
 def test_fdpo_capped_exp_continues_with_the_slope_at_the_cap(past):
     """Past the cap c the docstring promises the tangent line: value e^c * (1 + (x - c)), slope e^c
     (a hard clamp would give slope 0); below it exp itself, value and slope e^x."""
-    from hdpo_ds.losses import FDPO_MAX_EXPONENT as CAP
-    from hdpo_ds.losses import _capped_exp
+    from hdpo_ds.objectives.losses import FDPO_MAX_EXPONENT as CAP
+    from hdpo_ds.objectives.losses import _capped_exp
 
     x = torch.tensor([CAP + past], dtype=torch.float64, requires_grad=True)
     (slope,) = torch.autograd.grad(_capped_exp(x).sum(), x)
@@ -186,7 +186,7 @@ def test_fdpo_alpha_gradient_past_the_cap_by_hand():
     """fdpo_alpha, f_alpha=0.5, beta=0.1, chosen log-ratio r_w = -100 (exponent -f_alpha*r_w = 50, past the
     cap c = 40), r_l = 0. g(r) = (1 - capped_exp(-a*r)) / a, so past the cap dg/dr = e^c (the cap's slope
     times a / a); z = beta*(g(r_w) - g(r_l)) with g(0) = 0, and dL/dlp_w = -sigmoid(-z) * beta * e^c."""
-    from hdpo_ds.losses import FDPO_MAX_EXPONENT as CAP
+    from hdpo_ds.objectives.losses import FDPO_MAX_EXPONENT as CAP
 
     a, beta = 0.5, 0.1
     lp_w = torch.tensor([-100.0], dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,4 @@
-"""MLflow logging through the spool (hdpo_ds/spool.py, docs/mlflow.md).
+"""MLflow logging through the spool (hdpo_ds/tracking/spool.py, docs/mlflow.md).
 
 Unit tests drive the spooler with a fake sender that fails on demand; a crash is a real SIGKILL of a
 child process. Then MlflowLogger on a SQLite store (resume order), a dead tracking server (fail fast,
@@ -19,10 +19,11 @@ import urllib.request
 
 import pytest
 
-from hdpo_ds import spool as spool_mod
 from hdpo_ds.config import ConfigError, load_config
-from hdpo_ds.metrics import STEP_METRICS, MlflowLogger
-from hdpo_ds.spool import Spool, Spooler
+from hdpo_ds.tracking import spool as spool_mod
+from hdpo_ds.tracking.metrics import STEP_METRICS
+from hdpo_ds.tracking.mlflow_logger import MlflowLogger
+from hdpo_ds.tracking.spool import Spool, Spooler
 from tests.run_helpers import ROOT, VENV_BIN, free_port, launch, live_processes_in_group
 
 HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
@@ -169,7 +170,7 @@ def test_refused_record_is_isolated_kept_and_counted(tmp_path):
 _CHILD = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-from hdpo_ds.spool import Spool, Spooler
+from hdpo_ds.tracking.spool import Spool, Spooler
 from tests.test_mlflow_spool import FakeSender
 
 sender = FakeSender(path={server!r})
@@ -271,7 +272,7 @@ def test_points_of_redone_steps_reach_the_server_once(tmp_path):
 _DIES_AFTER_DELIVERY = """
 import sys, time
 sys.path.insert(0, {root!r})
-from hdpo_ds.spool import Spool, Spooler
+from hdpo_ds.tracking.spool import Spool, Spooler
 from tests.test_mlflow_spool import FakeSender
 
 sender = FakeSender(path={server!r})
@@ -609,7 +610,7 @@ def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets,
 
 
 def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, tmp_path, http_env):
-    """A resumed run whose server is unreachable starts, logs and ends; `python -m hdpo_ds.spool
+    """A resumed run whose server is unreachable starts, logs and ends; `python -m hdpo_ds.tracking.spool
     replay` delivers everything later, to the URI given on the command line."""
     from mlflow.tracking import MlflowClient
 
@@ -634,7 +635,15 @@ def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, 
         spool_mod.status(str(out))["pending"] == 12
     )  # status, params, 6 steps, artifact, tags, summary, status
 
-    command = [sys.executable, "-m", "hdpo_ds.spool", "replay", str(out), "--tracking-uri", server.uri]
+    command = [
+        sys.executable,
+        "-m",
+        "hdpo_ds.tracking.spool",
+        "replay",
+        str(out),
+        "--tracking-uri",
+        server.uri,
+    ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "13 record(s) sent" in proc.stdout and "12 of them waited" in proc.stdout, proc.stdout
@@ -653,7 +662,7 @@ def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, 
 _LOGS_THEN_DIES = """
 import os, signal, sys, threading
 sys.path.insert(0, {root!r})
-from hdpo_ds.metrics import MlflowLogger
+from hdpo_ds.tracking.mlflow_logger import MlflowLogger
 from tests.test_mlflow_spool import _exact
 
 run = MlflowLogger({uri!r}, "resume", "", spool_dir={spool!r}, retry_max_interval_s=0.2)
@@ -693,7 +702,10 @@ def test_killed_and_resumed_run_keeps_one_point_per_step_on_a_tracking_server(se
     stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
     assert {s: stamps[s] for s in first_copies} == first_copies  # the first copies stay
     assert run.info.status == "FINISHED"
-    assert run.data.tags["hdpo_ds.spool.replayed"] == "2" and run.data.tags["hdpo_ds.spool.skipped"] == "8"
+    assert (
+        run.data.tags["hdpo_ds.spool.replayed"] == "2"
+        and run.data.tags["hdpo_ds.spool.skipped"] == "8"
+    )
 
 
 @pytest.mark.parametrize(

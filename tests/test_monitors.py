@@ -12,8 +12,9 @@ import math
 import pytest
 
 from hdpo_ds.config import ConfigError, MonitorsConfig, load_config
-from hdpo_ds.monitors import AlphaController, MonitorSuite, smooth
-from hdpo_ds.report import render
+from hdpo_ds.monitoring.alpha import AlphaController
+from hdpo_ds.monitoring.detectors import MonitorSuite, smooth
+from hdpo_ds.tracking.report import render
 
 
 def _cfg(**kw) -> MonitorsConfig:

@@ -179,7 +179,7 @@ def test_alerts_reach_mlflow_and_the_plots_are_logged(overopt):
 
 
 def test_best_checkpoint_is_the_lowest_held_out_loss_among_those_saved(overopt):
-    from hdpo_ds.checkpoint import complete_steps, read_best
+    from hdpo_ds.runtime.checkpoint import complete_steps, read_best
 
     loss = overopt["metrics"]["eval/loss"]
     saved = complete_steps(str(overopt["dir"]))

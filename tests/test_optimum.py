@@ -10,7 +10,7 @@ alpha sits). Preference data are not sampled: the loss is the exact expected los
 
 divided by sum_{i != j} mu(i) mu(j) p(i > j), where mu is the pair-sampling distribution (y, y' ~ mu
 independently; a pair with y = y' carries no gradient and is left out) and p(i > j) the preference
-probability, here Bradley-Terry: p(i > j) = sigmoid(r_i - r_j). `loss` is `hdpo_ds.losses.preference_loss`
+probability, here Bradley-Terry: p(i > j) = sigmoid(r_i - r_j). `loss` is `hdpo_ds.objectives.losses.preference_loss`
 itself. Every one of these losses depends on theta only through the differences
 lp_i - lp_j = theta_i - theta_j (log-softmax's normaliser cancels), and is convex in them, so L is
 convex in theta and strictly convex in the K - 1 free logits (all pairs are weighted > 0); its one
@@ -71,7 +71,7 @@ import itertools
 import pytest
 import torch
 
-from hdpo_ds.losses import preference_loss
+from hdpo_ds.objectives.losses import preference_loss
 
 F64 = torch.float64
 # Non-uniform reference; the highest rewards go to the least likely responses, so reward and reference

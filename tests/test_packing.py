@@ -90,9 +90,9 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_packed", "eager_packed"])
 def test_packed_and_padded_forwards_match_separate_forwards(attn):
-    """sdpa_packed and eager_packed are hdpo_ds.models' per-sequence attention; auto selects sdpa_packed on
+    """sdpa_packed and eager_packed are hdpo_ds.runtime.models' per-sequence attention; auto selects sdpa_packed on
     CPU for packing (a Llama asks for nothing else)."""
-    from hdpo_ds.models import select_attention
+    from hdpo_ds.runtime.attention import select_attention
 
     config = tiny_llama(256).config
     assert select_attention("auto", "cpu", config, packing=True) == "sdpa_packed"

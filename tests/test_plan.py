@@ -1,4 +1,4 @@
-"""The memory planner (hdpo_ds/plan.py) and the dry run (launch/train.py --dry-run, hdpo_ds/dryrun.py).
+"""The memory planner (hdpo_ds/tools/plan.py) and the dry run (launch/train.py --dry-run, hdpo_ds/tools/dryrun.py).
 
 Fast: models are instantiated on the meta device only, and the dry runs tokenize the small demo data.
 The planner-vs-measured-RSS benchmark (a real 2-rank run) is marked slow.
@@ -15,8 +15,8 @@ import sys
 import pytest
 
 from hdpo_ds.config import load_config
-from hdpo_ds.engine import resolve_dtype
-from hdpo_ds.plan import (
+from hdpo_ds.runtime.engine import resolve_dtype
+from hdpo_ds.tools.plan import (
     GIB,
     Hardware,
     Settings,
@@ -174,7 +174,7 @@ def test_recommendation_for_35b_on_16_gpus(shapes):
 
 
 def test_plan_cli_json(capsys):
-    from hdpo_ds.plan import main
+    from hdpo_ds.tools.plan import main
 
     code = main(["--model", f"{MODELS}/llama-70b", "--nodes", "4", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
                  "--micro-batch-tokens", "8192", "--ds", f"{ROOT}/ds_configs/zero3_35b_offload.json",
@@ -220,7 +220,7 @@ def test_plan_cli_json(capsys):
 
 
 def test_plan_cli_unknown_model(capsys, tmp_path):
-    from hdpo_ds.plan import main
+    from hdpo_ds.tools.plan import main
 
     assert main(["--model", str(tmp_path / "nope"), "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
                  "--micro-batch-tokens", "4096"]) == 2  # fmt: skip
@@ -324,11 +324,11 @@ def _write_cache(cfg, cache_root: str, *, stale: bool) -> None:
     import torch
 
     from hdpo_ds.data import tokenize_pairs, tokenizer_fingerprint
-    from hdpo_ds.data.refcache import write_manifest, write_shard
-    from hdpo_ds.engine import load_ds_config
-    from hdpo_ds.models import load_tokenizer
-    from hdpo_ds.reference import reference_fingerprint, versions_of_interest
-    from hdpo_ds.splits import load_split_records, tokenize_options
+    from hdpo_ds.recipes.splits import load_split_records, tokenize_options
+    from hdpo_ds.reference.cache import write_manifest, write_shard
+    from hdpo_ds.reference.sources import reference_fingerprint, versions_of_interest
+    from hdpo_ds.runtime.engine import load_ds_config
+    from hdpo_ds.runtime.models import load_tokenizer
 
     records = load_split_records(cfg)["train"]
     tokenizer = load_tokenizer(cfg.model)
@@ -397,7 +397,7 @@ def test_planner_predicts_rss_of_a_2_rank_run():
 
 
 def test_dry_run_checks_the_attention_implementation(capsys, monkeypatch, tmp_path):
-    """The run's attention rule (hdpo_ds.models.check_attention) in the dry run: a Gemma-2 config asks for
+    """The run's attention rule (hdpo_ds.runtime.attention.check_attention) in the dry run: a Gemma-2 config asks for
     logit softcapping, which sdpa_packed does not apply; auto picks eager_packed, which does."""
     from transformers import Gemma2Config
 

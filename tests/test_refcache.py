@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from hdpo_ds.config import load_config
-from hdpo_ds.data.refcache import (
+from hdpo_ds.recipes.precompute import precompute_split
+from hdpo_ds.recipes.splits import load_split_records, tokenize_split
+from hdpo_ds.reference.cache import (
     RefCache,
     RefCacheError,
     cache_status,
@@ -23,9 +25,7 @@ from hdpo_ds.data.refcache import (
     write_manifest,
     write_shard,
 )
-from hdpo_ds.precompute import precompute_split
-from hdpo_ds.reference import OnlineReference, reference_fingerprint
-from hdpo_ds.splits import load_split_records, tokenize_split
+from hdpo_ds.reference.sources import OnlineReference, reference_fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +67,7 @@ def _build(setup, cache_dir, *extra, tokenizer=None):
 
 def _ensure_caches(setup, root, mode: str, compute_missing: bool, *extra, reference=None):
     """precompute.ensure_reference_caches for the train split of `_cfg` with its cache under `root`."""
-    from hdpo_ds.precompute import ensure_reference_caches
+    from hdpo_ds.recipes.precompute import ensure_reference_caches
 
     cfg = _cfg(setup, f"reference.cache_path={root}", f"reference.mode={mode}", *extra)
     splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
@@ -245,7 +245,7 @@ def test_lookups_check_the_stored_token_counts(built):
     """Each lookup compares the cache's response token counts with the batch's; a mismatch names the pair
     and both counts (here a cache row edited in memory, as a cache of other data would look)."""
     from hdpo_ds.data import MicroBatchPlan, collate
-    from hdpo_ds.reference import CachedReference
+    from hdpo_ds.reference.sources import CachedReference
 
     pairs = built["split"].data.pairs
     cache = RefCache.load(str(built["dir"]), built["fingerprint"])
@@ -269,7 +269,7 @@ def test_auto_mode_destroys_the_reference_engine_it_built(setup, tmp_path, monke
     import gc
     import weakref
 
-    import hdpo_ds.precompute as precompute
+    import hdpo_ds.recipes.precompute as precompute
 
     destroyed, built_engines = [], []
 

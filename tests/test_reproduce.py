@@ -1,4 +1,4 @@
-"""The toy reproduction pipeline end to end, small (hdpo_ds/toy/reproduce.py --smoke): task -> SFT ->
+"""The toy reproduction pipeline end to end, small (hdpo_ds/examples/toy/reproduce.py --smoke): task -> SFT ->
 sampled pairs -> H-DPO for two alphas -> pass@k report, markdown and plot; a second run redoes nothing."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests.run_helpers import ROOT
 def test_smoke_reproduction(tmp_path):
     out, results, plot = tmp_path / "toy", tmp_path / "results.md", tmp_path / "img" / "passk.png"
     results.write_text("# Results\n\nhand-written text that must survive\n")
-    cmd = [sys.executable, "-m", "hdpo_ds.toy.reproduce", "--smoke", "--out", str(out), "--results", str(results),
+    cmd = [sys.executable, "-m", "hdpo_ds.examples.toy.reproduce", "--smoke", "--out", str(out), "--results", str(results),
            "--plot", str(plot)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (hdpo_ds/sft.py, launch/sft.py) and launch/evaluate.py on real runs:
+"""Supervised fine-tuning (hdpo_ds/recipes/sft.py, launch/sft.py) and launch/evaluate.py on real runs:
 the step loss is the naive token-mean NLL, 2 ranks follow 1 process, evaluation is rank-independent."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from hdpo_ds import stop
 from hdpo_ds.data import collate_sequences, plan_sequences
 from hdpo_ds.data.tokenize import encode_prompt
+from hdpo_ds.runtime import stop
 from tests.run_helpers import ROOT, VENV_BIN, free_port, live_processes_in_group, mlflow_run
 
 STEPS, PER_STEP = 4, 8
@@ -59,7 +59,7 @@ def test_collate_sequences_labels_only_the_completion():
 
 @pytest.fixture(scope="module")
 def sft_assets(tmp_path_factory):
-    from hdpo_ds.toy.arith import build_tokenizer, write_task
+    from hdpo_ds.examples.toy.arith import build_tokenizer, write_task
 
     root = tmp_path_factory.mktemp("sft")
     task = root / "task"
@@ -139,7 +139,7 @@ def test_sft_step0_loss_is_the_naive_token_mean_nll(sft_assets, sft_one):
     model (saved by the fixture), computed here one sequence at a time with plain transformers."""
     from transformers import AutoModelForCausalLM
 
-    from hdpo_ds.sft import _step_indices
+    from hdpo_ds.recipes.sft import _step_indices
 
     task, tok = sft_assets["task"], sft_assets["tokenizer"]
     rows = [json.loads(x) for x in (task / "sft_train.jsonl").read_text().splitlines()]
@@ -336,8 +336,8 @@ def test_sft_sigusr1_to_one_rank_stops_both_at_the_same_step(sft_assets, sft_one
     run = _signal_during_startup(sft_assets, "stop_two", "deepspeed", signal.SIGUSR1, 1, marker)
     assert run["returncode"] == stop.EXIT_STOPPED, run["stderr"][-4000:]
     out = run["stdout"] + run["stderr"]
-    assert "[rank0] WARNING hdpo_ds.trainer: stop requested on 1 of 2 ranks (here: none)" in out
-    assert "[rank1] WARNING hdpo_ds.trainer: stop requested on 1 of 2 ranks (here: SIGUSR1)" in out
+    assert "[rank0] WARNING hdpo_ds.recipes.preference: stop requested on 1 of 2 ranks (here: none)" in out
+    assert "[rank1] WARNING hdpo_ds.recipes.preference: stop requested on 1 of 2 ranks (here: SIGUSR1)" in out
     folder = sft_assets["root"] / "stop_two" / "checkpoints" / "step00000001"
     complete = json.loads((folder / "COMPLETE.json").read_text())
     assert complete["world_size"] == 2 and complete["step"] == 1
@@ -366,7 +366,7 @@ def test_sft_reads_the_configured_rows_eval_rows_eval_pairs_truncation_and_cache
     """data.rows=0:40, data.eval_rows=4:16, train.eval_pairs=5, keep_end truncation at max_length 40 /
     max_prompt_length 16, data.cache_dir: the run's counts and token totals are those of exactly those
     records, computed here from the files."""
-    from hdpo_ds.sft import _step_indices
+    from hdpo_ds.recipes.sft import _step_indices
 
     task, cache = sft_assets["task"], sft_assets["root"] / "keys_cache"
     # quoted: YAML 1.1 reads 4:16 as the base-60 integer 256
@@ -412,8 +412,8 @@ TRUNCATION = {"max_length": 12, "max_prompt_length": 5, "on_bad_record": "skip"}
 
 
 def test_tokenize_sft_truncation_policies_by_hand():
-    from hdpo_ds.sft import tokenize_sft
-    from hdpo_ds.toy.arith import build_tokenizer
+    from hdpo_ds.examples.toy.arith import build_tokenizer
+    from hdpo_ds.recipes.sft import tokenize_sft
 
     tok = build_tokenizer()
     keep_end = tokenize_sft(_raw(TRUNCATION_ROWS), tok, truncation="keep_end", **TRUNCATION)
@@ -432,8 +432,8 @@ def test_tokenize_sft_truncation_policies_by_hand():
 
 
 def test_tokenize_sft_cache_is_written_once_and_read_back(tmp_path):
-    from hdpo_ds.sft import tokenize_sft
-    from hdpo_ds.toy.arith import build_tokenizer
+    from hdpo_ds.examples.toy.arith import build_tokenizer
+    from hdpo_ds.recipes.sft import tokenize_sft
 
     tok = build_tokenizer()
     first = tokenize_sft(_raw(TRUNCATION_ROWS), tok, cache_dir=str(tmp_path), **TRUNCATION)
@@ -450,7 +450,7 @@ def test_read_sft_sources_honours_split_and_row_slices(tmp_path):
     import datasets
 
     from hdpo_ds.config import ConfigError, load_config
-    from hdpo_ds.sft import read_sft_sources
+    from hdpo_ds.recipes.sft import read_sft_sources
 
     def records(name: str, n: int) -> datasets.Dataset:
         return datasets.Dataset.from_list(

@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 
-from hdpo_ds import dist, stop
+from hdpo_ds.runtime import dist, stop
 from tests.run_helpers import ROOT, mlflow_run, overrides
 
 STEPS = 40
@@ -154,7 +154,8 @@ def _assert_same_as_full(run: dict, full: dict) -> None:
 def _stop_lines(text: str) -> dict[int, str]:
     """{rank: 'step tag'} from each rank's 'stop requested' line."""
     found = re.findall(
-        r"\[rank(\d)\] WARNING hdpo_ds.trainer: stop requested on 2 of 2 ranks .*?(step\d{8})", text
+        r"\[rank(\d)\] WARNING hdpo_ds.recipes.preference: stop requested on 2 of 2 ranks .*?(step\d{8})",
+        text,
     )
     return {int(rank): tag for rank, tag in found}
 

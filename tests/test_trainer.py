@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hdpo_ds.data import PairSampler
-from hdpo_ds.metrics import PAIR_METRICS, STEP_METRICS
+from hdpo_ds.tracking.metrics import PAIR_METRICS, STEP_METRICS
 from tests.run_helpers import (
     BUDGET,
     PAIRS_PER_STEP,
@@ -72,7 +72,7 @@ def _single_process_step0(assets):
         pair = pairs[int(i)]
         lp_w.append(sequence_logp(pair.prompt_ids, pair.chosen_ids))
         lp_l.append(sequence_logp(pair.prompt_ids, pair.rejected_ids))
-    # H-DPO as Omura et al. write it (hdpo_ds/losses.py), pair by pair: z = alpha*beta*(lp_w - lp_l) -
+    # H-DPO as Omura et al. write it (hdpo_ds/objectives/losses.py), pair by pair: z = alpha*beta*(lp_w - lp_l) -
     # beta*(ref_w - ref_l), loss = -log sigmoid(z) = log(1 + e^-z); at step 0 the reference is the policy's
     # initial copy (the same values, no gradient). beta 0.5, alpha 0.9: run_helpers.overrides.
     beta, alpha = 0.5, 0.9
@@ -226,7 +226,7 @@ def _train_main():
     ],
 )
 def test_bad_input_fails_before_any_engine(assets, monkeypatch, capsys, isolated_environ, override, message):
-    from hdpo_ds import engine
+    from hdpo_ds.runtime import engine
 
     def forbidden(*args, **kwargs):
         raise AssertionError("an engine was built before the bad input was reported")
@@ -259,11 +259,11 @@ def _without_version(config: dict) -> dict:
 
 
 def test_demo_assets_are_reproducible(tmp_path):
-    """`python -m hdpo_ds.demo` regenerates the committed demo data byte for byte, the same model config
+    """`python -m hdpo_ds.examples.demo_assets` regenerates the committed demo data byte for byte, the same model config
     (up to the library's version string) and a tokenizer that is the same (files and encodings)."""
     out = tmp_path / "model"
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "hdpo_ds.demo", "--out", str(out), "--data", str(data)],
+    subprocess.run([sys.executable, "-m", "hdpo_ds.examples.demo_assets", "--out", str(out), "--data", str(data)],
                    cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     committed_model = os.path.join(ROOT, "configs/models/tiny-demo")
     for name in ("train.jsonl", "eval.jsonl"):
@@ -295,7 +295,7 @@ def test_demo_assets_are_reproducible(tmp_path):
 
 
 def _cache_values(cache_dir) -> dict:
-    from hdpo_ds.data.refcache import RefCache, read_manifest
+    from hdpo_ds.reference.cache import RefCache, read_manifest
 
     manifest = read_manifest(str(cache_dir))
     cache = RefCache.load(str(cache_dir), manifest["fingerprint"])

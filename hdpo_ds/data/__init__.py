@@ -1,4 +1,4 @@
-"""Preference data: records -> tokenized pairs -> packed micro-batches (DESIGN.md §1)."""
+"""Preference data: records -> tokenized pairs -> packed micro-batches (docs/design.md §1)."""
 
 from hdpo_ds.data.packing import (
     IGNORE_INDEX,

@@ -2,7 +2,7 @@
 
 Planning (:func:`plan_step`) sees only the sequence lengths of the step's pairs and returns, for every rank,
 the same number of micro-batches (ZeRO-3 gathers parameters collectively on every forward, so all ranks must
-run as many forward/backward passes: DESIGN.md §5). A micro-batch holds whole pairs (chosen and rejected
+run as many forward/backward passes: docs/design.md §5). A micro-batch holds whole pairs (chosen and rejected
 together) and at most ``max_tokens_per_micro_batch`` tokens:
 
 - packed (``packing=True``): the cost of a micro-batch is its real token count (one row, no padding).
@@ -319,7 +319,7 @@ def collate_sequences(
     packing: bool,
     weight: float = 1.0,
 ) -> PackedBatch:
-    """Single sequences (supervised fine-tuning: hdpo_ds/sft.py) in the same layout as :func:`collate`:
+    """Single sequences (supervised fine-tuning: hdpo_ds/recipes/sft.py) in the same layout as :func:`collate`:
     each (prompt_ids, response_ids) is one sequence whose response tokens are labelled; every sequence is
     its own "pair" (``pair_index`` = 0..n-1, ``is_chosen`` all True)."""
     seqs, prompt_lens = [], []

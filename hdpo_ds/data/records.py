@@ -9,7 +9,7 @@ Sources (one spec each; several are concatenated in the order given):
 - a glob pattern (``data/*.jsonl``), expanded and sorted;
 - a Hugging Face dataset name (``org/name``), resolved offline from the local ``datasets`` cache only.
 
-Record formats (DESIGN.md §3), detected per record:
+Record formats (docs/design.md §3), detected per record:
 
 - standard: ``prompt``, ``chosen``, ``rejected`` strings;
 - conversational: lists of ``{"role", "content"}`` messages. ``prompt`` holds the conversation so far and

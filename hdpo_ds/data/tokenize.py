@@ -630,7 +630,7 @@ class _Tokenize:
 def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: str | None = None) -> list[int]:
     """The ids a prompt has in training (the rules at the top of this module): a text prompt is the
     tokenizer's special prefix + its tokens; a conversation is rendered with the chat template and
-    add_generation_prompt=True. Sampling (hdpo_ds/evaluate.py) and SFT (hdpo_ds/sft.py) start from these."""
+    add_generation_prompt=True. Sampling (hdpo_ds/recipes/evaluate.py) and SFT (hdpo_ds/recipes/sft.py) start from these."""
     if isinstance(prompt, str):
         return special_prefix(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     template = resolve_chat_template(tokenizer, chat_template)

@@ -13,8 +13,8 @@ import torch
 def main(ds_path: str, out_path: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hdpo_ds import dist, engine
     from hdpo_ds.config import load_config
+    from hdpo_ds.runtime import dist, engine
 
     engine.init_distributed()
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

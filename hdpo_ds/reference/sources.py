@@ -1,0 +1,174 @@
+"""Where the reference log-probs come from: the reference engine (online) or the Arrow cache.
+
+Both sources answer the same question for a packed micro-batch: the reference's summed log-prob of
+each sequence's response tokens, shape (num_seqs,). The trainer does not care which one it holds.
+The cache fingerprint (what the cached values depend on) is built here too, so that precompute and
+training derive it the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hdpo_ds.config import Config
+from hdpo_ds.data.packing import IGNORE_INDEX, PackedBatch
+from hdpo_ds.objectives.logprobs import SegmentSums, segment_sums, token_logps
+from hdpo_ds.reference.cache import CACHE_FORMAT_VERSION, RefCache, RefCacheError, file_sha256
+
+__all__ = [
+    "CachedReference",
+    "OnlineReference",
+    "pair_sequence_indices",
+    "reference_fingerprint",
+]
+
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def pair_sequence_indices(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence indices of each pair's chosen and rejected sequence, in pair order: (num_pairs,) each."""
+    seqs = torch.arange(batch.num_seqs, device=batch.pair_index.device)
+    chosen = torch.empty(batch.num_pairs, dtype=torch.long, device=seqs.device)
+    rejected = torch.empty_like(chosen)
+    chosen[batch.pair_index[batch.is_chosen]] = seqs[batch.is_chosen]
+    rejected[batch.pair_index[~batch.is_chosen]] = seqs[~batch.is_chosen]
+    return chosen, rejected
+
+
+@dataclass
+class OnlineReference:
+    """The reference engine (DeepSpeed, no optimizer, eval mode) run on each micro-batch."""
+
+    engine: torch.nn.Module
+    chunk_size: int
+
+    @torch.no_grad()
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        return self.engine(**batch.model_inputs()).logits
+
+    @torch.no_grad()
+    def sums_from_logits(self, logits: torch.Tensor, batch: PackedBatch, dtype=torch.float32) -> SegmentSums:
+        tokens = token_logps(logits, batch.labels, chunk_size=self.chunk_size)
+        return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
+
+    def sequence_sums(self, batch: PackedBatch, dtype: torch.dtype = torch.float32) -> SegmentSums:
+        return self.sums_from_logits(self.logits(batch), batch, dtype=dtype)
+
+    def sequence_logps(self, batch: PackedBatch) -> torch.Tensor:
+        return self.sequence_sums(batch).sums
+
+
+@dataclass
+class CachedReference:
+    """Values looked up by pair id in a validated cache: no reference forward at all."""
+
+    cache: RefCache
+    device: torch.device
+
+    def sequence_logps(self, batch: PackedBatch) -> torch.Tensor:
+        """(num_seqs,) float32 on self.device. The cache's response token counts are checked against the
+        batch's first (a mismatch raises RefCacheError naming the pair): the values are never used for
+        other sequences than the ones they were computed on."""
+        rows = np.array([self.cache.ids[i] for i in batch.pair_ids], dtype=np.int64)
+        chosen, rejected = (idx.cpu() for idx in pair_sequence_indices(batch))
+        labelled = batch.labels.cpu() != IGNORE_INDEX  # host sync: one per micro-batch
+        counts = torch.bincount(batch.seq_index.cpu()[labelled], minlength=batch.num_seqs).numpy()
+        sides = (
+            ("chosen", chosen, self.cache.chosen_tokens),
+            ("rejected", rejected, self.cache.rejected_tokens),
+        )
+        for side, seqs, stored in sides:
+            mismatch = np.flatnonzero(counts[seqs.numpy()] != stored[rows])
+            if mismatch.size:
+                j = int(mismatch[0])
+                raise RefCacheError(
+                    f"pair {batch.pair_ids[j]}: the batch has {counts[seqs[j]]} {side} response tokens, the "
+                    f"reference cache {self.cache.path} stored {stored[rows[j]]} (a stale cache, or one of "
+                    "other data; rebuild it)"
+                )
+        out = torch.empty(batch.num_seqs, dtype=torch.float32)
+        out[chosen] = torch.from_numpy(self.cache.chosen[rows]).float()
+        out[rejected] = torch.from_numpy(self.cache.rejected[rows]).float()
+        return out.to(self.device)
+
+
+# What transformers loads, in its order of preference: safetensors before pickled weights.
+_WEIGHT_INDEXES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+def loaded_weight_files(directory: str) -> list[str]:
+    """The weight files `from_pretrained` reads from `directory` (an index and its shards, or the one
+    file), so a snapshot holding both .safetensors and .bin copies is hashed once, as loaded. Folders
+    of another layout fall back to every file of the known weight formats."""
+    for index_name, single_name in _WEIGHT_INDEXES:
+        index = os.path.join(directory, index_name)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [index, *(os.path.join(directory, shard) for shard in shards)]
+        if os.path.isfile(os.path.join(directory, single_name)):
+            return [os.path.join(directory, single_name)]
+    return sorted({f for pattern in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(directory, pattern))})
+
+
+def model_identity(cfg: Config) -> dict:
+    """Path, config hash and weight-file hash of the reference model (sha256 over the files' bytes)."""
+    path = cfg.reference.name_or_path or cfg.model.name_or_path
+    if not os.path.exists(path):
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, local_files_only=True)
+    directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    config_file = os.path.join(directory, "config.json")
+    identity = {"reference.model": cfg.reference.name_or_path or cfg.model.name_or_path,
+                "reference.config_sha256": file_sha256(config_file)}  # fmt: skip
+    if cfg.model.from_scratch and not cfg.reference.name_or_path:
+        identity["reference.weights"] = f"random init from config, train.seed={cfg.train.seed}"
+        return identity
+    files = loaded_weight_files(directory)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(os.path.basename(f).encode())
+        digest.update(file_sha256(f).encode())
+    identity["reference.weights_sha256"] = digest.hexdigest() if files else "no weight files"
+    return identity
+
+
+def reference_fingerprint(
+    cfg: Config,
+    *,
+    data_fingerprint: str,
+    tokenizer_fingerprint: str,
+    dtype: torch.dtype,
+    identity: dict | None = None,
+) -> dict:
+    """Everything the cached values depend on, as named entries (so a mismatch can say which).
+    `identity`: `model_identity(cfg)` computed once for several splits (hashing weights is the slow part)."""
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        **(identity if identity is not None else model_identity(cfg)),
+        "data": data_fingerprint,
+        "tokenizer_and_template": tokenizer_fingerprint,
+        "data.max_length": cfg.data.max_length,
+        "data.max_prompt_length": cfg.data.max_prompt_length,
+        "data.truncation": cfg.data.truncation,
+        "data.on_bad_record": cfg.data.on_bad_record,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def versions_of_interest() -> dict:
+    from hdpo_ds.common.versions import package_versions
+
+    versions = package_versions()
+    return {k: versions[k] for k in ("torch", "transformers", "deepspeed")}

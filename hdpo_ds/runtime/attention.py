@@ -1,0 +1,291 @@
+"""Attention implementations for the rows hdpo_ds feeds a model, and the check that a model gets the one
+it asks for.
+
+Packed micro-batches carry several sequences per row with position_ids restarting at 0 and no mask;
+`sdpa_packed` and `eager_packed` (registered with transformers' AttentionInterface) attend within each
+sequence. `select_attention` picks or checks an implementation against what the model's config asks
+for (`attention_features`), so a feature the implementation lacks is refused, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from hdpo_ds.config import ConfigError
+
+__all__ = [
+    "ATTENTION_SUPPORT",
+    "EAGER_PACKED",
+    "SDPA_PACKED",
+    "attention_features",
+    "check_attention",
+    "select_attention",
+]
+
+SDPA_PACKED = "sdpa_packed"
+EAGER_PACKED = "eager_packed"
+
+# What each attention implementation applies on the rows hdpo_ds feeds it (packed: position_ids restart
+# at 0 per sequence and no attention mask; padded: a mask). A model asking for a feature its
+# implementation lacks is refused (ConfigError) instead of silently getting plain causal attention; an
+# implementation added later must be declared here, or select_attention refuses it. Features:
+#   sliding_window  a local window (Mistral, Qwen2 use_sliding_window, Gemma-2, gpt-oss, ...)
+#   softcap         attn_logit_softcapping (Gemma-2): tanh-capped logits, no sdpa kernel does it
+#   sinks           a learned per-head logit column (gpt-oss): sdpa and flash-attn 2 drop it
+#   bidirectional   use_bidirectional_attention / is_causal false: the per-sequence paths are causal only
+#   chunked         attention_chunk_size (Llama 4): only the masks transformers builds apply it
+#   no_sdpa         the model class refuses sdpa kernels (transformers' _supports_sdpa)
+#   mask_packing    packed rows whose model builds its masks without position_ids (transformers 5.23:
+#                   gpt_oss), so a mask-based path lets each sequence attend to the ones before it
+#   packing         packed rows of a model whose forward mixes packed sequences however attention runs
+ATTENTION_SUPPORT: dict[str, frozenset[str]] = {
+    "eager": frozenset({"sliding_window", "softcap", "sinks", "bidirectional", "chunked", "no_sdpa"}),
+    "sdpa": frozenset({"sliding_window", "bidirectional", "chunked"}),
+    SDPA_PACKED: frozenset({"sliding_window", "mask_packing"}),
+    EAGER_PACKED: frozenset({"sliding_window", "softcap", "sinks", "no_sdpa", "mask_packing"}),
+    "flash_attention_2": frozenset({"sliding_window", "softcap", "no_sdpa"}),
+}
+# Found by feeding two packed sequences through eager attention in transformers 5.23 (the second one's
+# log-probs changed); tests/test_attention.py checks gpt_oss. Their masks ignore position_ids; the
+# per-sequence paths find the sequences themselves and pass the same test for gpt_oss.
+_MASKS_WITHOUT_POSITION_IDS = frozenset({"gpt_oss"})
+# Same finding, but not checked with a per-sequence path (positions or state also cross sequences:
+# learned or ALiBi positions, Mamba layers): packing is refused for them.
+_NO_PACKING = frozenset({"afmoe", "biogpt", "bloom", "falcon", "granitemoehybrid", "mpt", "opt", "xglm"})
+
+
+def _model_class(config):
+    """The causal-LM class transformers would build for `config`, or None (remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def attention_features(config, *, packing: bool, model: torch.nn.Module | None = None) -> dict[str, str]:
+    """The attention features `config`'s model asks for, each with the setting that asks (for messages).
+
+    Sinks are parameters, seen only on modules: on `model` when given, else on a meta-device instance of
+    the model's class (no memory, no weights; skipped for remote code, which the check after the load
+    covers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found: dict[str, str] = {}
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or []
+    if (
+        window is not None
+        and getattr(text, "use_sliding_window", True) is not False
+        and (not layer_types or "sliding_attention" in layer_types)
+    ):
+        found["sliding_window"] = f"sliding_window={window}"
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        found["softcap"] = f"attn_logit_softcapping={text.attn_logit_softcapping}"
+    if getattr(text, "use_bidirectional_attention", False) or getattr(text, "is_causal", True) is False:
+        found["bidirectional"] = "use_bidirectional_attention=true"
+    if getattr(text, "attention_chunk_size", None) is not None:
+        found["chunked"] = f"attention_chunk_size={text.attention_chunk_size}"
+    cls = _model_class(config)
+    if cls is not None and not getattr(cls, "_supports_sdpa", True):
+        found["no_sdpa"] = f"{cls.__name__} (transformers has no sdpa path for it)"
+    model_type = getattr(text, "model_type", "")
+    if packing and model_type in _MASKS_WITHOUT_POSITION_IDS:
+        found["mask_packing"] = (
+            f"data.packing=true (transformers builds {model_type}'s attention masks without position_ids, so "
+            "packed sequences would attend to each other)"
+        )
+    if packing and model_type in _NO_PACKING:
+        found["packing"] = f"data.packing=true (transformers' {model_type} mixes packed sequences)"
+    if model is None and cls is not None:
+        with torch.device("meta"):
+            model = cls(copy.deepcopy(config))
+    if model is not None:
+        sinks = [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] == "sinks"]
+        if sinks:
+            found["sinks"] = f"attention sinks ({sinks[0]}, ...)"
+    return found
+
+
+def _flash_available(device_type: str) -> bool:
+    return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def check_attention(attn: str, features: dict[str, str], source: str, device_type: str = "cpu") -> None:
+    """The one rule: `attn` must apply every feature the model asks for (ConfigError naming them)."""
+    if attn not in ATTENTION_SUPPORT:
+        raise ConfigError(
+            f"model.attn_implementation: {attn} is not declared in hdpo_ds.runtime.attention.ATTENTION_SUPPORT"
+        )
+    missing = [name for name in features if name not in ATTENTION_SUPPORT[attn]]
+    if not missing:
+        return
+    usable = [
+        name
+        for name, supported in ATTENTION_SUPPORT.items()
+        if features.keys() <= supported and (name != "flash_attention_2" or _flash_available(device_type))
+    ]
+    advice = f"use {' or '.join(usable)}" if usable else "no attention implementation here applies it"
+    if not usable and features.keys() & {"mask_packing", "packing"}:
+        advice = "set data.packing=false (padded rows with an attention mask)"
+    raise ConfigError(
+        f"model.attn_implementation: {attn} does not apply {'; '.join(features[m] for m in missing)} "
+        f"of {source}; {advice}"
+    )
+
+
+def _sequence_starts(kwargs: dict, length: int, name: str) -> list[int]:
+    """Row offsets where the sequences start (position_ids == 0), plus the row length. Host sync."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise ValueError(f"{name} attention needs position_ids (call the model with them)")
+    if position_ids.shape[0] > 1 and not bool((position_ids == position_ids[:1]).all()):
+        raise ValueError(f"{name} attention needs the same sequence boundaries on every row")
+    return [*torch.nonzero(position_ids[0] == 0)[:, 0].tolist(), length]
+
+
+def _allowed(n: int, window: int | None, device) -> torch.Tensor | None:
+    """(n, n) bool, True where query i may see key j: causal, within the last `window` keys (i - window
+    < j <= i, transformers' sliding_window_overlay); None when the window covers the whole sequence."""
+    if window is None or n <= window:
+        return None
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def _refuse_runtime(module, name: str, kwargs: dict, unsupported: tuple[str, ...]) -> None:
+    """The backstop for models the config check cannot see into (remote code): never drop a feature."""
+    given = [key for key in unsupported if kwargs.get(key) is not None]
+    if given or getattr(module, "is_causal", True) is False:
+        raise ValueError(
+            f"{name} attention was called with {given or 'is_causal=False'} by {type(module).__name__}, "
+            "which it does not apply; set model.attn_implementation=eager"
+        )
+
+
+def _sdpa_per_sequence(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
+    """Causal sdpa on each sequence of a packed row instead of one dense block-diagonal mask over it.
+
+    query (B, H, L, D), key/value (B, H_kv, L, D) -> (B, L, H, D), as transformers' attention functions.
+    Sequences start where position_ids are 0; the cost is the sum of squared sequence lengths rather
+    than the square of the row length. A sequence longer than `sliding_window` gets an explicit banded
+    causal mask. Right-padded rows (the padded mode) are one sequence each: under a causal mask real
+    tokens never see the padding after them, and padding positions carry no label.
+    """
+    _refuse_runtime(module, SDPA_PACKED, kwargs, ("softcap", "s_aux"))
+    starts = _sequence_starts(kwargs, query.shape[2], SDPA_PACKED)  # host sync, per layer
+    gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
+    outs = []
+    for a, b in itertools.pairwise(starts):
+        if b <= a:
+            continue
+        mask = _allowed(b - a, sliding_window, query.device)
+        outs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, a:b],
+                key[:, :, a:b],
+                value[:, :, a:b],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scaling,
+                enable_gqa=gqa,
+                dropout_p=p,
+            )
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _eager_per_sequence(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    s_aux=None,
+    **kwargs,
+):
+    """Eager attention math on each sequence of a packed row: softcapping and sinks, which no sdpa
+    kernel applies, at the cost of the sum of squared sequence lengths.
+
+    Shapes as _sdpa_per_sequence. Per sequence of n tokens: logits q·kᵀ·scaling (B, H, n, n), then
+    softcap·tanh(logits / softcap) (Gemma-2), the causal (banded) mask, a sink column per head
+    appended (gpt-oss; it takes probability mass and is dropped), softmax in float32, dropout, ·v.
+    """
+    _refuse_runtime(module, EAGER_PACKED, kwargs, ())
+    starts = _sequence_starts(kwargs, query.shape[2], EAGER_PACKED)  # host sync, per layer
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    outs = []
+    for a, b in itertools.pairwise(starts):
+        if b <= a:
+            continue
+        n = b - a
+        logits = torch.matmul(query[:, :, a:b], key[:, :, a:b].transpose(2, 3)) * scaling
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        allowed = _allowed(n, sliding_window, query.device)
+        if allowed is None:
+            allowed = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+        logits = logits.float().masked_fill(~allowed, torch.finfo(torch.float32).min)
+        if s_aux is not None:
+            sink = s_aux.float().reshape(1, -1, 1, 1).expand(logits.shape[0], -1, n, 1)
+            logits = torch.cat([logits, sink], dim=-1)
+        probs = torch.softmax(logits, dim=-1)
+        if s_aux is not None:
+            probs = probs[..., :-1]
+        probs = F.dropout(probs, p=dropout, training=module.training).to(value.dtype)
+        outs.append(torch.matmul(probs, value[:, :, a:b]))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register_packed() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    for name, function in ((SDPA_PACKED, _sdpa_per_sequence), (EAGER_PACKED, _eager_per_sequence)):
+        AttentionInterface.register(name, function)
+        # No mask is built at all: the attention function finds the sequences from position_ids.
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, lambda *args, **kwargs: None)
+
+
+def select_attention(
+    requested: str, device_type: str, model_config, *, packing: bool = True, source: str = "the model"
+) -> str:
+    """The attention implementation for `model_config`'s model, checked against what it asks for.
+
+    auto: the first of flash_attention_2 (CUDA with flash-attn installed: varlen kernels), then for
+    packed micro-batches sdpa_packed (per-sequence sdpa) and eager_packed (per-sequence eager math:
+    softcapping, sinks), or for the padded mode sdpa and eager, that applies every feature of the
+    model (attention_features). An explicit choice is checked (check_attention) and kept."""
+    if requested == "flash_attention_2" and not _flash_available(device_type):
+        raise ConfigError(
+            "model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
+            "(pip install flash-attn, or -e '.[gpu]'); use auto, sdpa_packed, eager_packed, sdpa or eager"
+        )
+    features = attention_features(model_config, packing=packing)
+    if requested == "auto":
+        candidates = ["flash_attention_2"] if _flash_available(device_type) else []
+        candidates += [SDPA_PACKED, EAGER_PACKED] if packing else ["sdpa", "eager"]
+        requested = next((c for c in candidates if features.keys() <= ATTENTION_SUPPORT[c]), candidates[0])
+    check_attention(requested, features, source, device_type)
+    if requested in (SDPA_PACKED, EAGER_PACKED):
+        _register_packed()
+    return requested
+
+
+# Float attributes through which transformers' modules apply dropout functionally (no nn.Dropout module),
+# e.g. the attention classes' `attention_dropout`, read in forward when the module is in train mode.

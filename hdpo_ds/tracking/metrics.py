@@ -1,0 +1,159 @@
+"""Metric names and the step accumulator (the MLflow logger: mlflow_logger.py).
+
+Per optimizer step the trainer adds per-pair and per-token sums into a `StepAccumulator` on the
+device, reduces them across ranks with one all-reduce (`dist.reduce_sums`: the step's second collective,
+after the non-finite agreement before the update), and turns the global sums
+into the metrics below (docs/design.md §4-5). The same names, prefixed `eval/`, serve evaluations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STEP_METRICS",
+    "StepAccumulator",
+    "peak_memory_mib",
+]
+
+# The keys the trainer logs at every optimizer step (tests/test_trainer.py checks the set is exact); with
+# loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*.
+# Evaluations log the first block under "eval/".
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/chosen_mean",
+    "logps/rejected_mean",
+    "logratio/chosen",
+    "logratio/rejected",
+    "entropy/chosen",
+    "entropy/rejected",
+    "topk_mass/chosen",
+    "topk_mass/rejected",
+    "topk_entropy/chosen",
+    "topk_entropy/rejected",
+)
+STEP_METRICS = (
+    *PAIR_METRICS,
+    "alpha",
+    "grad_norm",
+    "lr",
+    "tokens",
+    "step_time_s",
+    "tokens_per_second",
+    "padding_fraction",
+    "packing_fill",
+    "nonfinite/skipped_steps",
+)
+
+
+class StepAccumulator:
+    """Sums, kept on the device, that become the pair and token metrics after one global reduction.
+
+    Pair sums are divided by the global pair count; token sums by the global count of chosen or
+    rejected response tokens, so `entropy/chosen` is a mean over tokens, not over sequences.
+    """
+
+    # Fixed names in a fixed order: every rank reduces the same vector, even one that ran only fillers.
+    # "stop_requests" counts the ranks that got a stop signal (hdpo_ds/runtime/stop.py); it is no metric.
+    SUM_KEYS = (
+        "pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+        "logps/chosen", "logps/rejected", "tokens/chosen", "tokens/rejected",
+        "logratio/chosen", "logratio/rejected", "entropy/chosen", "entropy/rejected",
+        "topk_mass/chosen", "topk_mass/rejected", "topk_entropy/chosen", "topk_entropy/rejected",
+        "real_tokens", "kl/chosen", "kl/rejected", "stop_requests",
+    )  # fmt: skip
+
+    def __init__(self, device: torch.device | str, with_kl: bool = False) -> None:
+        self.device = device
+        self.with_kl = with_kl
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(self.SUM_KEYS, 0.0)
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        if name not in self.sums:
+            raise KeyError(f"{name!r} is not one of StepAccumulator.SUM_KEYS")
+        value = value.detach().to(self.device, torch.float64) if torch.is_tensor(value) else float(value)
+        self.sums[name] = self.sums[name] + value
+
+    def add_pairs(
+        self,
+        *,
+        losses: torch.Tensor,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        chosen_logps: torch.Tensor,
+        rejected_logps: torch.Tensor,
+        chosen_ref_logps: torch.Tensor,
+        rejected_ref_logps: torch.Tensor,
+        chosen_tokens: torch.Tensor,
+        rejected_tokens: torch.Tensor,
+        chosen_token_sums: dict[str, torch.Tensor],
+        rejected_token_sums: dict[str, torch.Tensor],
+    ) -> None:
+        """Per-pair tensors of shape (num_pairs,); token sums are per pair sums of per-token values."""
+        self.add("pairs", losses.numel())
+        self.add("loss", losses.sum())
+        self.add("rewards/chosen", chosen_rewards.sum())
+        self.add("rewards/rejected", rejected_rewards.sum())
+        self.add("rewards/accuracies", (chosen_rewards > rejected_rewards).sum())
+        self.add("logps/chosen", chosen_logps.sum())
+        self.add("logps/rejected", rejected_logps.sum())
+        self.add("tokens/chosen", chosen_tokens.sum())
+        self.add("tokens/rejected", rejected_tokens.sum())
+        self.add("logratio/chosen", (chosen_logps - chosen_ref_logps).sum())
+        self.add("logratio/rejected", (rejected_logps - rejected_ref_logps).sum())
+        for name, value in chosen_token_sums.items():
+            self.add(f"{name}/chosen", value.sum())
+        for name, value in rejected_token_sums.items():
+            self.add(f"{name}/rejected", value.sum())
+
+    def metrics(self, global_sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+        """Turn globally reduced sums into the pair metrics (PAIR_METRICS)."""
+        pairs = max(global_sums.get("pairs", 0.0), 1.0)
+        tokens = {side: max(global_sums.get(f"tokens/{side}", 0.0), 1.0) for side in ("chosen", "rejected")}
+        out = {
+            "loss": global_sums["loss"] / pairs,
+            "rewards/chosen": global_sums["rewards/chosen"] / pairs,
+            "rewards/rejected": global_sums["rewards/rejected"] / pairs,
+            "rewards/margins": (global_sums["rewards/chosen"] - global_sums["rewards/rejected"]) / pairs,
+            "rewards/accuracies": global_sums["rewards/accuracies"] / pairs,
+        }
+        if self.with_kl:  # TDPO: the sequential KL per pair, and rejected minus chosen
+            out["kl/chosen"] = global_sums["kl/chosen"] / pairs
+            out["kl/rejected"] = global_sums["kl/rejected"] / pairs
+            out["kl/margin"] = out["kl/rejected"] - out["kl/chosen"]
+        for side in ("chosen", "rejected"):
+            out[f"logps/{side}"] = global_sums[f"logps/{side}"] / pairs
+            out[f"logps/{side}_mean"] = global_sums[f"logps/{side}"] / tokens[side]
+            out[f"logratio/{side}"] = global_sums[f"logratio/{side}"] / tokens[side]
+            for name in ("entropy", "topk_mass", "topk_entropy"):
+                out[f"{name}/{side}"] = global_sums[f"{name}/{side}"] / tokens[side]
+        return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak host RSS and, on CUDA, peak allocated device memory (MiB)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    out["peak_host_rss_mib"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        out["peak_device_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
