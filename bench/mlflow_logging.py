@@ -40,11 +40,26 @@ def start_server(workdir: str) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     proc = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{workdir}/server.db", "--artifacts-destination", f"{workdir}/artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            os.path.join(os.path.dirname(sys.executable), "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{workdir}/server.db",
+            "--artifacts-destination",
+            f"{workdir}/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -115,8 +130,10 @@ def spooled(
 
 def row(target: str, mode: str, result: dict) -> str:
     ms = [t * 1000 for t in result["times"]]
-    return (f"| {target} | {mode} | {len(ms)} | {statistics.median(ms):.3f} | {max(ms):.3f} | "
-            f"{sum(ms) / 1000:.2f} | {result['finish']:.2f} |")  # fmt: skip
+    return (
+        f"| {target} | {mode} | {len(ms)} | {statistics.median(ms):.3f} | {max(ms):.3f} | "
+        f"{sum(ms) / 1000:.2f} | {result['finish']:.2f} |"
+    )
 
 
 def main() -> None:
@@ -137,21 +154,33 @@ def main() -> None:
     proc = None
     try:
         sqlite = f"sqlite:///{workdir}/bench.db"
-        rows = [row("SQLite file", "direct", direct(sqlite, args.steps)),
-                row("SQLite file", "spooled", spooled(sqlite, args.steps, workdir))]  # fmt: skip
+        rows = [
+            row("SQLite file", "direct", direct(sqlite, args.steps)),
+            row("SQLite file", "spooled", spooled(sqlite, args.steps, workdir)),
+        ]
         proc, server = start_server(workdir)
         direct(server, 3)  # the server's first calls are slow: warm it up
-        rows += [row("mlflow server", "direct", direct(server, args.steps)),
-                 row("mlflow server", "spooled", spooled(server, args.steps, workdir))]  # fmt: skip
+        rows += [
+            row("mlflow server", "direct", direct(server, args.steps)),
+            row("mlflow server", "spooled", spooled(server, args.steps, workdir)),
+        ]
         dead = f"http://127.0.0.1:{free_port()}"
-        rows += [row("dead server", "direct", direct_dead(dead, args.dead_steps)),
-                 row("dead server", "spooled", spooled(dead, args.steps, workdir, run_id="0" * 32, flush_timeout_s=5))]  # fmt: skip
+        rows += [
+            row("dead server", "direct", direct_dead(dead, args.dead_steps)),
+            row(
+                "dead server",
+                "spooled",
+                spooled(dead, args.steps, workdir, run_id="0" * 32, flush_timeout_s=5),
+            ),
+        ]
     finally:
         if proc is not None:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\nlog_metrics with {len(step_metrics(0))} metrics per step; MLFLOW_HTTP_REQUEST_MAX_RETRIES="
-          f"{os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']}, TIMEOUT={os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']}\n")  # fmt: skip
+    print(
+        f"\nlog_metrics with {len(step_metrics(0))} metrics per step; MLFLOW_HTTP_REQUEST_MAX_RETRIES="
+        f"{os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']}, TIMEOUT={os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']}\n"
+    )
     print("| target | mode | steps | median ms per call | max ms per call | total s in the loop | finish s |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -3,8 +3,8 @@
 The same long-tailed pairs (lognormal lengths capped at --max-length, like chat preference data) go through
 a tiny Llama three ways, each with its own copy of the model and optimizer:
 
-- packed: hdpo_ds.data.plan_step(packing=True), one row per micro-batch, position_ids restart per sequence;
-- padded: plan_step(packing=False), one sequence per row padded to the longest, pairs grouped by length;
+- packed: hdpo_ds.data.pack_step(packing=True), one row per micro-batch, position_ids restart per sequence;
+- padded: pack_step(packing=False), one sequence per row padded to the longest, pairs grouped by length;
 - padded, arrival order: micro-batches filled in sampling order until rows × longest reaches the budget
   (what a loader without packing or length grouping does);
 - packed, per-sequence attention: the packed rows again, with attention computed sequence by sequence
@@ -17,9 +17,9 @@ three modes are interleaved (step k of each mode, then step k + 1 ...), so backg
 machine hits them alike. Real tokens are non-padding tokens. Usage:
 
     .venv/bin/python bench/packing.py [--pairs 256] [--pairs-per-step 64] [--threads 2]
-    .venv/bin/python bench/packing.py --plans-only     # the plan tables alone (fill, the L2 lower bound)
+    .venv/bin/python bench/packing.py --packing-only     # the packing tables alone (fill, the L2 lower bound)
 
-It first prints two tables of plans only: the plan fill by step size and world size, and, on one rank,
+It first prints two packing tables only: the fill by step size and world size, and, on one rank,
 the planner's micro-batch count against Martello and Toth's L2 lower bound
 (hdpo_ds.data.packing.lower_bound_micro_batches) and best-fit decreasing.
 """
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hdpo_ds.data import IGNORE_INDEX, MicroBatchPlan, TokenizedPair, collate, plan_stats, plan_step
+from hdpo_ds.data import IGNORE_INDEX, MicroBatchPacking, TokenizedPair, collate, pack_step, packing_stats
 from hdpo_ds.data.packing import lower_bound_micro_batches
 
 PER_SEQUENCE = "per_sequence_sdpa"
@@ -98,9 +98,9 @@ def lognormal_pairs(num_pairs: int, vocab: int, max_length: int, seed: int) -> l
 
 
 def fill_table(args) -> None:
-    """Plan fill (fillers included) on random steps of lognormal pairs, by step size and world size."""
+    """Packing fill (fillers included) on random steps of lognormal pairs, by step size and world size."""
     rng = np.random.default_rng(args.seed)
-    print(f"## plan fill over {args.fill_steps} random steps, budget {args.budget} (min / mean)")
+    print(f"## packing fill over {args.fill_steps} random steps, budget {args.budget} (min / mean)")
     print(
         "| pairs per step | world size | packed fill | padded fill (length-grouped) | padded padding fraction |"
     )
@@ -112,8 +112,8 @@ def fill_table(args) -> None:
                 counts = lognormal_lengths(pairs_per_step, args.max_length, rng)
                 lengths = counts[:, :1] + counts[:, 1:]
                 for packing, out in ((True, packed), (False, padded)):
-                    stats = plan_stats(
-                        plan_step(
+                    stats = packing_stats(
+                        pack_step(
                             lengths,
                             world_size=world_size,
                             max_tokens_per_micro_batch=args.budget,
@@ -154,8 +154,8 @@ def bound_table(args) -> None:
         counts = lognormal_lengths(int(pairs), args.max_length, rng)
         lengths = counts[:, :1] + counts[:, 1:]
         sizes = [int(x) for x in lengths.sum(axis=1)]
-        plan = plan_step(lengths, world_size=1, max_tokens_per_micro_batch=args.budget)
-        used, bound = len(plan.ranks[0]), lower_bound_micro_batches(sizes, args.budget)
+        packed = pack_step(lengths, world_size=1, max_tokens_per_micro_batch=args.budget)
+        used, bound = len(packed.ranks[0]), lower_bound_micro_batches(sizes, args.budget)
         bfd = best_fit_decreasing(sizes, args.budget)
         gaps.append(used - bound)
         over_bfd += used > bfd
@@ -164,7 +164,7 @@ def bound_table(args) -> None:
     print(f"{summary} than best-fit decreasing: {over_bfd} of {len(gaps)}")
 
 
-def arrival_order_plan(lengths: np.ndarray, budget: int) -> list[MicroBatchPlan]:
+def arrival_order_plan(lengths: np.ndarray, budget: int) -> list[MicroBatchPacking]:
     """Padded micro-batches in sampling order: add pairs while 2 × pairs × longest fits the budget."""
     mbs, current, width = [], [], 0
     for i, (c, r) in enumerate(lengths.tolist()):
@@ -175,13 +175,13 @@ def arrival_order_plan(lengths: np.ndarray, budget: int) -> list[MicroBatchPlan]
         current.append(i)
         width = w
     mbs.append(current)
-    plans = []
+    packings = []
     for members in mbs:
         tokens = int(lengths[members].sum())
-        plans.append(
-            MicroBatchPlan(tuple(members), False, tokens, 2 * len(members) * int(lengths[members].max()))
+        packings.append(
+            MicroBatchPacking(tuple(members), False, tokens, 2 * len(members) * int(lengths[members].max()))
         )
-    return plans
+    return packings
 
 
 def build_model(args, seed: int, attn: str):
@@ -224,7 +224,7 @@ def run_step(model, optimizer, pairs, micro_batches, packing: bool) -> int:
     return real
 
 
-def check_per_sequence_attention(args, pairs, micro_batch: MicroBatchPlan) -> None:
+def check_per_sequence_attention(args, pairs, micro_batch: MicroBatchPacking) -> None:
     """The per-sequence attention must give the packed sdpa forward's logits before its speed counts."""
     batch = collate(pairs, micro_batch, pad_token_id=0, packing=True)
     with torch.no_grad():
@@ -252,14 +252,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fill-steps", type=int, default=20, help="random steps per row of the fill table")
     parser.add_argument("--bound-steps", type=int, default=15, help="steps of the lower-bound table")
-    parser.add_argument("--plans-only", action="store_true", help="only the plan tables: no model, no timing")
+    parser.add_argument(
+        "--packing-only", action="store_true", help="only the packing tables: no model, no timing"
+    )
     args = parser.parse_args()
     args.budget = args.budget or 2 * args.max_length
     torch.set_num_threads(args.threads)
     load_before = _load_average()
     fill_table(args)
     bound_table(args)
-    if args.plans_only:
+    if args.packing_only:
         return
 
     pairs = lognormal_pairs(args.pairs, args.vocab, args.max_length, args.seed)
@@ -275,39 +277,39 @@ def main() -> None:
         ("packed, per-sequence attention", True, PER_SEQUENCE),
     )
     for name, packing, attn in variants:
-        plans = []
+        packings = []
         for idx in steps:
             if name == "padded, arrival order":
                 mbs = arrival_order_plan(lengths[idx], args.budget)
             else:
-                mbs = plan_step(
+                mbs = pack_step(
                     lengths[idx], world_size=1, max_tokens_per_micro_batch=args.budget, packing=packing
                 )
                 mbs = list(mbs.ranks[0])
-            plans.append(mbs)
-        mbs_all = [mb for step in plans for mb in step]
+            packings.append(mbs)
+        mbs_all = [mb for step in packings for mb in step]
         tensor = sum(mb.tensor_tokens for mb in mbs_all)
         real = sum(mb.tokens for mb in mbs_all)
         modes[name] = {
             "packing": packing,
             "attn": attn,
-            "plans": plans,
+            "packings": packings,
             "micro_batches": len(mbs_all),
             "fill": real / (len(mbs_all) * args.budget),
             "padding_fraction": (tensor - real) / tensor,
         }
-    if plan_stats(
-        plan_step(lengths, world_size=1, max_tokens_per_micro_batch=args.budget)
+    if packing_stats(
+        pack_step(lengths, world_size=1, max_tokens_per_micro_batch=args.budget)
     ).real_tokens != int(lengths.sum()):
-        raise AssertionError("plan lost tokens")
+        raise AssertionError("packing lost tokens")
     register_per_sequence_attention()
-    check_per_sequence_attention(args, [pairs[i] for i in steps[0]], modes["packed"]["plans"][0][0])
+    check_per_sequence_attention(args, [pairs[i] for i in steps[0]], modes["packed"]["packings"][0][0])
 
     for mode in modes.values():
         model, optimizer = build_model(args, args.seed, mode["attn"])
         mode.update(model=model, optimizer=optimizer, seconds=0.0, tokens=0)
         step_pairs = [pairs[i] for i in steps[0]]
-        run_step(model, optimizer, step_pairs, mode["plans"][0][:1], mode["packing"])  # warm-up, untimed
+        run_step(model, optimizer, step_pairs, mode["packings"][0][:1], mode["packing"])  # warm-up, untimed
 
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     for k, idx in enumerate(steps):
@@ -315,7 +317,7 @@ def main() -> None:
         for mode in modes.values():
             start = time.perf_counter()
             mode["tokens"] += run_step(
-                mode["model"], mode["optimizer"], step_pairs, mode["plans"][k], mode["packing"]
+                mode["model"], mode["optimizer"], step_pairs, mode["packings"][k], mode["packing"]
             )
             mode["seconds"] += time.perf_counter() - start
 

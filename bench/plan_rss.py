@@ -38,8 +38,15 @@ def model_dir(workdir: str, hidden: int, layers: int, vocab: int) -> str:
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     heads = hidden // 64
-    config.update(hidden_size=hidden, intermediate_size=int(2.8 * hidden) // 64 * 64, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=heads, head_dim=64, vocab_size=vocab)  # fmt: skip
+    config.update(
+        hidden_size=hidden,
+        intermediate_size=int(2.8 * hidden) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=64,
+        vocab_size=vocab,
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return path
@@ -47,13 +54,22 @@ def model_dir(workdir: str, hidden: int, layers: int, vocab: int) -> str:
 
 def overrides(model: str, out: str, steps: int) -> list[str]:
     return [
-        f"model.name_or_path={model}", "model.from_scratch=true", f"output_dir={out}",
-        "data.train_files=[configs/data/demo/train.jsonl]", "data.eval_files=[]",
-        f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_PROMPT}",
-        f"data.max_tokens_per_micro_batch={BUDGET}", "train.pairs_per_step=64", f"train.max_steps={steps}",
-        "train.export_hf=false", "optim.warmup_steps=0", "reference.mode=online",
-        f"logging.tracking_uri=sqlite:///{os.path.join(out, 'mlflow.db')}", "logging.progress_bar=false",
-    ]  # fmt: skip
+        f"model.name_or_path={model}",
+        "model.from_scratch=true",
+        f"output_dir={out}",
+        "data.train_files=[configs/data/demo/train.jsonl]",
+        "data.eval_files=[]",
+        f"data.max_length={MAX_LENGTH}",
+        f"data.max_prompt_length={MAX_PROMPT}",
+        f"data.max_tokens_per_micro_batch={BUDGET}",
+        "train.pairs_per_step=64",
+        f"train.max_steps={steps}",
+        "train.export_hf=false",
+        "optim.warmup_steps=0",
+        "reference.mode=online",
+        f"logging.tracking_uri=sqlite:///{os.path.join(out, 'mlflow.db')}",
+        "logging.progress_bar=false",
+    ]
 
 
 def _status(field: str) -> int:
@@ -101,14 +117,29 @@ def predict(model: str) -> dict:
 
     cfg = load_config(None, overrides(model, "unused", 1))
     shape = model_shape(load_hf_config(model))
-    ds = fill_ds_config(load_ds_config(os.path.join(ROOT, "ds_configs/zero3.json")), cfg, world_size=2,
-                        device_type="cpu", hidden_size=shape.hidden_size)  # fmt: skip
+    ds = fill_ds_config(
+        load_ds_config(os.path.join(ROOT, "ds_configs/zero3.json")),
+        cfg,
+        world_size=2,
+        device_type="cpu",
+        hidden_size=shape.hidden_size,
+    )
     ds["bf16"]["enabled"] = False  # resolve_dtype on CPU: float32
-    settings = settings_from_ds_config(ds, micro_batch_tokens=BUDGET, reference="online", fused_optimizer=False,
-                                       logits_chunk_size=cfg.train.logits_chunk_size, dtype_bytes=4)  # fmt: skip
+    settings = settings_from_ds_config(
+        ds,
+        micro_batch_tokens=BUDGET,
+        reference="online",
+        fused_optimizer=False,
+        logits_chunk_size=cfg.train.logits_chunk_size,
+        dtype_bytes=4,
+    )
     plan = plan_memory(shape, Hardware(1, 2, gpu_mem_gib=1e9), settings)
-    return {"params": shape.num_params, "peak_bytes": plan.peak_bytes, "phase": plan.peak_phase,
-            "rows": {r.name: r.bytes for r in plan.rows if r.where == "gpu"}}  # fmt: skip
+    return {
+        "params": shape.num_params,
+        "peak_bytes": plan.peak_bytes,
+        "phase": plan.peak_phase,
+        "rows": {r.name: r.bytes for r in plan.rows if r.where == "gpu"},
+    }
 
 
 def measure(model: str, steps: int, workdir: str, glibc_default: bool = False) -> list[dict]:
@@ -122,9 +153,18 @@ def measure(model: str, steps: int, workdir: str, glibc_default: bool = False) -
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     else:
         env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", "2",
-           "--master_port", str(_free_port()), os.path.abspath(__file__), "--worker", "--out", out,
-           *overrides(model, out, steps)]  # fmt: skip
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_accelerators",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        os.path.abspath(__file__),
+        "--worker",
+        "--out",
+        out,
+        *overrides(model, out, steps),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise RuntimeError(f"the 2-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -149,8 +189,12 @@ def run(steps: int, hidden: int, layers: int, vocab: int, glibc_default: bool = 
         prediction = predict(model)
         ranks = measure(model, steps, workdir, glibc_default)
     growth = [r["peak"] - r["baseline"] for r in ranks]
-    return {"prediction": prediction, "ranks": ranks, "growth": growth,
-            "ratio": [prediction["peak_bytes"] / g for g in growth]}  # fmt: skip
+    return {
+        "prediction": prediction,
+        "ranks": ranks,
+        "growth": growth,
+        "ratio": [prediction["peak_bytes"] / g for g in growth],
+    }
 
 
 def main() -> None:
@@ -165,8 +209,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--json", default=None, help="write the result here too")
-    parser.add_argument("--glibc-default", action="store_true",
-                        help="leave glibc's malloc settings alone (RSS then includes its cache of freed blocks)")  # fmt: skip
+    parser.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's malloc settings alone (RSS then includes its cache of freed blocks)",
+    )
     args = parser.parse_args()
     result = run(args.steps, args.hidden, args.layers, args.vocab, args.glibc_default)
     mib = 2**20
@@ -178,8 +225,10 @@ def main() -> None:
     for rank, (r, g, ratio) in enumerate(
         zip(result["ranks"], result["growth"], result["ratio"], strict=True)
     ):
-        print(f"rank {rank}: baseline RSS {r['baseline'] / mib:.1f} MiB, peak {r['peak'] / mib:.1f} MiB, "
-              f"growth {g / mib:.1f} MiB; predicted / measured = {ratio:.3f}")  # fmt: skip
+        print(
+            f"rank {rank}: baseline RSS {r['baseline'] / mib:.1f} MiB, peak {r['peak'] / mib:.1f} MiB, "
+            f"growth {g / mib:.1f} MiB; predicted / measured = {ratio:.3f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -46,12 +46,24 @@ def run(name: str, overrides: list[str], args, workdir: str) -> dict:
     out = os.path.join(workdir, name)
     uri = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", "2",
-        "launch/train.py", "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml",
-        f"train.max_steps={args.steps}", "train.eval_every=0", "data.eval_files=[]", "optim.warmup_steps=0",
-        f"output_dir={out}", f"logging.tracking_uri={uri}", "logging.progress_bar=false",
-        f"reference.cache_path={os.path.join(workdir, 'refcache')}", *overrides,
-    ]  # fmt: skip
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_accelerators",
+        "2",
+        "launch/train.py",
+        "--ds",
+        "ds_configs/zero3.json",
+        "--config",
+        "configs/demo.yaml",
+        f"train.max_steps={args.steps}",
+        "train.eval_every=0",
+        "data.eval_files=[]",
+        "optim.warmup_steps=0",
+        f"output_dir={out}",
+        f"logging.tracking_uri={uri}",
+        "logging.progress_bar=false",
+        f"reference.cache_path={os.path.join(workdir, 'refcache')}",
+        *overrides,
+    ]
     started = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -96,8 +108,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for r in (online, build, cached):
-        print(f"| {r['name']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
-              f"| {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |")  # fmt: skip
+        print(
+            f"| {r['name']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
+            f"| {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -142,10 +142,25 @@ def main() -> None:
         variants = [("naive", 0)] + [("chunked", int(c)) for c in args.chunk_sizes.split(",")]
         for variant, chunk in variants:
             cmd = [
-                sys.executable, __file__, "--child", "--variant", variant, "--dtype", dtype,
-                "--chunk-size", str(chunk or 1024), "--vocab", str(args.vocab), "--tokens", str(args.tokens),
-                "--reps", str(args.reps), "--threads", str(args.threads), *(["--kl"] if args.kl else []),
-            ]  # fmt: skip
+                sys.executable,
+                __file__,
+                "--child",
+                "--variant",
+                variant,
+                "--dtype",
+                dtype,
+                "--chunk-size",
+                str(chunk or 1024),
+                "--vocab",
+                str(args.vocab),
+                "--tokens",
+                str(args.tokens),
+                "--reps",
+                str(args.reps),
+                "--threads",
+                str(args.threads),
+                *(["--kl"] if args.kl else []),
+            ]
             # A fixed mmap threshold makes glibc return every large block to the OS when it is freed, so
             # RSS follows the live tensors instead of what the allocator kept from earlier chunks.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -27,11 +27,23 @@ def run(variant: str, overrides: list[str], args, workdir: str) -> dict:
     out = os.path.join(workdir, variant)
     uri = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_accelerators", str(args.ranks),
-        "launch/train.py", "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml",
-        f"train.max_steps={args.steps}", "train.eval_every=0", "data.eval_files=[]", "optim.warmup_steps=0",
-        f"output_dir={out}", f"logging.tracking_uri={uri}", "logging.progress_bar=false", *overrides,
-    ]  # fmt: skip
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_accelerators",
+        str(args.ranks),
+        "launch/train.py",
+        "--ds",
+        "ds_configs/zero3.json",
+        "--config",
+        "configs/demo.yaml",
+        f"train.max_steps={args.steps}",
+        "train.eval_every=0",
+        "data.eval_files=[]",
+        "optim.warmup_steps=0",
+        f"output_dir={out}",
+        f"logging.tracking_uri={uri}",
+        "logging.progress_bar=false",
+        *overrides,
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
     with open(os.path.join(out, "run_info.json")) as f:
         info = json.load(f)
@@ -74,8 +86,10 @@ def main() -> None:
     print("| variant | attention | real tokens/s | unused budget / padding | vs padded |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['padding_fraction']:.3f} "
-              f"| {r['tokens_per_second'] / base:.2f}x |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['padding_fraction']:.3f} "
+            f"| {r['tokens_per_second'] / base:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -55,11 +55,19 @@ def run_entry_point(
         group.add_argument(
             "--dry-run", action="store_true", help="check everything up to the engines, then exit"
         )
-        group.add_argument("--world-size", type=int, default=None,
-                           help="ranks to plan for (default: WORLD_SIZE from a launcher, else 1)")  # fmt: skip
+        group.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            help="ranks to plan for (default: WORLD_SIZE from a launcher, else 1)",
+        )
         group.add_argument("--gpus-per-node", type=int, default=None, help="default: min(world size, 8)")
-        group.add_argument("--gpu-mem-gib", type=float, default=79.0,
-                           help="memory of one GPU as torch reports it (default 79: an 80 GB H100/A100)")  # fmt: skip
+        group.add_argument(
+            "--gpu-mem-gib",
+            type=float,
+            default=79.0,
+            help="memory of one GPU as torch reports it (default 79: an 80 GB H100/A100)",
+        )
         group.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of one GPU")
         group.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="the run's device type")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.alpha=0.9")
@@ -81,9 +89,13 @@ def run_entry_point(
     if launched_alone:
         logging.getLogger("hdpo_ds.launch").info("no launcher environment: running as a single process")
     if under_srun:  # every rank says where it runs (the other ranks log warnings only)
-        print(f"[rank{rank}] srun task {rank} of {os.environ['WORLD_SIZE']} (local rank {os.environ['LOCAL_RANK']}) "
-              f"on node {os.environ.get('SLURMD_NODENAME', '?')}, master {os.environ['MASTER_ADDR']}:"
-              f"{os.environ['MASTER_PORT']}", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"[rank{rank}] srun task {rank} of {os.environ['WORLD_SIZE']} (local rank {os.environ['LOCAL_RANK']}) "
+            f"on node {os.environ.get('SLURMD_NODENAME', '?')}, master {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']}",
+            file=sys.stderr,
+            flush=True,
+        )
     from hdpo_ds.recipes.preference import NonFiniteTrainingError
     from hdpo_ds.runtime.stop import EXIT_STOPPED, TrainingStopped
 
@@ -115,9 +127,15 @@ def _dry_run(args: argparse.Namespace) -> int:
     from hdpo_ds.tools.dryrun import dry_run, format_report
 
     try:
-        report = dry_run(load_config(args.config, args.overrides), args.ds, world_size=world_size,
-                         gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
-                         peak_tflops=args.peak_tflops, device_type=args.device)  # fmt: skip
+        report = dry_run(
+            load_config(args.config, args.overrides),
+            args.ds,
+            world_size=world_size,
+            gpus_per_node=args.gpus_per_node,
+            gpu_mem_gib=args.gpu_mem_gib,
+            peak_tflops=args.peak_tflops,
+            device_type=args.device,
+        )
     except _BAD_INPUT as e:
         print(f"error (dry run, {world_size} ranks): {e}", file=sys.stderr)
         return 2

@@ -376,8 +376,12 @@ def validate(cfg: Config) -> None:
             f"data.max_tokens_per_micro_batch: must be >= 2 * data.max_length = {2 * cfg.data.max_length} "
             f"so a pair fits in one micro-batch, got {cfg.data.max_tokens_per_micro_batch}"
         )
-    for key, value in {"train.save_every": cfg.train.save_every, "train.eval_every": cfg.train.eval_every,
-                       "train.eval_pairs": cfg.train.eval_pairs, "optim.warmup_steps": cfg.optim.warmup_steps}.items():  # fmt: skip
+    for key, value in {
+        "train.save_every": cfg.train.save_every,
+        "train.eval_every": cfg.train.eval_every,
+        "train.eval_pairs": cfg.train.eval_pairs,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+    }.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not cfg.optim.lr >= 0:
@@ -465,12 +469,18 @@ def _validate_monitors(cfg: Config) -> None:
             )
     if not 0 <= m.ema_decay < 1:
         raise ConfigError(f"monitors.ema_decay: must lie in [0, 1), got {m.ema_decay}")
-    for key, value in (("monitors.window", m.window), ("monitors.falling_evals", m.falling_evals),
-                       ("monitors.saturated_evals", m.saturated_evals)):  # fmt: skip
+    for key, value in (
+        ("monitors.window", m.window),
+        ("monitors.falling_evals", m.falling_evals),
+        ("monitors.saturated_evals", m.saturated_evals),
+    ):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    for key, value in (("monitors.turn_drop", m.turn_drop), ("monitors.topk_mass_floor", m.topk_mass_floor),
-                       ("monitors.topk_mass_max_drop_per_step", m.topk_mass_max_drop_per_step)):  # fmt: skip
+    for key, value in (
+        ("monitors.turn_drop", m.turn_drop),
+        ("monitors.topk_mass_floor", m.topk_mass_floor),
+        ("monitors.topk_mass_max_drop_per_step", m.topk_mass_max_drop_per_step),
+    ):
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if not 0 < m.accuracy_saturation <= 1:
@@ -488,8 +498,11 @@ def _validate_tdpo(cfg: Config) -> None:
         )
     if not cfg.loss.tdpo_alpha > 0:
         raise ConfigError(f"loss.tdpo_alpha: must be > 0, got {cfg.loss.tdpo_alpha}")
-    for key, value, default in (("loss.alpha", cfg.loss.alpha, 1.0), ("loss.label_smoothing", cfg.loss.label_smoothing, 0.0),
-                                ("loss.nll_weight", cfg.loss.nll_weight, 0.0)):  # fmt: skip
+    for key, value, default in (
+        ("loss.alpha", cfg.loss.alpha, 1.0),
+        ("loss.label_smoothing", cfg.loss.label_smoothing, 0.0),
+        ("loss.nll_weight", cfg.loss.nll_weight, 0.0),
+    ):
         if value != default:
             raise ConfigError(f"{key}: does not apply to loss.type={cfg.loss.type}; leave it at {default}")
 

@@ -56,19 +56,38 @@ def main(argv: list[str] | None = None) -> int:
     from hdpo_ds.runtime import dist
 
     rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+    )
     from hdpo_ds.data import DataError
     from hdpo_ds.recipes.evaluate import EvalSettings, run_evaluation
 
-    settings = EvalSettings(temperatures=args.temperatures, ks=args.k, n=args.n, max_new_tokens=args.max_new_tokens,
-                            seed=args.seed, prompts_per_batch=args.prompts_per_batch, checker=args.checker,
-                            chat_template=args.chat_template)  # fmt: skip
+    settings = EvalSettings(
+        temperatures=args.temperatures,
+        ks=args.k,
+        n=args.n,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        prompts_per_batch=args.prompts_per_batch,
+        checker=args.checker,
+        chat_template=args.chat_template,
+    )
     try:
-        result = run_evaluation(args.model, args.prompts, settings, out_path=args.out, samples_path=args.samples or None,
-                                limit=args.limit, dtype=args.dtype, tracking_uri=args.tracking_uri,
-                                experiment=args.experiment, run_name=args.run_name, log_mlflow=not args.no_mlflow,
-                                show_progress=not args.no_progress)  # fmt: skip
+        result = run_evaluation(
+            args.model,
+            args.prompts,
+            settings,
+            out_path=args.out,
+            samples_path=args.samples or None,
+            limit=args.limit,
+            dtype=args.dtype,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            run_name=args.run_name,
+            log_mlflow=not args.no_mlflow,
+            show_progress=not args.no_progress,
+        )
     except (DataError, ValueError, FileNotFoundError) as err:
         print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 2
@@ -77,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{result['num_prompts']} prompts x {args.n} samples, {result['world_size']} rank(s):")
         for t, m in result["temperatures"].items():
             passes = "  ".join(f"{name} {m[f'pass_at_{k}']:.3f}" for name, k in zip(ks, args.k, strict=True))
-            print(f"  T={t}: {passes}  entropy {m['token_entropy']:.3f}  distinct-4 {m['distinct_4']:.3f}  "
-                  f"distinct correct {m['distinct_correct']:.2f}")  # fmt: skip
+            print(
+                f"  T={t}: {passes}  entropy {m['token_entropy']:.3f}  distinct-4 {m['distinct_4']:.3f}  "
+                f"distinct correct {m['distinct_correct']:.2f}"
+            )
         print(f"report: {os.path.abspath(args.out)}")
         if result.get("mlflow_run_id"):
             print(f"MLflow run: {result['mlflow_run_id']} in {result['tracking_uri']}")

@@ -74,10 +74,18 @@ def make_assets(root):
     model_dir = root / "model"
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "configs/models/tiny-demo"))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -94,18 +102,37 @@ def make_assets(root):
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         (root / name).write_text(json.dumps(ds))
 
-    pairs = tokenize_pairs(load_records([str(train_file)]), tokenizer, max_length=MAX_LENGTH,
-                           max_prompt_length=64).pairs  # fmt: skip
+    pairs = tokenize_pairs(
+        load_records([str(train_file)]), tokenizer, max_length=MAX_LENGTH, max_prompt_length=64
+    ).pairs
     for seed in range(200):
-        plan = PairSampler(pairs.lengths, pairs_per_step=PAIRS_PER_STEP, world_size=2, rank=0, seed=seed,
-                           max_tokens_per_micro_batch=BUDGET).assignment(0, 0).plan  # fmt: skip
-        counts = [sum(len(mb.pairs) for mb in rank if not mb.filler) for rank in plan.ranks]
-        if counts[0] != counts[1] and any(mb.filler for rank in plan.ranks for mb in rank):
+        packed = (
+            PairSampler(
+                pairs.lengths,
+                pairs_per_step=PAIRS_PER_STEP,
+                world_size=2,
+                rank=0,
+                seed=seed,
+                max_tokens_per_micro_batch=BUDGET,
+            )
+            .assignment(0, 0)
+            .packed
+        )
+        counts = [sum(len(mb.pairs) for mb in rank if not mb.filler) for rank in packed.ranks]
+        if counts[0] != counts[1] and any(mb.filler for rank in packed.ranks for mb in rank):
             break
     else:
         raise AssertionError("no seed gives step 0 a filler and unequal pair counts")
-    return {"root": root, "model": str(model_dir), "train": str(train_file), "eval": str(eval_file),
-            "seed": seed, "pairs": pairs, "tokenizer": tokenizer, "ref_model": str(root / "ref_model")}  # fmt: skip
+    return {
+        "root": root,
+        "model": str(model_dir),
+        "train": str(train_file),
+        "eval": str(eval_file),
+        "seed": seed,
+        "pairs": pairs,
+        "tokenizer": tokenizer,
+        "ref_model": str(root / "ref_model"),
+    }
 
 
 def overrides(assets, name: str, steps: int) -> list[str]:
@@ -114,17 +141,25 @@ def overrides(assets, name: str, steps: int) -> list[str]:
         f"model.name_or_path={assets['model']}",
         f"data.train_files=[{assets['train']}]",
         f"data.eval_files=[{assets['eval']}]",
-        f"data.max_length={MAX_LENGTH}", "data.max_prompt_length=64",
+        f"data.max_length={MAX_LENGTH}",
+        "data.max_prompt_length=64",
         f"data.max_tokens_per_micro_batch={BUDGET}",
-        f"train.pairs_per_step={PAIRS_PER_STEP}", f"train.max_steps={steps}", f"train.seed={assets['seed']}",
-        "train.eval_every=2", "train.dump_gradients_at=[0]",
-        "loss.type=hdpo", "loss.alpha=0.9", "loss.beta=0.5",
-        "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
+        f"train.pairs_per_step={PAIRS_PER_STEP}",
+        f"train.max_steps={steps}",
+        f"train.seed={assets['seed']}",
+        "train.eval_every=2",
+        "train.dump_gradients_at=[0]",
+        "loss.type=hdpo",
+        "loss.alpha=0.9",
+        "loss.beta=0.5",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "optim.schedule=constant",
         f"reference.ds_config={root / 'zero3_infer.json'}",
         f"output_dir={root / name}",
         f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}",
         "logging.progress_bar=false",
-    ]  # fmt: skip
+    ]
 
 
 def launch(
@@ -141,12 +176,16 @@ def launch(
     when the run finished, its MLflow metrics and params."""
     port = free_port()
     cmd = {
-        "deepspeed": [os.path.join(VENV_BIN, "deepspeed"), "--num_accelerators", "2",
-                      "--master_port", str(port)],
-        "torchrun": [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2",
-                     "--master-port", str(port)],
+        "deepspeed": [
+            os.path.join(VENV_BIN, "deepspeed"),
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(port),
+        ],
+        "torchrun": [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--master-port", str(port)],
         "python": [sys.executable],
-    }[launcher]  # fmt: skip
+    }[launcher]
     ds = "zero3_infer.json" if script.endswith("precompute_ref.py") else "zero3.json"
     cmd += [script, "--ds", str(assets["root"] / ds), *overrides(assets, name, steps), *(extra or [])]
     env = {
@@ -155,8 +194,15 @@ def launch(
     env["OMP_NUM_THREADS"] = "1"  # compared runs use the same thread count
     env.update(env_extra or {})
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:
@@ -166,8 +212,14 @@ def launch(
     # Keep every launch's output beside its run, for reading after a failure.
     log_index = len(glob.glob(str(assets["root"] / f"{name}.*.log")))
     (assets["root"] / f"{name}.{log_index}.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
-    result = {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "pgid": proc.pid,
-              "dir": assets["root"] / name, "wall_s": wall_s}  # fmt: skip
+    result = {
+        "returncode": proc.returncode,
+        "stdout": stdout,
+        "stderr": stderr,
+        "pgid": proc.pid,
+        "dir": assets["root"] / name,
+        "wall_s": wall_s,
+    }
     if expect_success:
         assert proc.returncode == 0, f"{launcher} run failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
         # DeepSpeed's CPU allreduce segments (64 MiB per rank) must not outlive the run (engine.py)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hdpo_ds.config import ConfigError, ModelConfig
-from hdpo_ds.data.packing import IGNORE_INDEX, MicroBatchPlan, collate
+from hdpo_ds.data.packing import IGNORE_INDEX, MicroBatchPacking, collate
 from hdpo_ds.data.tokenize import TokenizedPair
 from hdpo_ds.objectives.logprobs import segment_sums, token_logps
 from tests.test_packing import random_pairs
@@ -81,7 +81,7 @@ def batch():
     lengths = np.array([[9, 14], [30, 5], [2, 3], [17, 25], [12, 21]])
     pairs = random_pairs(lengths, vocab=VOCAB, seed=1)
     pairs[2] = TokenizedPair("p2", [7], [9], [10, 11], False, False)  # one-token prompt and response
-    mb = MicroBatchPlan(tuple(range(len(pairs))), False, int(lengths.sum()), int(lengths.sum()))
+    mb = MicroBatchPacking(tuple(range(len(pairs))), False, int(lengths.sum()), int(lengths.sum()))
     return pairs, mb
 
 

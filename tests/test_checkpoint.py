@@ -49,8 +49,15 @@ def _assert_same_training(resumed: dict, full: dict) -> None:
 
 @pytest.mark.distributed
 def test_sigkill_then_resume_equals_uninterrupted(assets, ck_full):
-    killed = launch(assets, "ck_kill", "deepspeed", CK_STEPS, extra=CK_ARGS,
-                    env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"}, expect_success=False)  # fmt: skip
+    killed = launch(
+        assets,
+        "ck_kill",
+        "deepspeed",
+        CK_STEPS,
+        extra=CK_ARGS,
+        env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"},
+        expect_success=False,
+    )
     assert killed["returncode"] == -9, killed["stderr"][-3000:]
     assert survivors_of_kill(killed["pgid"]) == [], "a rank outlived the kill"
     root = assets["root"] / "ck_kill" / "checkpoints"
@@ -67,8 +74,15 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, ck_full):
 
 @pytest.mark.distributed
 def test_kill_during_checkpoint_write_keeps_previous_latest(assets, ck_full):
-    killed = launch(assets, "ck_save", "deepspeed", CK_STEPS, extra=CK_ARGS,
-                    env_extra={"HDPO_FAULT_KILL_DURING_SAVE": "4"}, expect_success=False)  # fmt: skip
+    killed = launch(
+        assets,
+        "ck_save",
+        "deepspeed",
+        CK_STEPS,
+        extra=CK_ARGS,
+        env_extra={"HDPO_FAULT_KILL_DURING_SAVE": "4"},
+        expect_success=False,
+    )
     assert killed["returncode"] == -9, killed["stderr"][-3000:]
     assert survivors_of_kill(killed["pgid"]) == [], "a rank outlived the kill"
     root = assets["root"] / "ck_save" / "checkpoints"
@@ -109,8 +123,12 @@ def test_hf_export_loads_and_matches_the_checkpoint(assets, ck_full):
 
 def test_offline_export_equals_in_run_export(ck_full, tmp_path):
     out = tmp_path / "offline"
-    subprocess.run([sys.executable, "-m", "hdpo_ds.runtime.export", str(ck_full["dir"] / "checkpoints"), str(out)],
-                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "hdpo_ds.runtime.export", str(ck_full["dir"] / "checkpoints"), str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     from safetensors.torch import load_file
 
     offline, in_run = load_file(str(out / "model.safetensors")), _weights(ck_full["dir"])
@@ -124,17 +142,24 @@ def test_offline_export_equals_in_run_export(ck_full, tmp_path):
 
 
 def test_resume_with_changed_alpha_is_refused(assets, ck_full):
-    refused = launch(assets, "ck_full", "python", CK_STEPS + 2, extra=[*CK_ARGS, "loss.alpha=0.8"],
-                     expect_success=False)  # fmt: skip
+    refused = launch(
+        assets, "ck_full", "python", CK_STEPS + 2, extra=[*CK_ARGS, "loss.alpha=0.8"], expect_success=False
+    )
     assert refused["returncode"] == 2
     assert "loss.alpha: 0.9 in the checkpoint, 0.8 now" in refused["stderr"]
     assert "train.resume_force" in refused["stderr"]
 
 
 def test_consecutive_nans_stop_with_a_good_checkpoint(assets):
-    run = launch(assets, "ck_nan_stop", "python", 6, extra=["train.save_every=1", "train.max_nonfinite_steps=2",
-                                                            "train.keep_checkpoints=10"],
-                 env_extra={"HDPO_FAULT_NAN_LOSS_AT_STEPS": "1,2"}, expect_success=False)  # fmt: skip
+    run = launch(
+        assets,
+        "ck_nan_stop",
+        "python",
+        6,
+        extra=["train.save_every=1", "train.max_nonfinite_steps=2", "train.keep_checkpoints=10"],
+        env_extra={"HDPO_FAULT_NAN_LOSS_AT_STEPS": "1,2"},
+        expect_success=False,
+    )
     assert run["returncode"] == 3, run["stderr"][-3000:]
     assert "2 consecutive steps had a non-finite loss" in run["stderr"]
     root = assets["root"] / "ck_nan_stop" / "checkpoints"

@@ -97,8 +97,15 @@ def test_fill_ds_config_fills_every_auto_key():
 
 def test_fill_ds_config_bf16_and_reference():
     ds = load_ds_config("ds_configs/zero3_infer.json")
-    filled = fill_ds_config(ds, _cfg("model.dtype=bfloat16"), world_size=2, device_type="cuda",
-                            hidden_size=32, training=False, dtype=torch.bfloat16)  # fmt: skip
+    filled = fill_ds_config(
+        ds,
+        _cfg("model.dtype=bfloat16"),
+        world_size=2,
+        device_type="cuda",
+        hidden_size=32,
+        training=False,
+        dtype=torch.bfloat16,
+    )
     assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
     assert "optimizer" not in filled and "gradient_clipping" not in filled
 
@@ -146,8 +153,15 @@ def test_lr_multiplier_hand_worked():
 
 def test_reference_offload_is_filled_for_training_and_precompute_alike():
     ds = load_ds_config("ds_configs/zero3_infer.json")
-    filled = fill_ds_config(ds, _cfg("reference.offload=true"), world_size=2, device_type="cpu", hidden_size=64,
-                            training=False, dtype=torch.float32)  # fmt: skip
+    filled = fill_ds_config(
+        ds,
+        _cfg("reference.offload=true"),
+        world_size=2,
+        device_type="cpu",
+        hidden_size=64,
+        training=False,
+        dtype=torch.float32,
+    )
     assert filled["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
     plain = fill_ds_config(
         ds, _cfg(), world_size=2, device_type="cpu", hidden_size=64, training=False, dtype=torch.float32

@@ -122,8 +122,17 @@ def test_sampling_reproduces_softmax_over_temperature(temperature):
     table[:, 0] = -1e9  # token 0 is the pad/EOS stand-in: never sampled, so no row stops early
     model = _FixedLogits(table)
     n = 20000
-    (samples,) = sample_completions(model, [[3]], [0], n=n, temperature=temperature, max_new_tokens=2,
-                                    eos_token_id=0, pad_token_id=0, seed=123)  # fmt: skip
+    (samples,) = sample_completions(
+        model,
+        [[3]],
+        [0],
+        n=n,
+        temperature=temperature,
+        max_new_tokens=2,
+        eos_token_id=0,
+        pad_token_id=0,
+        seed=123,
+    )
     first = np.array([t[0] for t in samples.tokens])
     probs = torch.softmax(table[3, 1:] / temperature, dim=-1).double().numpy()
     counts = np.bincount(first, minlength=vocab)[1:]
@@ -155,8 +164,18 @@ def _tiny_llama(vocab=24):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, eos_token_id=2, pad_token_id=0, bos_token_id=1)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
@@ -192,19 +211,48 @@ def test_samples_stop_at_eos_and_respect_max_new_tokens():
     table = torch.full((4, 4), -1e9)
     table[1, 3] = 0.0  # after the prompt's last token (1): always 3
     table[3, 2] = 0.0  # after 3: always EOS (2)
-    (s,) = sample_completions(_FixedLogits(table), [[1]], [0], n=3, temperature=0.7, max_new_tokens=5,
-                              eos_token_id=2, pad_token_id=0, seed=0)  # fmt: skip
+    (s,) = sample_completions(
+        _FixedLogits(table),
+        [[1]],
+        [0],
+        n=3,
+        temperature=0.7,
+        max_new_tokens=5,
+        eos_token_id=2,
+        pad_token_id=0,
+        seed=0,
+    )
     assert s.tokens == [[3], [3], [3]] and s.finished == [True] * 3 and s.counts == [2, 2, 2]
     table[3, 2], table[3, 3] = -1e9, 0.0  # 3 forever: cut at max_new_tokens, not finished
-    (s,) = sample_completions(_FixedLogits(table), [[1]], [0], n=2, temperature=1.0, max_new_tokens=4,
-                              eos_token_id=2, pad_token_id=0, seed=0)  # fmt: skip
+    (s,) = sample_completions(
+        _FixedLogits(table),
+        [[1]],
+        [0],
+        n=2,
+        temperature=1.0,
+        max_new_tokens=4,
+        eos_token_id=2,
+        pad_token_id=0,
+        seed=0,
+    )
     assert s.tokens == [[3, 3, 3, 3]] * 2 and s.finished == [False, False] and s.counts == [4, 4]
 
 
 def test_temperature_must_be_positive():
     with pytest.raises(ValueError, match="temperature"):
-        list(sample_completions(_tiny_llama(), [[1]], [0], n=1, temperature=0.0, max_new_tokens=1, eos_token_id=2,
-                                pad_token_id=0, seed=0))  # fmt: skip
+        list(
+            sample_completions(
+                _tiny_llama(),
+                [[1]],
+                [0],
+                n=1,
+                temperature=0.0,
+                max_new_tokens=1,
+                eos_token_id=2,
+                pad_token_id=0,
+                seed=0,
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------- diversity and report
@@ -225,8 +273,17 @@ def test_summarise_against_a_naive_computation():
     for i in range(6):
         toks = [[rng.randint(3, 6) for _ in range(rng.randint(1, 6))] for _ in range(8)]
         ok = [rng.random() < 0.4 for _ in range(8)]
-        samples.append(PromptSamples(i, 1.0, toks, [True] * 8, [len(t) * 0.5 for t in toks], [len(t) * 0.7 for t in toks],
-                                     [len(t) + 1 for t in toks]))  # fmt: skip
+        samples.append(
+            PromptSamples(
+                i,
+                1.0,
+                toks,
+                [True] * 8,
+                [len(t) * 0.5 for t in toks],
+                [len(t) * 0.7 for t in toks],
+                [len(t) + 1 for t in toks],
+            )
+        )
         correct.append(ok)
         texts.append([" ".join(map(str, t)) for t in toks])
     out = summarise(samples, correct, texts, [1, 2, 8])
@@ -292,8 +349,15 @@ def test_pairs_by_correctness(tmp_path):
     assert evaluation == [] and len(train) == 2  # 2 distinct correct completions of p1, so 2 pairs
     assert {p["chosen"] for p in train} == {"a", "b"} and {p["rejected"] for p in train} <= {"x", "y", "z"}
     assert all(p["prompt"] == "P1" for p in train) and len({p["rejected"] for p in train}) == 2
-    assert counts == {"duplicate_completions": 1, "prompts_all_correct": 1, "prompts_all_incorrect": 1,
-                      "prompts_with_pairs": 1, "prompts": 3, "train_pairs": 2, "eval_pairs": 0}  # fmt: skip
+    assert counts == {
+        "duplicate_completions": 1,
+        "prompts_all_correct": 1,
+        "prompts_all_incorrect": 1,
+        "prompts_with_pairs": 1,
+        "prompts": 3,
+        "train_pairs": 2,
+        "eval_pairs": 0,
+    }
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": "p", "prompt": "P", "completion": "a"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl: record 0: field 'correct'"):
         build_pairs(str(tmp_path / "bad.jsonl"), pairs_per_prompt=1, eval_fraction=0.0, seed=0)

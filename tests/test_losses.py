@@ -88,9 +88,13 @@ def test_fdpo_alpha_worked_example():
 def test_nll_regulariser_worked_example():
     """nll_weight=0.5, 4 chosen tokens: + 0.5 * (-(-10) / 4) = +1.25 on top of the H-DPO loss."""
     out = preference_loss(
-        *_pair(), loss_type="hdpo", beta=0.1, alpha=0.9, nll_weight=0.5,
+        *_pair(),
+        loss_type="hdpo",
+        beta=0.1,
+        alpha=0.9,
+        nll_weight=0.5,
         chosen_token_counts=torch.tensor([4]),
-    )  # fmt: skip
+    )
     _check(out, 0.6071917248407819 + 1.25, 0.2, 0.02)
 
 

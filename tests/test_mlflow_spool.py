@@ -26,8 +26,12 @@ from hdpo_ds.tracking.mlflow_logger import MlflowLogger
 from hdpo_ds.tracking.spool import Spool, Spooler
 from tests.run_helpers import ROOT, VENV_BIN, free_port, launch, live_processes_in_group
 
-HTTP_VARS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT")  # fmt: skip
+HTTP_VARS = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+)
 
 
 class Outage(ConnectionError):
@@ -440,8 +444,15 @@ def test_killed_and_resumed_logger_keeps_one_point_per_step_on_sqlite(tmp_path):
 
 def test_new_run_with_unreachable_server_fails_fast_naming_the_key(tmp_path, http_env):
     port = free_port()  # nothing listens there
-    cfg = load_config(None, [f"model.name_or_path={tmp_path}", f"data.train_files=[{tmp_path}]",
-                             f"output_dir={tmp_path / 'out'}", f"logging.tracking_uri=http://127.0.0.1:{port}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={tmp_path}",
+            f"data.train_files=[{tmp_path}]",
+            f"output_dir={tmp_path / 'out'}",
+            f"logging.tracking_uri=http://127.0.0.1:{port}",
+        ],
+    )
     started = time.monotonic()
     with pytest.raises(
         ConfigError, match=r"logging.tracking_uri: cannot create an MLflow run at http://127\.0\.0\.1"
@@ -481,11 +492,26 @@ class MlflowServer:
         log = open(self.root / f"server.{self.starts}.log", "w")  # noqa: SIM115 (the server holds it)
         self.starts += 1
         self.proc = subprocess.Popen(
-            [os.path.join(VENV_BIN, "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                os.path.join(VENV_BIN, "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            cwd=self.root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         while True:
             try:
@@ -539,8 +565,14 @@ OUTAGE_STEPS = 24  # steps take 0.1-0.5 s here: enough of them run while the ser
 def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets, server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    extra = [f"logging.tracking_uri={server.uri}", "logging.experiment=outage", "logging.flush_timeout_s=300",
-             "logging.retry_max_interval_s=1", "train.dump_gradients_at=[]", "train.eval_every=6"]  # fmt: skip
+    extra = [
+        f"logging.tracking_uri={server.uri}",
+        "logging.experiment=outage",
+        "logging.flush_timeout_s=300",
+        "logging.retry_max_interval_s=1",
+        "train.dump_gradients_at=[]",
+        "train.eval_every=6",
+    ]
     outcome: dict = {}
 
     def run() -> None:
@@ -593,9 +625,11 @@ def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets,
     # server was dead, and they reached MLflow afterwards.
     stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
     during = sorted(s for s, t in stamps.items() if killed_ms < t < back_ms)
-    print(f"\nserver down {(back_ms - killed_ms) / 1000:.1f} s (restart took {down_for:.1f} s); loss step times "
-          f"relative to the kill (s): {[(s, round((stamps[s] - killed_ms) / 1000, 1)) for s in sorted(stamps)]}; "
-          f"steps logged while down: {during}")  # fmt: skip
+    print(
+        f"\nserver down {(back_ms - killed_ms) / 1000:.1f} s (restart took {down_for:.1f} s); loss step times "
+        f"relative to the kill (s): {[(s, round((stamps[s] - killed_ms) / 1000, 1)) for s in sorted(stamps)]}; "
+        f"steps logged while down: {during}"
+    )
     assert len(during) >= 4
     replayed = int(run.data.tags["hdpo_ds.spool.replayed"])
     assert replayed >= len(during) and int(run.data.tags["hdpo_ds.spool.outages"]) >= 1
@@ -619,8 +653,15 @@ def test_replay_command_sends_what_a_run_left_while_the_server_was_down(server, 
     out = tmp_path / "out"
     dead = f"http://127.0.0.1:{free_port()}"
     spool_mod.bound_http_retries(1, 5)
-    logger_ = MlflowLogger(dead, "replay", "", run_id=run_id, spool_dir=str(out / "mlflow_spool"),
-                           flush_timeout_s=1.0, retry_max_interval_s=0.5)  # fmt: skip
+    logger_ = MlflowLogger(
+        dead,
+        "replay",
+        "",
+        run_id=run_id,
+        spool_dir=str(out / "mlflow_spool"),
+        flush_timeout_s=1.0,
+        retry_max_interval_s=0.5,
+    )
     logger_.reopen()
     logger_.log_params({"lr": 0.001, "alpha": 0.9})
     for step in range(6):
@@ -702,10 +743,7 @@ def test_killed_and_resumed_run_keeps_one_point_per_step_on_a_tracking_server(se
     stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
     assert {s: stamps[s] for s in first_copies} == first_copies  # the first copies stay
     assert run.info.status == "FINISHED"
-    assert (
-        run.data.tags["hdpo_ds.spool.replayed"] == "2"
-        and run.data.tags["hdpo_ds.spool.skipped"] == "8"
-    )
+    assert run.data.tags["hdpo_ds.spool.replayed"] == "2" and run.data.tags["hdpo_ds.spool.skipped"] == "8"
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,15 @@ def _cfg(**kw) -> MonitorsConfig:
 
 
 def _point(topk_entropy=3.0, topk_mass=0.5, chosen=-1.0, rejected=-2.0, accuracy=0.7, margin=1.0, loss=0.5):
-    return {"eval/topk_entropy/chosen": topk_entropy, "eval/topk_mass/chosen": topk_mass,
-            "eval/logps/chosen_mean": chosen, "eval/logps/rejected_mean": rejected,
-            "eval/rewards/accuracies": accuracy, "eval/rewards/margins": margin, "eval/loss": loss}  # fmt: skip
+    return {
+        "eval/topk_entropy/chosen": topk_entropy,
+        "eval/topk_mass/chosen": topk_mass,
+        "eval/logps/chosen_mean": chosen,
+        "eval/logps/rejected_mean": rejected,
+        "eval/rewards/accuracies": accuracy,
+        "eval/rewards/margins": margin,
+        "eval/loss": loss,
+    }
 
 
 def _walk(suite: MonitorSuite, points: list[dict], every: int = 10) -> dict[str, int]:
@@ -39,10 +45,16 @@ def _walk(suite: MonitorSuite, points: list[dict], every: int = 10) -> dict[str,
 
 # A clean run: entropy and mass settle smoothly, log-probs of chosen rise, accuracy climbs to 0.9.
 CLEAN = [
-    _point(topk_entropy=3.0 - 0.01 * i, topk_mass=0.5 + 0.001 * i, chosen=-1.0 + 0.02 * i,
-           rejected=-2.0 - 0.05 * i, accuracy=min(0.9, 0.6 + 0.05 * i), margin=1.0 + 0.1 * i)
+    _point(
+        topk_entropy=3.0 - 0.01 * i,
+        topk_mass=0.5 + 0.001 * i,
+        chosen=-1.0 + 0.02 * i,
+        rejected=-2.0 - 0.05 * i,
+        accuracy=min(0.9, 0.6 + 0.05 * i),
+        margin=1.0 + 0.1 * i,
+    )
     for i in range(12)
-]  # fmt: skip
+]
 
 
 def test_ema_and_window_smoothing_by_hand():

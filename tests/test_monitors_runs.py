@@ -22,10 +22,18 @@ import pytest
 from tests.run_helpers import ROOT, mlflow_run
 
 OVEROPT = [
-    "data.rows=0:64", "train.pairs_per_step=16", "optim.lr=5e-3", "optim.schedule=constant",
-    "optim.warmup_steps=0", "train.max_steps=32", "train.eval_every=4", "train.eval_pairs=32",
-    "train.save_every=8", "train.export_hf=false", "logging.progress_bar=false",
-]  # fmt: skip
+    "data.rows=0:64",
+    "train.pairs_per_step=16",
+    "optim.lr=5e-3",
+    "optim.schedule=constant",
+    "optim.warmup_steps=0",
+    "train.max_steps=32",
+    "train.eval_every=4",
+    "train.eval_pairs=32",
+    "train.save_every=8",
+    "train.export_hf=false",
+    "logging.progress_bar=false",
+]
 
 
 # OVEROPT at a 25x lower lr, with the NLL term that keeps the chosen responses likely (see its test).
@@ -41,14 +49,24 @@ HEALTHY = [
 def run_demo(root, name: str, extra: list[str], env_extra: dict | None = None, expect_success: bool = True):
     """`python launch/train.py` (one process) on configs/demo.yaml with `extra` overrides."""
     out = root / name
-    cmd = [sys.executable, "launch/train.py", "--ds", "ds_configs/zero3.json", "--config", "configs/demo.yaml",
-           f"output_dir={out}", f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "--ds",
+        "ds_configs/zero3.json",
+        "--config",
+        "configs/demo.yaml",
+        f"output_dir={out}",
+        f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        *extra,
+    ]
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
     env.update({"OMP_NUM_THREADS": "1", **(env_extra or {})})
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-                          start_new_session=True)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, start_new_session=True
+    )
     (root / f"{name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if expect_success:
         assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
@@ -210,14 +228,27 @@ def test_on_alert_stop_ends_cleanly_at_the_first_alert(overopt, overopt_stop):
 
 
 ADAPTIVE_BASE = [
-    "data.rows=0:64", "train.pairs_per_step=16", "train.max_steps=24", "train.eval_every=0",
-    "train.save_every=8", "train.export_hf=false", "logging.progress_bar=false", "optim.lr=5e-3",
-    "optim.warmup_steps=0", "optim.schedule=constant", "monitors.plots=false",
-]  # fmt: skip
+    "data.rows=0:64",
+    "train.pairs_per_step=16",
+    "train.max_steps=24",
+    "train.eval_every=0",
+    "train.save_every=8",
+    "train.export_hf=false",
+    "logging.progress_bar=false",
+    "optim.lr=5e-3",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "monitors.plots=false",
+]
 ADAPTIVE = [
-    *ADAPTIVE_BASE, "loss.alpha=auto", "loss.target_entropy=4.0", "loss.alpha_init=1.0", "loss.alpha_min=0.3",
-    "loss.alpha_max_change=0.1", "loss.alpha_ema=0.5",
-]  # fmt: skip
+    *ADAPTIVE_BASE,
+    "loss.alpha=auto",
+    "loss.target_entropy=4.0",
+    "loss.alpha_init=1.0",
+    "loss.alpha_min=0.3",
+    "loss.alpha_max_change=0.1",
+    "loss.alpha_ema=0.5",
+]
 
 
 def test_adaptive_alpha_moves_entropy_toward_the_target_and_survives_resume(runs_root):
@@ -228,8 +259,13 @@ def test_adaptive_alpha_moves_entropy_toward_the_target_and_survives_resume(runs
     alphas and losses as the uninterrupted one."""
     whole = run_demo(runs_root, "adaptive", ADAPTIVE)
     fixed = run_demo(runs_root, "adaptive_fixed", [*ADAPTIVE_BASE, "loss.alpha=1.0"])
-    killed = run_demo(runs_root, "adaptive_killed", ADAPTIVE, env_extra={"HDPO_FAULT_KILL_AT_STEP": "13"},
-                      expect_success=False)  # fmt: skip
+    killed = run_demo(
+        runs_root,
+        "adaptive_killed",
+        ADAPTIVE,
+        env_extra={"HDPO_FAULT_KILL_AT_STEP": "13"},
+        expect_success=False,
+    )
     assert killed["returncode"] == -signal.SIGKILL
     resumed = run_demo(runs_root, "adaptive_killed", ADAPTIVE)
 

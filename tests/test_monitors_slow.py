@@ -18,9 +18,16 @@ pytestmark = pytest.mark.slow
 
 COMMON = ["train.export_hf=false", "logging.progress_bar=false"]
 OVEROPT_LONG = [
-    "data.rows=0:64", "train.pairs_per_step=16", "optim.lr=5e-3", "optim.schedule=constant",
-    "optim.warmup_steps=0", "train.max_steps=120", "train.eval_every=4", "train.save_every=8", *COMMON,
-]  # fmt: skip
+    "data.rows=0:64",
+    "train.pairs_per_step=16",
+    "optim.lr=5e-3",
+    "optim.schedule=constant",
+    "optim.warmup_steps=0",
+    "train.max_steps=120",
+    "train.eval_every=4",
+    "train.save_every=8",
+    *COMMON,
+]
 TARGET = 4.8
 DEMO_80 = ["train.pairs_per_step=32", "train.max_steps=80", "train.eval_every=10", *COMMON]
 AUTO = ["loss.alpha=auto", f"loss.target_entropy={TARGET}"]  # the controller's defaults
@@ -68,12 +75,16 @@ def test_adaptive_alpha_reaches_the_target_band_where_fixed_alpha_does_not(tmp_p
 
     def report(name, series):
         closest = min(series, key=lambda s: abs(series[s] - TARGET))
-        return (f"{name}: closest {series[closest]:.3f} at step {closest}, final {series[79]:.3f} "
-                f"({(series[79] - TARGET) / TARGET:+.1%}), {len(in_band(series))} steps in the band")  # fmt: skip
+        return (
+            f"{name}: closest {series[closest]:.3f} at step {closest}, final {series[79]:.3f} "
+            f"({(series[79] - TARGET) / TARGET:+.1%}), {len(in_band(series))} steps in the band"
+        )
 
     print(f"\ntarget {TARGET} nats, band +-10%")
-    print(report("adaptive", h_auto) + f"; alpha {min(alphas.values()):.3f}..{max(alphas.values()):.3f}, "
-          f"final {alphas[79]:.3f}")  # fmt: skip
+    print(
+        report("adaptive", h_auto) + f"; alpha {min(alphas.values()):.3f}..{max(alphas.values()):.3f}, "
+        f"final {alphas[79]:.3f}"
+    )
     print(report("fixed alpha 1", h_fixed))
     assert in_band(h_auto), "the adaptive run never reached the target band"
     assert not in_band(h_fixed), "fixed alpha 1 reached the band too: no contrast"

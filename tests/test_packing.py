@@ -1,4 +1,4 @@
-"""Packing plans, collation and the step sampler (hdpo_ds/data/packing.py, hdpo_ds/data/sampler.py)."""
+"""Packing, collation and the step sampler (hdpo_ds/data/packing.py, hdpo_ds/data/sampler.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from hdpo_ds.data.packing import (
     IGNORE_INDEX,
-    MicroBatchPlan,
+    MicroBatchPacking,
     _best_fit_decreasing,
     collate,
     lower_bound_micro_batches,
-    plan_stats,
-    plan_step,
+    pack_step,
+    packing_stats,
 )
 from hdpo_ds.data.sampler import PairSampler
 from hdpo_ds.data.tokenize import TokenizedPair
@@ -62,7 +62,7 @@ def test_collate_layout_worked_example():
     sequences [1, 5, 7, 2] and [1, 5, 8, 9, 2]; logits at t predict labels[t] = input_ids[t + 1] for the
     response tokens only: [-100, 7, 2, -100] and [-100, 8, 9, 2, -100]."""
     pairs = [TokenizedPair("a", [1, 5], [7, 2], [8, 9, 2], True, True)]
-    mb = MicroBatchPlan((0,), False, 9, 9)
+    mb = MicroBatchPacking((0,), False, 9, 9)
     packed = collate(pairs, mb, pad_token_id=0, packing=True)
     assert packed.input_ids.tolist() == [[1, 5, 7, 2, 1, 5, 8, 9, 2]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4]]
@@ -102,7 +102,7 @@ def test_packed_and_padded_forwards_match_separate_forwards(attn):
     pairs = random_pairs(lengths, vocab=256, seed=1)
     pairs[2] = TokenizedPair("p2", [7], [9], [10, 11], False, False)  # one-token prompt and response
     model = tiny_llama(256, attn)
-    mb = MicroBatchPlan(tuple(range(len(pairs))), False, int(lengths.sum()), int(lengths.sum()))
+    mb = MicroBatchPacking(tuple(range(len(pairs))), False, int(lengths.sum()), int(lengths.sum()))
     packed = collate(pairs, mb, pad_token_id=0, packing=True)
     padded = collate(pairs, mb, pad_token_id=0, packing=False)
     with torch.no_grad():
@@ -130,9 +130,9 @@ def test_packed_and_padded_forwards_match_separate_forwards(attn):
 
 def test_filler_micro_batch_has_zero_weight_and_runs_finite():
     lengths = np.array([[40, 50], [6, 7], [30, 30]])
-    plan = plan_step(lengths, world_size=4, max_tokens_per_micro_batch=200)
-    assert plan.micro_batches_per_rank == 1
-    fillers = [mb for rank in plan.ranks for mb in rank if mb.filler]
+    packed = pack_step(lengths, world_size=4, max_tokens_per_micro_batch=200)
+    assert packed.micro_batches_per_rank == 1
+    fillers = [mb for rank in packed.ranks for mb in rank if mb.filler]
     assert len(fillers) == 1 and fillers[0].pairs == (1,)  # the step's shortest pair
     pairs = random_pairs(lengths, vocab=64)
     batch = collate(pairs, fillers[0], pad_token_id=0, packing=True)
@@ -145,17 +145,17 @@ def test_filler_micro_batch_has_zero_weight_and_runs_finite():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-# --------------------------------------------------------------------------------------------------- plans
+# --------------------------------------------------------------------------------------------------- packing
 
 
-def test_plan_stats_worked_example():
+def test_packing_stats_worked_example():
     """Sizes 7, 10, 4 (21 tokens), budget 20. Packed: 21 > 20, so 2 micro-batches, largest first: [7 + 4]
     and [10]; fill 21 / 40. Padded (sorted by longest 5, 4, 2): [pair 1, pair 0] = 4 rows × 5 = 20, [pair 2] = 2 × 2 = 4;
     tensor tokens 24, padding 3 / 24."""
     lengths = [(3, 4), (5, 5), (2, 2)]
-    packed = plan_step(lengths, world_size=1, max_tokens_per_micro_batch=20)
+    packed = pack_step(lengths, world_size=1, max_tokens_per_micro_batch=20)
     assert [mb.pairs for mb in packed.ranks[0]] == [(0, 2), (1,)]
-    stats = plan_stats(packed)
+    stats = packing_stats(packed)
     assert (
         stats.micro_batches,
         stats.real_tokens,
@@ -163,10 +163,10 @@ def test_plan_stats_worked_example():
         stats.fill,
         stats.padding_fraction,
     ) == (2, 21, 21, 21 / 40, 0.0)
-    padded = plan_step(lengths, world_size=1, max_tokens_per_micro_batch=20, packing=False)
+    padded = pack_step(lengths, world_size=1, max_tokens_per_micro_batch=20, packing=False)
     assert [mb.pairs for mb in padded.ranks[0]] == [(0, 1), (2,)]
     assert [mb.tensor_tokens for mb in padded.ranks[0]] == [20, 4]
-    stats = plan_stats(padded)
+    stats = packing_stats(padded)
     assert (stats.tensor_tokens, stats.fill, stats.padding_fraction) == (24, 21 / 40, 3 / 24)
 
 
@@ -176,9 +176,9 @@ def test_fill_on_long_tailed_data_beats_padding(world_size, capsys):
     micro-batches, which costs up to world_size - 1 micro-batches per step: small steps on many ranks fill
     less (256 pairs on 8 ranks: 92-97%; see docs/benchmarks.md)."""
     lengths = lognormal_lengths(512, seed=world_size)
-    packed = plan_stats(plan_step(lengths, world_size=world_size, max_tokens_per_micro_batch=BUDGET))
-    padded = plan_stats(
-        plan_step(lengths, world_size=world_size, max_tokens_per_micro_batch=BUDGET, packing=False)
+    packed = packing_stats(pack_step(lengths, world_size=world_size, max_tokens_per_micro_batch=BUDGET))
+    padded = packing_stats(
+        pack_step(lengths, world_size=world_size, max_tokens_per_micro_batch=BUDGET, packing=False)
     )
     with capsys.disabled():
         print(
@@ -231,7 +231,7 @@ def test_packer_within_two_of_the_lower_bound_and_never_above_best_fit_decreasin
     for i, n in enumerate(np.linspace(64, 256, 15).astype(int)):
         lengths = lognormal_lengths(int(n), seed=100 + i)
         sizes = [int(x) for x in lengths.sum(axis=1)]
-        used = len(plan_step(lengths, world_size=1, max_tokens_per_micro_batch=BUDGET).ranks[0])
+        used = len(pack_step(lengths, world_size=1, max_tokens_per_micro_batch=BUDGET).ranks[0])
         order = sorted(range(len(sizes)), key=lambda j: (-sizes[j], j))
         bfd = len(_best_fit_decreasing(order, sizes, BUDGET))
         bound = lower_bound_micro_batches(sizes, BUDGET)
@@ -240,7 +240,7 @@ def test_packer_within_two_of_the_lower_bound_and_never_above_best_fit_decreasin
 
 def test_equal_micro_batch_counts_where_a_naive_split_differs():
     """Longest pairs first in the step: splitting pairs evenly by count, then packing each rank alone,
-    gives the first ranks more micro-batches. The plan gives all ranks the same count."""
+    gives the first ranks more micro-batches. The packing gives all ranks the same count."""
     lengths = lognormal_lengths(200, seed=3)
     lengths = lengths[np.argsort(-lengths.sum(axis=1), kind="stable")]
     sizes = lengths.sum(axis=1).tolist()
@@ -253,11 +253,11 @@ def test_equal_micro_batch_counts_where_a_naive_split_differs():
         if world_size > 1:
             assert len(set(naive)) > 1, naive
         for packing in (True, False):
-            plan = plan_step(
+            packed = pack_step(
                 lengths, world_size=world_size, max_tokens_per_micro_batch=BUDGET, packing=packing
             )
-            assert len({len(rank) for rank in plan.ranks}) == 1
-            real = sorted(p for rank in plan.ranks for mb in rank if not mb.filler for p in mb.pairs)
+            assert len({len(rank) for rank in packed.ranks}) == 1
+            real = sorted(p for rank in packed.ranks for mb in rank if not mb.filler for p in mb.pairs)
             assert real == list(range(len(sizes)))
 
 
@@ -268,40 +268,40 @@ def test_equal_micro_batch_counts_where_a_naive_split_differs():
     extra=st.integers(0, 64),
     packing=st.booleans(),
 )
-def test_plan_invariants(lengths, world_size, extra, packing):
+def test_packing_invariants(lengths, world_size, extra, packing):
     budget = 128 + extra
-    plan = plan_step(lengths, world_size=world_size, max_tokens_per_micro_batch=budget, packing=packing)
-    assert plan.world_size == world_size
-    assert len({len(rank) for rank in plan.ranks}) == 1 and plan.micro_batches_per_rank >= 1
-    real = sorted(p for rank in plan.ranks for mb in rank if not mb.filler for p in mb.pairs)
+    packed = pack_step(lengths, world_size=world_size, max_tokens_per_micro_batch=budget, packing=packing)
+    assert packed.world_size == world_size
+    assert len({len(rank) for rank in packed.ranks}) == 1 and packed.micro_batches_per_rank >= 1
+    real = sorted(p for rank in packed.ranks for mb in rank if not mb.filler for p in mb.pairs)
     assert real == list(range(len(lengths)))  # each pair exactly once, chosen and rejected together
-    for rank in plan.ranks:
+    for rank in packed.ranks:
         for mb in rank:
             assert mb.tensor_tokens <= budget
             assert mb.tokens == sum(lengths[p][0] + lengths[p][1] for p in mb.pairs)
             if not packing:
                 assert mb.tensor_tokens == 2 * len(mb.pairs) * max(max(lengths[p]) for p in mb.pairs)
             assert not mb.filler or len(mb.pairs) == 1
-    # The plan is a function of the lengths alone: same input in another container, same plan.
-    again = plan_step(
+    # The packed is a function of the lengths alone: same input in another container, same packed.
+    again = pack_step(
         np.array(lengths), world_size=world_size, max_tokens_per_micro_batch=budget, packing=packing
     )
-    assert again == plan
+    assert again == packed
     if packing:  # never more micro-batches than best-fit-decreasing bins spread over the ranks
         sizes = [c + r for c, r in lengths]
         bfd = _best_fit_decreasing(sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)), sizes, budget)
-        assert plan.micro_batches_per_rank <= math.ceil(len(bfd) / world_size)
+        assert packed.micro_batches_per_rank <= math.ceil(len(bfd) / world_size)
 
 
 def test_budget_must_hold_any_pair():
     with pytest.raises(ValueError) as info:
-        plan_step([(10, 10), (60, 50)], world_size=1, max_tokens_per_micro_batch=100)
+        pack_step([(10, 10), (60, 50)], world_size=1, max_tokens_per_micro_batch=100)
     assert str(info.value) == (
         "data.max_tokens_per_micro_batch=100 cannot hold pair 1 (sequences of 60 and 50 tokens); it must be >= 2 × "
         "data.max_length"
     )
     with pytest.raises(ValueError, match=r"cannot hold pair 0 \(sequences of 60 and 30 tokens, padded\)"):
-        plan_step([(60, 30)], world_size=1, max_tokens_per_micro_batch=100, packing=False)
+        pack_step([(60, 30)], world_size=1, max_tokens_per_micro_batch=100, packing=False)
 
 
 # ------------------------------------------------------------------------------------------------- sampler
@@ -323,8 +323,8 @@ def test_sampler_covers_the_epoch_and_ranks_agree():
     steps = [list(s) for s in samplers]
     seen = []
     for k in range(4):
-        plans = {steps[r][k].plan for r in range(4)}
-        assert len(plans) == 1  # every rank computed the same plan
+        packings = {steps[r][k].packed for r in range(4)}
+        assert len(packings) == 1  # every rank computed the same packing
         step = steps[0][k]
         for r in range(4):
             for mb in steps[r][k].micro_batches:
@@ -381,15 +381,15 @@ import hashlib, sys
 sys.path.insert(0, {root!r})
 from tests.test_packing import lognormal_lengths, make_sampler
 s = make_sampler(lognormal_lengths(120, seed=9), rank=2, world_size=3, pairs_per_step=40)
-print(hashlib.sha256(repr([(a.pair_indices.tolist(), a.plan) for _ in range(2) for a in s]).encode()).hexdigest())
+print(hashlib.sha256(repr([(a.pair_indices.tolist(), a.packed) for _ in range(2) for a in s]).encode()).hexdigest())
 """
 
 
-def test_plans_do_not_depend_on_the_python_hash_seed():
+def test_packing_does_not_depend_on_the_python_hash_seed():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     s = make_sampler(lognormal_lengths(120, seed=9), rank=2, world_size=3, pairs_per_step=40)
     local = hashlib.sha256(
-        repr([(a.pair_indices.tolist(), a.plan) for _ in range(2) for a in s]).encode()
+        repr([(a.pair_indices.tolist(), a.packed) for _ in range(2) for a in s]).encode()
     ).hexdigest()
     digests = set()
     for hash_seed in ("1", "2"):

@@ -164,8 +164,13 @@ def test_recommendation_for_35b_on_16_gpus(shapes):
     plan = plan_memory(shape, Hardware(2, 8, 80), settings)
     assert not plan.fits
     advice = recommend(shape, Hardware(2, 8, 80), settings, min_tokens=8192)
-    assert advice == {**advice, "offload_optimizer": False, "offload_param": False, "micro_batch_tokens": 8192,
-                      "grad_checkpointing": True}  # fmt: skip
+    assert advice == {
+        **advice,
+        "offload_optimizer": False,
+        "offload_param": False,
+        "micro_batch_tokens": 8192,
+        "grad_checkpointing": True,
+    }
     fitting = Settings(8192, reference="cached", grad_checkpointing=True)
     assert plan_memory(shape, Hardware(2, 8, 80), fitting).fits
     # 16384 tokens add 10.5 GiB of checkpointed activations and 12.7 GiB of logits: over 80 GiB at 16 ranks.
@@ -176,9 +181,26 @@ def test_recommendation_for_35b_on_16_gpus(shapes):
 def test_plan_cli_json(capsys):
     from hdpo_ds.tools.plan import main
 
-    code = main(["--model", f"{MODELS}/llama-70b", "--nodes", "4", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
-                 "--micro-batch-tokens", "8192", "--ds", f"{ROOT}/ds_configs/zero3_35b_offload.json",
-                 "--reference", "cached", "--grad-checkpointing", "--json"])  # fmt: skip
+    code = main(
+        [
+            "--model",
+            f"{MODELS}/llama-70b",
+            "--nodes",
+            "4",
+            "--gpus-per-node",
+            "8",
+            "--gpu-mem-gib",
+            "80",
+            "--micro-batch-tokens",
+            "8192",
+            "--ds",
+            f"{ROOT}/ds_configs/zero3_35b_offload.json",
+            "--reference",
+            "cached",
+            "--grad-checkpointing",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["num_params"] == KNOWN["llama-70b"]
@@ -222,8 +244,23 @@ def test_plan_cli_json(capsys):
 def test_plan_cli_unknown_model(capsys, tmp_path):
     from hdpo_ds.tools.plan import main
 
-    assert main(["--model", str(tmp_path / "nope"), "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
-                 "--micro-batch-tokens", "4096"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "nope"),
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "8",
+                "--gpu-mem-gib",
+                "80",
+                "--micro-batch-tokens",
+                "4096",
+            ]
+        )
+        == 2
+    )
     assert "--model" in capsys.readouterr().err
 
 
@@ -245,9 +282,18 @@ def dry_run(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def demo_args(*extra: str, world_size: int = 2) -> list[str]:
-    return ["--world-size", str(world_size), "--ds", f"{ROOT}/ds_configs/zero3.json", "--config",
-            f"{ROOT}/configs/demo.yaml", f"data.train_files=[{DEMO_TRAIN}]",
-            f"data.eval_files=[{ROOT}/configs/data/demo/eval.jsonl]", f"model.name_or_path={MODELS}/tiny-demo", *extra]  # fmt: skip
+    return [
+        "--world-size",
+        str(world_size),
+        "--ds",
+        f"{ROOT}/ds_configs/zero3.json",
+        "--config",
+        f"{ROOT}/configs/demo.yaml",
+        f"data.train_files=[{DEMO_TRAIN}]",
+        f"data.eval_files=[{ROOT}/configs/data/demo/eval.jsonl]",
+        f"model.name_or_path={MODELS}/tiny-demo",
+        *extra,
+    ]
 
 
 def test_dry_run_demo_passes(capsys, monkeypatch):
@@ -278,9 +324,17 @@ def test_dry_run_35b_passes_at_16_and_fails_without_checkpointing(capsys, monkey
 
 def test_dry_run_35b_refuses_a_config_without_weights(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    code, _, err = dry_run(capsys, "--world-size", "32", "--ds", "ds_configs/zero3_35b.json", "--config",
-                           "configs/command-r-35b.yaml", f"data.train_files=[{DEMO_TRAIN}]",
-                           f"model.tokenizer={MODELS}/tiny-demo")  # fmt: skip
+    code, _, err = dry_run(
+        capsys,
+        "--world-size",
+        "32",
+        "--ds",
+        "ds_configs/zero3_35b.json",
+        "--config",
+        "configs/command-r-35b.yaml",
+        f"data.train_files=[{DEMO_TRAIN}]",
+        f"model.tokenizer={MODELS}/tiny-demo",
+    )
     assert code == 2 and "model.name_or_path" in err and "no weight files" in err
 
 
@@ -335,15 +389,29 @@ def _write_cache(cfg, cache_root: str, *, stale: bool) -> None:
     ids = tokenize_pairs(records, tokenizer, **{**tokenize_options(cfg), "cache_dir": None}).pairs.ids
     dtype = resolve_dtype(cfg, load_ds_config(f"{ROOT}/ds_configs/zero3.json"), bf16_capable=True)
     assert dtype == torch.bfloat16
-    fingerprint = reference_fingerprint(cfg, data_fingerprint=records.fingerprint,
-                                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, None), dtype=dtype)  # fmt: skip
+    fingerprint = reference_fingerprint(
+        cfg,
+        data_fingerprint=records.fingerprint,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer, None),
+        dtype=dtype,
+    )
     if stale:
         fingerprint = {**fingerprint, "data.max_length": cfg.data.max_length + 1}
     where = os.path.join(cache_root, "train")
     os.makedirs(where)
     n = len(ids)
-    sha = write_shard(where, 0, {"id": ids, "ref_chosen_logps": [-1.0] * n, "ref_rejected_logps": [-2.0] * n,
-                                 "chosen_tokens": [1] * n, "rejected_tokens": [1] * n}, fingerprint)  # fmt: skip
+    sha = write_shard(
+        where,
+        0,
+        {
+            "id": ids,
+            "ref_chosen_logps": [-1.0] * n,
+            "ref_rejected_logps": [-2.0] * n,
+            "chosen_tokens": [1] * n,
+            "rejected_tokens": [1] * n,
+        },
+        fingerprint,
+    )
     write_manifest(
         where,
         fingerprint,
@@ -373,9 +441,16 @@ def test_dry_run_reference_cache_fingerprint(capsys, monkeypatch, tmp_path, stal
 def test_dry_run_exit_code_from_the_command_line(tmp_path):
     """The real entry point, as a user runs it: exit code 2 and the key on stderr."""
     proc = subprocess.run(
-        [sys.executable, "launch/train.py", *["--dry-run", *demo_args(f"data.train_files=[{tmp_path}/x.jsonl]")]],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "launch/train.py",
+            *["--dry-run", *demo_args(f"data.train_files=[{tmp_path}/x.jsonl]")],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "data.train_files" in proc.stderr
 

@@ -36,8 +36,15 @@ def setup(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("refcache")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(ROOT, "configs/models/tiny-demo"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(root / "model")
@@ -49,19 +56,41 @@ def setup(tmp_path_factory):
 
 
 def _cfg(setup, *extra):
-    return load_config(None, [f"model.name_or_path={setup['root'] / 'model'}", f"data.train_files=[{setup['data']}]",
-                              "data.max_length=256", "data.max_prompt_length=192", "data.max_tokens_per_micro_batch=512",
-                              f"output_dir={setup['root'] / 'out'}", "reference.shard_pairs=7", *extra])  # fmt: skip
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={setup['root'] / 'model'}",
+            f"data.train_files=[{setup['data']}]",
+            "data.max_length=256",
+            "data.max_prompt_length=192",
+            "data.max_tokens_per_micro_batch=512",
+            f"output_dir={setup['root'] / 'out'}",
+            "reference.shard_pairs=7",
+            *extra,
+        ],
+    )
 
 
 def _build(setup, cache_dir, *extra, tokenizer=None):
     cfg = _cfg(setup, *extra)
     tokenizer = tokenizer or setup["tokenizer"]
     split = tokenize_split(cfg, "train", load_split_records(cfg)["train"], tokenizer)
-    fingerprint = reference_fingerprint(cfg, data_fingerprint=split.records.fingerprint,
-                                        tokenizer_fingerprint=split.tokenizer_fingerprint, dtype=torch.float32)  # fmt: skip
-    precompute_split(cfg, split, OnlineReference(setup["model"], 64), str(cache_dir), fingerprint, {"torch": "x"},
-                     pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))  # fmt: skip
+    fingerprint = reference_fingerprint(
+        cfg,
+        data_fingerprint=split.records.fingerprint,
+        tokenizer_fingerprint=split.tokenizer_fingerprint,
+        dtype=torch.float32,
+    )
+    precompute_split(
+        cfg,
+        split,
+        OnlineReference(setup["model"], 64),
+        str(cache_dir),
+        fingerprint,
+        {"torch": "x"},
+        pad_token_id=tokenizer.pad_token_id,
+        device=torch.device("cpu"),
+    )
     return cfg, split, fingerprint
 
 
@@ -100,8 +129,10 @@ def test_values_equal_plain_per_pair_math(setup, built):
     with torch.no_grad():
         for k in range(len(pairs)):
             pair = pairs[k]
-            for response, column, counts in ((pair.chosen_ids, cache.chosen, cache.chosen_tokens),
-                                             (pair.rejected_ids, cache.rejected, cache.rejected_tokens)):  # fmt: skip
+            for response, column, counts in (
+                (pair.chosen_ids, cache.chosen, cache.chosen_tokens),
+                (pair.rejected_ids, cache.rejected, cache.rejected_tokens),
+            ):
                 ids = torch.tensor([list(pair.prompt_ids) + list(response)])
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
                 start = len(pair.prompt_ids) - 1
@@ -145,8 +176,12 @@ def test_stale_cache_names_what_differs(setup, built, tmp_path, change, entry):
         extra = change
     cfg = _cfg(setup, *extra)
     split = tokenize_split(cfg, "train", load_split_records(cfg)["train"], tokenizer or setup["tokenizer"])
-    expected = reference_fingerprint(cfg, data_fingerprint=split.records.fingerprint,
-                                     tokenizer_fingerprint=split.tokenizer_fingerprint, dtype=torch.float32)  # fmt: skip
+    expected = reference_fingerprint(
+        cfg,
+        data_fingerprint=split.records.fingerprint,
+        tokenizer_fingerprint=split.tokenizer_fingerprint,
+        dtype=torch.float32,
+    )
     status, differences = cache_status(str(built["dir"]), expected)
     assert status == "stale"
     assert any(line.startswith(entry) for line in differences), differences
@@ -194,9 +229,18 @@ def test_missing_id_is_refused(built):
 def test_nan_value_is_refused(built, tmp_path):
     cache = tmp_path / "nan"
     cache.mkdir()
-    sha = write_shard(str(cache), 0, {"id": ["a", "b"], "ref_chosen_logps": [-1.0, float("nan")],
-                                      "ref_rejected_logps": [-2.0, -3.0], "chosen_tokens": [1, 2],
-                                      "rejected_tokens": [1, 2]}, built["fingerprint"])  # fmt: skip
+    sha = write_shard(
+        str(cache),
+        0,
+        {
+            "id": ["a", "b"],
+            "ref_chosen_logps": [-1.0, float("nan")],
+            "ref_rejected_logps": [-2.0, -3.0],
+            "chosen_tokens": [1, 2],
+            "rejected_tokens": [1, 2],
+        },
+        built["fingerprint"],
+    )
     write_manifest(
         str(cache), built["fingerprint"], {}, [{"file": "shard-00000.arrow", "rows": 2, "sha256": sha}], 2
     )
@@ -244,12 +288,12 @@ def test_auto_mode_stops_on_a_stale_cache_and_rebuilds_it_when_asked(setup, tmp_
 def test_lookups_check_the_stored_token_counts(built):
     """Each lookup compares the cache's response token counts with the batch's; a mismatch names the pair
     and both counts (here a cache row edited in memory, as a cache of other data would look)."""
-    from hdpo_ds.data import MicroBatchPlan, collate
+    from hdpo_ds.data import MicroBatchPacking, collate
     from hdpo_ds.reference.sources import CachedReference
 
     pairs = built["split"].data.pairs
     cache = RefCache.load(str(built["dir"]), built["fingerprint"])
-    batch = collate(pairs, MicroBatchPlan((3, 4, 5), False, 0, 0), pad_token_id=0, packing=True)
+    batch = collate(pairs, MicroBatchPacking((3, 4, 5), False, 0, 0), pad_token_id=0, packing=True)
     values = CachedReference(cache, torch.device("cpu")).sequence_logps(batch)
     row = cache.ids[pairs.ids[4]]
     assert values[3].item() == pytest.approx(cache.rejected[row])  # pair 4's rejected: the 4th sequence

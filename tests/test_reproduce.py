@@ -17,8 +17,18 @@ from tests.run_helpers import ROOT
 def test_smoke_reproduction(tmp_path):
     out, results, plot = tmp_path / "toy", tmp_path / "results.md", tmp_path / "img" / "passk.png"
     results.write_text("# Results\n\nhand-written text that must survive\n")
-    cmd = [sys.executable, "-m", "hdpo_ds.examples.toy.reproduce", "--smoke", "--out", str(out), "--results", str(results),
-           "--plot", str(plot)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "hdpo_ds.examples.toy.reproduce",
+        "--smoke",
+        "--out",
+        str(out),
+        "--results",
+        str(results),
+        "--plot",
+        str(plot),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads((out / "results.json").read_text())

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from hdpo_ds.data import collate_sequences, plan_sequences
+from hdpo_ds.data import collate_sequences, pack_sequences
 from hdpo_ds.data.tokenize import encode_prompt
 from hdpo_ds.runtime import stop
 from tests.run_helpers import ROOT, VENV_BIN, free_port, live_processes_in_group, mlflow_run
@@ -25,20 +25,20 @@ STEPS, PER_STEP = 4, 8
 # ---------------------------------------------------------------------------------------------- units
 
 
-def test_plan_sequences_places_each_sequence_once_on_every_layout():
+def test_pack_sequences_places_each_sequence_once_on_every_layout():
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 40, size=37)
     for packing in (True, False):
         for world in (1, 2, 3):
-            plan = plan_sequences(lengths, world_size=world, max_tokens_per_micro_batch=80, packing=packing)
-            counts = {len(r) for r in plan.ranks}
+            packed = pack_sequences(lengths, world_size=world, max_tokens_per_micro_batch=80, packing=packing)
+            counts = {len(r) for r in packed.ranks}
             assert len(counts) == 1  # the same number of micro-batches on every rank
-            real = sorted(i for r in plan.ranks for mb in r if not mb.filler for i in mb.pairs)
+            real = sorted(i for r in packed.ranks for mb in r if not mb.filler for i in mb.pairs)
             assert real == list(range(len(lengths)))
-            for r in plan.ranks:
+            for r in packed.ranks:
                 assert all(mb.tensor_tokens <= 80 for mb in r)
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch"):
-        plan_sequences([100], world_size=1, max_tokens_per_micro_batch=80)
+        pack_sequences([100], world_size=1, max_tokens_per_micro_batch=80)
 
 
 def test_collate_sequences_labels_only_the_completion():
@@ -86,13 +86,37 @@ def sft_assets(tmp_path_factory):
 
 def _sft_command(assets, name: str, launcher: str, extra=(), steps: int = STEPS) -> list[str]:
     root, task = assets["root"], assets["task"]
-    cmd = {"python": [sys.executable],
-           "deepspeed": [os.path.join(VENV_BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]}[launcher]  # fmt: skip
-    cmd += ["launch/sft.py", "--ds", str(root / "zero3.json"), "--config", "configs/toy/sft.yaml",
-            f"output_dir={root / name}", f"model.name_or_path={task}", f"data.train_files=[{task}/sft_train.jsonl]",
-            f"data.eval_files=[{task}/sft_eval.jsonl]", f"train.max_steps={steps}", f"train.pairs_per_step={PER_STEP}", "optim.schedule=constant",
-            "data.max_tokens_per_micro_batch=128", "optim.warmup_steps=0", "train.seed=5", "model.from_scratch=false",
-            f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}", "logging.progress_bar=false", *extra]  # fmt: skip
+    cmd = {
+        "python": [sys.executable],
+        "deepspeed": [
+            os.path.join(VENV_BIN, "deepspeed"),
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ],
+    }[launcher]
+    cmd += [
+        "launch/sft.py",
+        "--ds",
+        str(root / "zero3.json"),
+        "--config",
+        "configs/toy/sft.yaml",
+        f"output_dir={root / name}",
+        f"model.name_or_path={task}",
+        f"data.train_files=[{task}/sft_train.jsonl]",
+        f"data.eval_files=[{task}/sft_eval.jsonl]",
+        f"train.max_steps={steps}",
+        f"train.pairs_per_step={PER_STEP}",
+        "optim.schedule=constant",
+        "data.max_tokens_per_micro_batch=128",
+        "optim.warmup_steps=0",
+        "train.seed=5",
+        "model.from_scratch=false",
+        f"logging.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "logging.progress_bar=false",
+        *extra,
+    ]
     return cmd
 
 
@@ -186,9 +210,18 @@ def test_sft_rejects_bad_records_by_file_record_and_field(sft_assets, tmp_path):
         + json.dumps({"prompt": "Q:1=\n"})
         + "\n"
     )
-    cmd = [sys.executable, "launch/sft.py", "--ds", str(sft_assets["root"] / "zero3.json"), "--config", "configs/toy/sft.yaml",
-           f"model.name_or_path={sft_assets['task']}", f"data.train_files=[{bad}]", "data.eval_files=[]",
-           f"output_dir={tmp_path / 'out'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "launch/sft.py",
+        "--ds",
+        str(sft_assets["root"] / "zero3.json"),
+        "--config",
+        "configs/toy/sft.yaml",
+        f"model.name_or_path={sft_assets['task']}",
+        f"data.train_files=[{bad}]",
+        "data.eval_files=[]",
+        f"output_dir={tmp_path / 'out'}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "bad.jsonl: record 1: field 'completion'" in proc.stderr
@@ -480,12 +513,46 @@ def test_read_sft_sources_honours_split_and_row_slices(tmp_path):
 
 
 def _evaluate(assets, launcher: str, out: str, extra=()) -> dict:
-    cmd = {"python": [sys.executable],
-           "deepspeed": [os.path.join(VENV_BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port())]}[launcher]  # fmt: skip
-    cmd += ["launch/evaluate.py", "--model", str(assets["root"] / "one" / "hf"), "--prompts",
-            str(assets["task"] / "eval_prompts.jsonl"), "--checker", "arith", "--temperatures", "0.5", "1.0",
-            "--num-samples", "8", "--k", "1", "2", "8", "--max-new-tokens", "24", "--prompts-per-batch", "2", "--seed", "3",
-            "--out", out, "--tracking-uri", f"sqlite:///{assets['root'] / 'mlflow.db'}", "--no-progress", *extra]  # fmt: skip
+    cmd = {
+        "python": [sys.executable],
+        "deepspeed": [
+            os.path.join(VENV_BIN, "deepspeed"),
+            "--num_accelerators",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ],
+    }[launcher]
+    cmd += [
+        "launch/evaluate.py",
+        "--model",
+        str(assets["root"] / "one" / "hf"),
+        "--prompts",
+        str(assets["task"] / "eval_prompts.jsonl"),
+        "--checker",
+        "arith",
+        "--temperatures",
+        "0.5",
+        "1.0",
+        "--num-samples",
+        "8",
+        "--k",
+        "1",
+        "2",
+        "8",
+        "--max-new-tokens",
+        "24",
+        "--prompts-per-batch",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        out,
+        "--tracking-uri",
+        f"sqlite:///{assets['root'] / 'mlflow.db'}",
+        "--no-progress",
+        *extra,
+    ]
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
@@ -540,11 +607,43 @@ def test_evaluation_reads_a_checkpoint_folder(sft_assets, sft_one, tmp_path):
     from_hf = _evaluate(sft_assets, "python", str(tmp_path / "hf.json"), ["--no-mlflow", "--limit", "3"])
     cmd_model = str(sft_assets["root"] / "one")
     out = tmp_path / "ckpt.json"
-    proc = subprocess.run([sys.executable, "launch/evaluate.py", "--model", cmd_model, "--prompts",
-                           str(sft_assets["task"] / "eval_prompts.jsonl"), "--checker", "arith", "--temperatures", "0.5", "1.0",
-                           "--num-samples", "8", "--k", "1", "2", "8", "--max-new-tokens", "24", "--prompts-per-batch", "2",
-                           "--seed", "3", "--out", str(out), "--no-mlflow", "--no-progress", "--limit", "3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            "--model",
+            cmd_model,
+            "--prompts",
+            str(sft_assets["task"] / "eval_prompts.jsonl"),
+            "--checker",
+            "arith",
+            "--temperatures",
+            "0.5",
+            "1.0",
+            "--num-samples",
+            "8",
+            "--k",
+            "1",
+            "2",
+            "8",
+            "--max-new-tokens",
+            "24",
+            "--prompts-per-batch",
+            "2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--no-mlflow",
+            "--no-progress",
+            "--limit",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     from_ckpt = json.loads(out.read_text())
     assert os.path.basename(from_ckpt["model_dir"]).startswith("model-step")

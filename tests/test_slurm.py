@@ -29,8 +29,11 @@ from tests.run_helpers import ROOT, mlflow_run, overrides
 
 STEPS = 40
 SLURM_ARGS = [
-    "train.save_every=10", "train.eval_every=10", "train.dump_gradients_at=[]", "train.keep_checkpoints=10",
-]  # fmt: skip
+    "train.save_every=10",
+    "train.eval_every=10",
+    "train.dump_gradients_at=[]",
+    "train.keep_checkpoints=10",
+]
 LOCAL_CLUSTER = os.path.join(ROOT, "slurm", "local_cluster.sh")
 JOB_TIMEOUT = 600
 
@@ -66,8 +69,10 @@ def cluster(tmp_path_factory, request):
     if missing:
         out = subprocess.run(["bash", LOCAL_CLUSTER, "install"], capture_output=True, text=True, timeout=900)
         if out.returncode != 0:
-            _skip(f"Slurm packages missing ({', '.join(missing)}) and apt-get could not install them: "
-                  f"{(out.stderr or out.stdout).strip()[-500:]}")  # fmt: skip
+            _skip(
+                f"Slurm packages missing ({', '.join(missing)}) and apt-get could not install them: "
+                f"{(out.stderr or out.stdout).strip()[-500:]}"
+            )
     folder = tmp_path_factory.mktemp("slurm_cluster")
     request.addfinalizer(lambda: subprocess.run(["bash", LOCAL_CLUSTER, "down", str(folder)], timeout=120))
     up = subprocess.run(
@@ -105,10 +110,22 @@ def _submit(cluster, assets, name: str) -> tuple[str, object]:
     """sbatch slurm/train.sbatch from the repository root, CPU mode, 2 nodes x 1 rank; returns the job id
     and its log (one per job id, appended to by a requeued job)."""
     log = assets["root"] / f"{name}.slurm.log"
-    cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-           "--time=00:20:00", f"--job-name={name}", f"--output={assets['root']}/{name}.slurm.log",
-           "slurm/train.sbatch", "--ds", str(assets["root"] / "zero3.json"), *overrides(assets, name, STEPS),
-           *SLURM_ARGS]  # fmt: skip
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=00:20:00",
+        f"--job-name={name}",
+        f"--output={assets['root']}/{name}.slurm.log",
+        "slurm/train.sbatch",
+        "--ds",
+        str(assets["root"] / "zero3.json"),
+        *overrides(assets, name, STEPS),
+        *SLURM_ARGS,
+    ]
     env = {**cluster, "HDPO_DEVICE": "cpu", "HDPO_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -116,8 +133,11 @@ def _submit(cluster, assets, name: str) -> tuple[str, object]:
 
 
 def _finished(cluster, job: str, log) -> dict[str, str]:
-    done = _wait(lambda: (s := _job(cluster, job))["JobState"] not in ("PENDING", "RUNNING", "COMPLETING") and s,
-                 f"job {job} to end", log=log)  # fmt: skip
+    done = _wait(
+        lambda: (s := _job(cluster, job))["JobState"] not in ("PENDING", "RUNNING", "COMPLETING") and s,
+        f"job {job} to end",
+        log=log,
+    )
     assert done["JobState"] == "COMPLETED" and done["ExitCode"] == "0:0", (done, log.read_text()[-6000:])
     return done
 
@@ -129,8 +149,11 @@ def _release_requeued(cluster, job: str, log) -> None:
     with a one-second resolution, and a start within that second is refused ("Job credential revoked")
     and fails the job. Two seconds after the nodes are idle again is safe.
     """
-    _wait(lambda: (s := _job(cluster, job))["JobState"] == "PENDING" and s["Restarts"] == "1",
-          f"job {job} to be requeued", log=log)  # fmt: skip
+    _wait(
+        lambda: (s := _job(cluster, job))["JobState"] == "PENDING" and s["Restarts"] == "1",
+        f"job {job} to be requeued",
+        log=log,
+    )
     _wait(
         lambda: set(_slurm(cluster, "sinfo", "-h", "-N", "-o", "%t").split()) == {"idle"},
         "idle nodes",
@@ -222,8 +245,11 @@ def test_usr1_to_batch_shell_checkpoints_requeues_and_resumes(cluster, assets, s
     job, log = _submit(cluster, assets, "slurm_usr1")
     # Both ranks have their handlers (launch/train.py installs them before its heavy imports) and are
     # still starting up: the stop comes after the first step.
-    _wait(lambda: log.exists() and "[rank0] srun task" in (t := log.read_text()) and "[rank1] srun task" in t,
-          "both ranks to start", log=log)  # fmt: skip
+    _wait(
+        lambda: log.exists() and "[rank0] srun task" in (t := log.read_text()) and "[rank1] srun task" in t,
+        "both ranks to start",
+        log=log,
+    )
     _slurm(cluster, "scancel", "--signal=USR1", "--batch", job)
     _wait(lambda: _job(cluster, job)["Restarts"] == "1", f"job {job} to requeue itself", log=log)
 
@@ -293,13 +319,25 @@ def test_node_failure_requeues_and_resumes_from_last_checkpoint(cluster, assets,
 
 
 def test_fill_slurm_env_maps_an_srun_task(monkeypatch):
-    slurm = {"SLURM_STEP_NUM_TASKS": "12", "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
-             "SLURM_STEP_TASKS_PER_NODE": "4(x2),3,1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29512"}  # fmt: skip
+    slurm = {
+        "SLURM_STEP_NUM_TASKS": "12",
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2),3,1",
+        "MASTER_ADDR": "10.0.0.7",
+        "MASTER_PORT": "29512",
+    }
     monkeypatch.setattr(os, "environ", dict(slurm))  # this process's own environment stays untouched
     assert dist.fill_slurm_env()
     got = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
-    assert got == {"RANK": "9", "WORLD_SIZE": "12", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "3",
-                   "MASTER_ADDR": "10.0.0.7"}  # fmt: skip
+    assert got == {
+        "RANK": "9",
+        "WORLD_SIZE": "12",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "3",
+        "MASTER_ADDR": "10.0.0.7",
+    }
     monkeypatch.setattr(os, "environ", {**slurm, "RANK": "3", "WORLD_SIZE": "16"})
     assert not dist.fill_slurm_env()  # a launcher under srun (torchrun) set them: its values stay
     assert os.environ["RANK"] == "3"

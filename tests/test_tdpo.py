@@ -82,8 +82,11 @@ def _sequence_terms(policy, reference, labels, kl_fn, logp_fn):
     lp = logp_fn(policy).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     ref = logp_fn(reference).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     n = labels.shape[0]
-    return (segment_sums(lp, rows, n, mask=mask).sums, segment_sums(ref, rows, n, mask=mask).sums,
-            segment_sums(kl_fn(policy, reference, labels), rows, n, mask=mask).sums)  # fmt: skip
+    return (
+        segment_sums(lp, rows, n, mask=mask).sums,
+        segment_sums(ref, rows, n, mask=mask).sums,
+        segment_sums(kl_fn(policy, reference, labels), rows, n, mask=mask).sums,
+    )
 
 
 @pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
@@ -93,8 +96,13 @@ def test_losses_and_gradients_match_naive_float64(variant):
     policy, reference, labels = _case(t=9, v=23, batch=8, seed=7)
     beta, alpha = 0.1, 0.5
     a = policy.clone().requires_grad_()
-    lp, ref, kl = _sequence_terms(a, reference, labels, lambda p, r, y: token_kl(p, r, y, chunk_size=3),
-                                  lambda x: torch.log_softmax(x, -1))  # fmt: skip
+    lp, ref, kl = _sequence_terms(
+        a,
+        reference,
+        labels,
+        lambda p, r, y: token_kl(p, r, y, chunk_size=3),
+        lambda x: torch.log_softmax(x, -1),
+    )
     out = tdpo_loss(
         lp[:4], lp[4:], ref[:4], ref[4:], kl[:4], kl[4:], loss_type=variant, beta=beta, tdpo_alpha=alpha
     )
@@ -143,8 +151,10 @@ def test_tdpo_worked_example():
     )
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"beta": 0}, "beta"), ({"tdpo_alpha": -1}, "tdpo_alpha"),
-                                              ({"loss_type": "tdpo3"}, "tdpo3")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"beta": 0}, "beta"), ({"tdpo_alpha": -1}, "tdpo_alpha"), ({"loss_type": "tdpo3"}, "tdpo3")],
+)
 def test_tdpo_bad_arguments(kwargs, name):
     vals = [torch.zeros(2) for _ in range(6)]
     with pytest.raises(ValueError, match=name):
@@ -160,15 +170,36 @@ def test_two_rank_tdpo2_step0_equals_single_process(assets):
     from hdpo_ds.data import PairSampler
     from tests.run_helpers import BUDGET, PAIRS_PER_STEP, launch
 
-    run = launch(assets, "tdpo2", "deepspeed", 1,
-                 extra=["loss.type=tdpo2", "loss.alpha=1.0", "loss.beta=0.5", f"reference.name_or_path={assets['ref_model']}",
-                        "train.dump_gradients_at=[]", "train.export_hf=false"])  # fmt: skip
+    run = launch(
+        assets,
+        "tdpo2",
+        "deepspeed",
+        1,
+        extra=[
+            "loss.type=tdpo2",
+            "loss.alpha=1.0",
+            "loss.beta=0.5",
+            f"reference.name_or_path={assets['ref_model']}",
+            "train.dump_gradients_at=[]",
+            "train.export_hf=false",
+        ],
+    )
     assert run["params"]["config.loss.type"] == "tdpo2"
     policy = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
     reference = AutoModelForCausalLM.from_pretrained(assets["ref_model"], dtype=torch.float32).eval()
     pairs = assets["pairs"]
-    indices = PairSampler(pairs.lengths, pairs_per_step=PAIRS_PER_STEP, world_size=1, rank=0, seed=assets["seed"],
-                          max_tokens_per_micro_batch=BUDGET).assignment(0, 0).pair_indices  # fmt: skip
+    indices = (
+        PairSampler(
+            pairs.lengths,
+            pairs_per_step=PAIRS_PER_STEP,
+            world_size=1,
+            rank=0,
+            seed=assets["seed"],
+            max_tokens_per_micro_batch=BUDGET,
+        )
+        .assignment(0, 0)
+        .pair_indices
+    )
 
     def terms(prompt, response):
         ids = torch.tensor([list(prompt) + list(response)])
@@ -204,5 +235,13 @@ def test_tdpo_refuses_the_cache_at_start_up():
     with pytest.raises(
         ConfigError, match="reference.mode: loss.type=tdpo2 needs the reference's full next-token"
     ):
-        load_config(None, ["model.name_or_path=m", "data.train_files=[a]", "loss.type=tdpo2",
-                           "reference.mode=cached", "reference.cache_path=/x"])  # fmt: skip
+        load_config(
+            None,
+            [
+                "model.name_or_path=m",
+                "data.train_files=[a]",
+                "loss.type=tdpo2",
+                "reference.mode=cached",
+                "reference.cache_path=/x",
+            ],
+        )

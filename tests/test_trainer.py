@@ -56,8 +56,14 @@ def _single_process_step0(assets):
         assets["model"], dtype=torch.float32, attn_implementation="sdpa"
     )
     pairs = assets["pairs"]
-    sampler = PairSampler(pairs.lengths, pairs_per_step=PAIRS_PER_STEP, world_size=1, rank=0,
-                          seed=assets["seed"], max_tokens_per_micro_batch=BUDGET)  # fmt: skip
+    sampler = PairSampler(
+        pairs.lengths,
+        pairs_per_step=PAIRS_PER_STEP,
+        world_size=1,
+        rank=0,
+        seed=assets["seed"],
+        max_tokens_per_micro_batch=BUDGET,
+    )
     indices = sampler.assignment(0, 0).pair_indices
 
     def sequence_logp(prompt, response):
@@ -128,7 +134,7 @@ def test_torchrun_launch_with_padded_micro_batches(tr2, py1):
 
 
 def _step_pairs(assets, step: int, world_size: int, packing: bool):
-    """The step's pairs (tokenized, in step order) and its plan, from the sampler the run used."""
+    """The step's pairs (tokenized, in step order) and its packed, from the sampler the run used."""
     sampler = PairSampler(
         assets["pairs"].lengths,
         pairs_per_step=PAIRS_PER_STEP,
@@ -139,7 +145,7 @@ def _step_pairs(assets, step: int, world_size: int, packing: bool):
         packing=packing,
     )
     assignment = sampler.assignment(0, step)  # 40 pairs, 4 per step: steps 0-4 are epoch 0's first five
-    return [assets["pairs"][int(i)] for i in assignment.pair_indices], assignment.plan
+    return [assets["pairs"][int(i)] for i in assignment.pair_indices], assignment.packed
 
 
 @pytest.mark.parametrize(
@@ -159,11 +165,11 @@ def test_step_metrics_are_what_the_batch_implies(assets, request, run, world_siz
     result = request.getfixturevalue(run)
     metrics = result["metrics"]
     for step in range(steps):
-        pairs, plan = _step_pairs(assets, step, world_size, packing)
+        pairs, packed = _step_pairs(assets, step, world_size, packing)
         tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         assert metrics["tokens"][step] == tokens, step
-        micro_batches = [mb for rank in plan.ranks for mb in rank]
-        assert len(micro_batches) == world_size * plan.micro_batches_per_rank
+        micro_batches = [mb for rank in packed.ranks for mb in rank]
+        assert len(micro_batches) == world_size * packed.micro_batches_per_rank
         assert metrics["packing_fill"][step] == pytest.approx(
             tokens / (len(micro_batches) * BUDGET), rel=1e-12
         )
@@ -263,8 +269,12 @@ def test_demo_assets_are_reproducible(tmp_path):
     (up to the library's version string) and a tokenizer that is the same (files and encodings)."""
     out = tmp_path / "model"
     data = tmp_path / "data"
-    subprocess.run([sys.executable, "-m", "hdpo_ds.examples.demo_assets", "--out", str(out), "--data", str(data)],
-                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "hdpo_ds.examples.demo_assets", "--out", str(out), "--data", str(data)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     committed_model = os.path.join(ROOT, "configs/models/tiny-demo")
     for name in ("train.jsonl", "eval.jsonl"):
         with open(data / name, "rb") as a, open(os.path.join(ROOT, "configs/data/demo", name), "rb") as b:
@@ -300,15 +310,21 @@ def _cache_values(cache_dir) -> dict:
     manifest = read_manifest(str(cache_dir))
     cache = RefCache.load(str(cache_dir), manifest["fingerprint"])
     order = sorted(cache.ids, key=cache.ids.get)
-    return {"ids": order, "chosen": cache.chosen, "rejected": cache.rejected,
-            "tokens": (cache.chosen_tokens, cache.rejected_tokens), "manifest": manifest}  # fmt: skip
+    return {
+        "ids": order,
+        "chosen": cache.chosen,
+        "rejected": cache.rejected,
+        "tokens": (cache.chosen_tokens, cache.rejected_tokens),
+        "manifest": manifest,
+    }
 
 
 @pytest.fixture(scope="module")
 def py1_cached(assets):
     """reference.mode=auto with no cache yet: computes it first (1 process), then trains from it."""
-    return _launch(assets, "py1_cached", "python", STEPS,
-                   extra=["reference.mode=auto", "reference.shard_pairs=8"])  # fmt: skip
+    return _launch(
+        assets, "py1_cached", "python", STEPS, extra=["reference.mode=auto", "reference.shard_pairs=8"]
+    )
 
 
 def test_cached_training_follows_the_online_trajectory(py1, py1_cached):
@@ -324,8 +340,16 @@ def test_cached_training_follows_the_online_trajectory(py1, py1_cached):
 
 
 def _precompute(assets, name: str, launcher: str, extra: list[str], env_extra: dict | None = None):
-    run = _launch(assets, name, launcher, 1, extra=extra, env_extra=env_extra, expect_success=False,
-                  script="launch/precompute_ref.py")  # fmt: skip
+    run = _launch(
+        assets,
+        name,
+        launcher,
+        1,
+        extra=extra,
+        env_extra=env_extra,
+        expect_success=False,
+        script="launch/precompute_ref.py",
+    )
     return SimpleNamespace(returncode=run["returncode"], stderr=run["stderr"])
 
 
@@ -333,8 +357,12 @@ def _precompute(assets, name: str, launcher: str, extra: list[str], env_extra: d
 def test_two_rank_precompute_with_other_packing_equals_one_process(assets, py1_cached):
     """World size 2 and a 5x larger packing budget against world size 1: same values (rtol 1e-5)."""
     cache = assets["root"] / "pc2" / "cache"
-    proc = _precompute(assets, "pc2", "deepspeed", [f"reference.cache_path={cache}", "reference.shard_pairs=16",
-                                                    "data.max_tokens_per_micro_batch=1024"])  # fmt: skip
+    proc = _precompute(
+        assets,
+        "pc2",
+        "deepspeed",
+        [f"reference.cache_path={cache}", "reference.shard_pairs=16", "data.max_tokens_per_micro_batch=1024"],
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     for split in ("train", "eval"):
         two = _cache_values(cache / split)
@@ -375,9 +403,14 @@ def test_tokenization_error_on_rank0_stops_every_rank(assets):
     bad.write_text(
         json.dumps({"prompt": "What is 2 + 2? ", "chosen": "4 is it.", "rejected": "5 is it."}) + "\n" * 1
     )
-    run = _launch(assets, "merge", "deepspeed", 1, extra=[f"data.train_files=[{bad}]", "data.eval_files=[]",
-                                                          "train.pairs_per_step=2"],
-                  expect_success=False)  # fmt: skip
+    run = _launch(
+        assets,
+        "merge",
+        "deepspeed",
+        1,
+        extra=[f"data.train_files=[{bad}]", "data.eval_files=[]", "train.pairs_per_step=2"],
+        expect_success=False,
+    )
     assert run["returncode"] != 0
     assert (
         "error (rank 0):" in run["stderr"] and "merges across the prompt/response boundary" in run["stderr"]

@@ -36,8 +36,14 @@ def _naive_step_gradient(assets, policy_state: dict, step: int, *, beta: float, 
 
     policy, reference = load(policy_state), load().eval()
     pairs = assets["pairs"]
-    sampler = PairSampler(pairs.lengths, pairs_per_step=PAIRS_PER_STEP, world_size=1, rank=0, seed=assets["seed"],
-                          max_tokens_per_micro_batch=BUDGET)  # fmt: skip
+    sampler = PairSampler(
+        pairs.lengths,
+        pairs_per_step=PAIRS_PER_STEP,
+        world_size=1,
+        rank=0,
+        seed=assets["seed"],
+        max_tokens_per_micro_batch=BUDGET,
+    )
     indices = sampler.assignment(step // len(sampler), step % len(sampler)).pair_indices
 
     def logp(model, prompt, response):
@@ -74,10 +80,20 @@ def test_nonfinite_loss_and_gradient_steps_change_nothing(assets):
     """2 ranks, cosine schedule: rank 0's loss is NaN at step 1, and at step 2 a NaN enters the gradient
     inside the graph (the loss stays finite). Both updates are skipped on both ranks: the weights and the
     learning rate stay put, and step 3's gradient is that of the weights after step 0 on step 3's pairs."""
-    run = launch(assets, "guard_nan", "deepspeed", 4,
-                 extra=["optim.schedule=cosine", "train.save_every=1", "train.keep_checkpoints=10",
-                        "train.dump_gradients_at=[3]", "train.eval_every=0"],
-                 env_extra={"HDPO_FAULT_NAN_LOSS_AT_STEPS": "1", "HDPO_FAULT_NAN_GRAD_AT_STEPS": "2"})  # fmt: skip
+    run = launch(
+        assets,
+        "guard_nan",
+        "deepspeed",
+        4,
+        extra=[
+            "optim.schedule=cosine",
+            "train.save_every=1",
+            "train.keep_checkpoints=10",
+            "train.dump_gradients_at=[3]",
+            "train.eval_every=0",
+        ],
+        env_extra={"HDPO_FAULT_NAN_LOSS_AT_STEPS": "1", "HDPO_FAULT_NAN_GRAD_AT_STEPS": "2"},
+    )
     m = run["metrics"]
     assert [m["nonfinite/skipped_steps"][s] for s in range(4)] == [0, 1, 2, 2]
     assert np.isnan(m["loss"][1]) and np.isfinite(m["loss"][2])  # step 2: a finite loss, a NaN gradient
@@ -113,13 +129,22 @@ def test_bf16_gradients_accumulate_in_fp32(assets, tmp_path):
     fill_ds_config chooses the error does not grow from 2 to 16 micro-batches per rank; with bf16
     accumulation (DeepSpeed's default under bf16) it does."""
     out = tmp_path / "errors.json"
-    cmd = [os.path.join(VENV_BIN, "deepspeed"), "--num_accelerators", "2", "--master_port", str(free_port()),
-           "tests/probes/grad_accum.py", str(assets["root"] / "zero3.json"), str(out)]  # fmt: skip
+    cmd = [
+        os.path.join(VENV_BIN, "deepspeed"),
+        "--num_accelerators",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "tests/probes/grad_accum.py",
+        str(assets["root"] / "zero3.json"),
+        str(out),
+    ]
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
     }
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     errors = json.loads(out.read_text())
     assert errors["bf16_filled/16"] < 1.1 * errors["bf16_filled/2"], errors
@@ -127,8 +152,14 @@ def test_bf16_gradients_accumulate_in_fp32(assets, tmp_path):
     assert errors["bf16_accum/16"] > 1.15 * errors["bf16_filled/16"], errors
 
 
-ALPHA_ARGS = ["loss.alpha=auto", "loss.alpha_update=eval", "loss.target_entropy=1.0", "train.eval_every=1",
-              "train.save_every=2", "train.dump_gradients_at=[]"]  # fmt: skip
+ALPHA_ARGS = [
+    "loss.alpha=auto",
+    "loss.alpha_update=eval",
+    "loss.target_entropy=1.0",
+    "train.eval_every=1",
+    "train.save_every=2",
+    "train.dump_gradients_at=[]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +177,15 @@ def test_alpha_moves_after_each_evaluation(alpha_full):
 
 
 def test_alpha_after_a_kill_and_resume_equals_uninterrupted(assets, alpha_full):
-    killed = launch(assets, "alpha_kill", "python", 5, extra=ALPHA_ARGS, env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"},
-                    expect_success=False)  # fmt: skip
+    killed = launch(
+        assets,
+        "alpha_kill",
+        "python",
+        5,
+        extra=ALPHA_ARGS,
+        env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"},
+        expect_success=False,
+    )
     assert killed["returncode"] == -9, killed["stderr"][-3000:]
     resumed = launch(assets, "alpha_kill", "python", 5, extra=ALPHA_ARGS)
     assert "at step 2" in resumed["stderr"]
@@ -165,8 +203,13 @@ def test_dropout_is_off_so_step0_rewards_are_zero(assets, tmp_path):
     config = json.loads((model / "config.json").read_text())
     config["attention_dropout"] = 0.5
     (model / "config.json").write_text(json.dumps(config))
-    run = launch(assets, "dropout", "python", 1,
-                 extra=[f"model.name_or_path={model}", "loss.alpha=1.0", "train.dump_gradients_at=[]"])  # fmt: skip
+    run = launch(
+        assets,
+        "dropout",
+        "python",
+        1,
+        extra=[f"model.name_or_path={model}", "loss.alpha=1.0", "train.dump_gradients_at=[]"],
+    )
     m = run["metrics"]
     assert m["rewards/chosen"][0] == 0.0 and m["rewards/rejected"][0] == 0.0
     assert m["loss"][0] == pytest.approx(math.log(2), rel=1e-6)  # float32

@@ -1,6 +1,6 @@
 """Pack the pairs of one optimizer step into micro-batches of bounded size, identically on every rank.
 
-Planning (:func:`plan_step`) sees only the sequence lengths of the step's pairs and returns, for every rank,
+Planning (:func:`pack_step`) sees only the sequence lengths of the step's pairs and returns, for every rank,
 the same number of micro-batches (ZeRO-3 gathers parameters collectively on every forward, so all ranks must
 run as many forward/backward passes: docs/design.md §5). A micro-batch holds whole pairs (chosen and rejected
 together) and at most ``max_tokens_per_micro_batch`` tokens:
@@ -16,8 +16,8 @@ together) and at most ``max_tokens_per_micro_batch`` tokens:
   low), which are then dealt to ranks by padded cost.
 
 A rank short of micro-batches gets fillers: a real pair (the step's shortest) with weight 0, so its forward
-and backward run on finite data and contribute nothing. The plan depends only on the lengths, in order:
-ties break by position, never by set or dict order, so every rank computes the same plan.
+and backward run on finite data and contribute nothing. The packing depends only on the lengths, in order:
+ties break by position, never by set or dict order, so every rank computes the same packing.
 
 :func:`collate` turns one micro-batch into tensors (:class:`PackedBatch`).
 """
@@ -38,7 +38,7 @@ IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)
-class MicroBatchPlan:
+class MicroBatchPacking:
     """One micro-batch of a step: ``pairs`` are positions in the step's pair list (sorted). A ``filler``
     repeats one real pair with weight 0. ``tokens``: real tokens of its sequences (the filler's included);
     ``tensor_tokens``: tokens of the collated tensors (packed: = tokens; padded: rows × longest)."""
@@ -50,10 +50,10 @@ class MicroBatchPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepPlan:
+class StepPacking:
     """The micro-batches of one optimizer step for every rank: ``ranks[r]`` is rank r's list, all equally long."""
 
-    ranks: tuple[tuple[MicroBatchPlan, ...], ...]
+    ranks: tuple[tuple[MicroBatchPacking, ...], ...]
     max_tokens_per_micro_batch: int
     packing: bool
     num_pairs: int
@@ -66,7 +66,7 @@ class StepPlan:
     def micro_batches_per_rank(self) -> int:
         return len(self.ranks[0])
 
-    def for_rank(self, rank: int) -> tuple[MicroBatchPlan, ...]:
+    def for_rank(self, rank: int) -> tuple[MicroBatchPacking, ...]:
         return self.ranks[rank]
 
     def rank_tokens(self) -> list[int]:
@@ -75,7 +75,7 @@ class StepPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlanStats:
+class PackingStats:
     """``fill`` = real tokens / (micro-batches × budget), all ranks, fillers counted as micro-batches but not
     as real tokens. ``padding_fraction`` = pad tokens / tensor tokens. ``rank_imbalance`` = the busiest
     rank's real tokens / the mean (1.0 = perfectly balanced)."""
@@ -152,17 +152,17 @@ class PackedBatch:
         return dataclasses.replace(self, **moved)
 
 
-def plan_step(
+def pack_step(
     pairs_lengths_for_step: Sequence[Sequence[int]] | np.ndarray,
     *,
     world_size: int,
     max_tokens_per_micro_batch: int,
     packing: bool = True,
-) -> StepPlan:
-    """Plan one optimizer step.
+) -> StepPacking:
+    """Pack one optimizer step into micro-batches.
 
     ``pairs_lengths_for_step``: (num_pairs, 2) ints, the token lengths of each pair's chosen sequence and
-    rejected sequence (prompt included), in step order. Returns a :class:`StepPlan` whose micro-batch pair
+    rejected sequence (prompt included), in step order. Returns a :class:`StepPacking` whose micro-batch pair
     positions index this list. Every pair appears in exactly one non-filler micro-batch on exactly one rank.
     """
     lengths = np.asarray(pairs_lengths_for_step, dtype=np.int64).reshape(-1, 2)
@@ -182,20 +182,20 @@ def plan_step(
             f"data.max_tokens_per_micro_batch={budget} cannot hold pair {i} (sequences of {lengths[i, 0]} and "
             f"{lengths[i, 1]} tokens{'' if packing else ', padded'}); it must be >= 2 × data.max_length"
         )
-    return _plan_items(
+    return _pack_items(
         [int(x) for x in lengths.sum(axis=1)], [int(x) for x in longest], 2, world_size, budget, packing
     )
 
 
-def plan_sequences(
+def pack_sequences(
     lengths: Sequence[int] | np.ndarray,
     *,
     world_size: int,
     max_tokens_per_micro_batch: int,
     packing: bool = True,
-) -> StepPlan:
-    """:func:`plan_step` for single sequences (supervised fine-tuning): ``lengths`` (n,) token lengths;
-    the plan's "pairs" are sequence positions (collate them with :func:`collate_sequences`)."""
+) -> StepPacking:
+    """:func:`pack_step` for single sequences (supervised fine-tuning): ``lengths`` (n,) token lengths;
+    the packing's "pairs" are sequence positions (collate them with :func:`collate_sequences`)."""
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     budget = int(max_tokens_per_micro_batch)
     if world_size < 1:
@@ -205,20 +205,23 @@ def plan_sequences(
     if lengths.min() < 1:
         raise ValueError("every sequence needs at least one token")
     if lengths.max() > budget:
-        raise ValueError(f"data.max_tokens_per_micro_batch={budget} cannot hold a sequence of {lengths.max()} tokens; "
-                         "it must be >= data.max_length")  # fmt: skip
+        raise ValueError(
+            f"data.max_tokens_per_micro_batch={budget} cannot hold a sequence of {lengths.max()} tokens; "
+            "it must be >= data.max_length"
+        )
     sizes = [int(x) for x in lengths]
-    return _plan_items(sizes, sizes, 1, world_size, budget, packing)
+    return _pack_items(sizes, sizes, 1, world_size, budget, packing)
 
 
-def _plan_items(sizes: list[int], longest: list[int], seqs_per_item: int, world_size: int, budget: int,
-                packing: bool) -> StepPlan:  # fmt: skip
+def _pack_items(
+    sizes: list[int], longest: list[int], seqs_per_item: int, world_size: int, budget: int, packing: bool
+) -> StepPacking:
     """Bins for items (pairs or single sequences) of `sizes` real tokens, `longest` sequence each."""
     n = len(sizes)
     if packing:
-        bins = _plan_packed(sizes, world_size, budget)
+        bins = _packed_bins(sizes, world_size, budget)
     else:
-        bins = _plan_padded(longest, sizes, world_size, budget, seqs_per_item)
+        bins = _padded_bins(longest, sizes, world_size, budget, seqs_per_item)
 
     # The filler replays the step's shortest item: cheap, real (its reference log-probs exist), finite.
     shortest = min(range(n), key=lambda i: (sizes[i], i))
@@ -232,15 +235,15 @@ def _plan_items(sizes: list[int], longest: list[int], seqs_per_item: int, world_
                 tensor = (
                     tokens if packing else seqs_per_item * len(members) * max(longest[i] for i in members)
                 )
-                mbs.append(MicroBatchPlan(members, False, tokens, tensor))
+                mbs.append(MicroBatchPacking(members, False, tokens, tensor))
         # Largest first on every rank, so that the k-th micro-batches of all ranks are alike in size: under
         # ZeRO-3 the ranks wait for each other inside every micro-batch.
         mbs.sort(key=lambda mb: (-mb.tensor_tokens, mb.pairs))
         while len(mbs) < len(rank_bins):
             tensor = sizes[shortest] if packing else seqs_per_item * longest[shortest]
-            mbs.append(MicroBatchPlan((shortest,), True, sizes[shortest], tensor))
+            mbs.append(MicroBatchPacking((shortest,), True, sizes[shortest], tensor))
         ranks.append(tuple(mbs))
-    return StepPlan(tuple(ranks), budget, packing, n)
+    return StepPacking(tuple(ranks), budget, packing, n)
 
 
 def lower_bound_micro_batches(sizes: Sequence[int] | np.ndarray, budget: int) -> int:
@@ -260,36 +263,36 @@ def lower_bound_micro_batches(sizes: Sequence[int] | np.ndarray, budget: int) ->
     return best
 
 
-def plan_stats(plan: StepPlan) -> PlanStats:
-    """Fill, padding and balance of a plan (see :class:`PlanStats`)."""
-    mbs = [mb for rank in plan.ranks for mb in rank]
+def packing_stats(packed: StepPacking) -> PackingStats:
+    """Fill, padding and balance of a step's packing (see :class:`PackingStats`)."""
+    mbs = [mb for rank in packed.ranks for mb in rank]
     real = sum(mb.tokens for mb in mbs if not mb.filler)
     tensor = sum(mb.tensor_tokens for mb in mbs)
     all_tokens = sum(mb.tokens for mb in mbs)
-    rank_tokens = plan.rank_tokens()
+    rank_tokens = packed.rank_tokens()
     mean = sum(rank_tokens) / len(rank_tokens)
-    return PlanStats(
+    return PackingStats(
         micro_batches=len(mbs),
         fillers=sum(mb.filler for mb in mbs),
         real_tokens=real,
         tensor_tokens=tensor,
-        budget=plan.max_tokens_per_micro_batch,
-        fill=real / (len(mbs) * plan.max_tokens_per_micro_batch),
+        budget=packed.max_tokens_per_micro_batch,
+        fill=real / (len(mbs) * packed.max_tokens_per_micro_batch),
         padding_fraction=(tensor - all_tokens) / tensor,
         rank_imbalance=max(rank_tokens) / mean if mean > 0 else math.inf,
     )
 
 
-def collate(pairs: Any, micro_batch_plan: MicroBatchPlan, *, pad_token_id: int, packing: bool) -> PackedBatch:
+def collate(pairs: Any, micro_batch: MicroBatchPacking, *, pad_token_id: int, packing: bool) -> PackedBatch:
     """Build the tensors of one micro-batch (layout and label convention: :class:`PackedBatch`).
 
-    ``pairs``: anything indexable by the plan's pair positions that yields objects with ``id``,
+    ``pairs``: anything indexable by the packing's pair positions that yields objects with ``id``,
     ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (``TokenizedPair``).
     """
     seqs: list[np.ndarray] = []
     prompt_lens: list[int] = []
     pair_ids: list[str] = []
-    for pos in micro_batch_plan.pairs:
+    for pos in micro_batch.pairs:
         pair = pairs[pos]
         pair_ids.append(pair.id)
         prompt = np.asarray(pair.prompt_ids, dtype=np.int64)
@@ -307,7 +310,7 @@ def collate(pairs: Any, micro_batch_plan: MicroBatchPlan, *, pad_token_id: int, 
         pair_index=torch.arange(num_seqs) // 2,
         is_chosen=torch.arange(num_seqs) % 2 == 0,
         pair_ids=pair_ids,
-        weight=0.0 if micro_batch_plan.filler else 1.0,
+        weight=0.0 if micro_batch.filler else 1.0,
     )
 
 
@@ -333,8 +336,13 @@ def collate_sequences(
         )
         prompt_lens.append(len(prompt))
     tensors = _sequence_tensors(seqs, prompt_lens, pad_token_id=pad_token_id, packing=packing)
-    return PackedBatch(**tensors, pair_index=torch.arange(len(seqs)), is_chosen=torch.ones(len(seqs), dtype=torch.bool),
-                       pair_ids=list(ids), weight=weight)  # fmt: skip
+    return PackedBatch(
+        **tensors,
+        pair_index=torch.arange(len(seqs)),
+        is_chosen=torch.ones(len(seqs), dtype=torch.bool),
+        pair_ids=list(ids),
+        weight=weight,
+    )
 
 
 def _sequence_tensors(
@@ -379,7 +387,7 @@ def _sequence_tensors(
 # ------------------------------------------------------------------------------------------------ planners
 
 
-def _plan_packed(sizes: list[int], world_size: int, budget: int) -> list[list[list[int]]]:
+def _packed_bins(sizes: list[int], world_size: int, budget: int) -> list[list[list[int]]]:
     """rank -> micro-batches -> pair positions (empty lists become fillers)."""
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     bfd = _best_fit_decreasing(order, sizes, budget)
@@ -480,7 +488,7 @@ def _best_fit_decreasing(order: list[int], sizes: list[int], budget: int) -> lis
     return bins
 
 
-def _plan_padded(
+def _padded_bins(
     longest: list[int], sizes: list[int], world_size: int, budget: int, seqs_per_item: int = 2
 ) -> list[list[list[int]]]:
     """Sort by length, cut into micro-batches of at most budget padded tokens, deal them to ranks."""

@@ -607,8 +607,12 @@ def row_error(row: Any, *, source: str, index: int) -> DataError | None:
     if isinstance(row, _Unreadable):
         return DataError(row.reason, kind=row.kind, source=source, index=index)
     if not isinstance(row, Mapping):
-        return DataError(f"wrong type: a record must be an object, got {_type(row)}", kind="wrong_type",
-                         source=source, index=index)  # fmt: skip
+        return DataError(
+            f"wrong type: a record must be an object, got {_type(row)}",
+            kind="wrong_type",
+            source=source,
+            index=index,
+        )
     return None
 
 

@@ -2,9 +2,9 @@
 
 Each epoch the pairs are shuffled with a permutation that depends only on (seed, epoch): sorting PCG64 raw
 64-bit draws, whose streams NumPy keeps stable across versions (unlike ``Generator.permutation``). Steps take
-consecutive slices of ``pairs_per_step`` pairs (global, not per rank); each step is planned with
-:func:`~hdpo_ds.data.packing.plan_step`, which balances tokens, not pair counts, across ranks and gives every
-rank the same number of micro-batches. Every rank computes the same permutation and plans, so no
+consecutive slices of ``pairs_per_step`` pairs (global, not per rank); each step is packed with
+:func:`~hdpo_ds.data.packing.pack_step`, which balances tokens, not pair counts, across ranks and gives every
+rank the same number of micro-batches. Every rank computes the same permutation and packing, so no
 communication is needed. ``state_dict`` holds (epoch, steps consumed in the epoch) for exact resume.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from hdpo_ds.data.packing import MicroBatchPlan, StepPlan, plan_step
+from hdpo_ds.data.packing import MicroBatchPacking, StepPacking, pack_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +24,7 @@ class StepAssignment:
     """One optimizer step as seen by one rank.
 
     ``pair_indices`` (num_pairs,): dataset indices of all the step's pairs (every rank's), in step order; the
-    plan's pair positions index it. ``micro_batches``: this rank's micro-batches. ``num_pairs``: the step's
+    packing's pair positions index it. ``micro_batches``: this rank's micro-batches. ``num_pairs``: the step's
     global pair count (the loss is the mean over these).
     """
 
@@ -32,11 +32,11 @@ class StepAssignment:
     step: int
     rank: int
     pair_indices: np.ndarray
-    plan: StepPlan
+    packed: StepPacking
 
     @property
-    def micro_batches(self) -> tuple[MicroBatchPlan, ...]:
-        return self.plan.for_rank(self.rank)
+    def micro_batches(self) -> tuple[MicroBatchPacking, ...]:
+        return self.packed.for_rank(self.rank)
 
     @property
     def num_pairs(self) -> int:
@@ -49,7 +49,7 @@ class StepAssignment:
 
 
 class IndexedPairs:
-    """`view[pos] = dataset[indices[pos]]`, read lazily: what `collate` takes for plan positions."""
+    """`view[pos] = dataset[indices[pos]]`, read lazily: what `collate` takes for packing positions."""
 
     def __init__(self, dataset: Sequence[Any], indices: np.ndarray) -> None:
         self._dataset = dataset
@@ -153,13 +153,13 @@ class PairSampler:
         if not 0 <= step < len(self):
             raise IndexError(f"step {step} out of range: an epoch has {len(self)} steps")
         indices = self.permutation(epoch)[step * self.pairs_per_step : (step + 1) * self.pairs_per_step]
-        plan = plan_step(
+        packed = pack_step(
             self.lengths[indices],
             world_size=self.world_size,
             max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
             packing=self.packing,
         )
-        return StepAssignment(int(epoch), int(step), self.rank, indices.copy(), plan)
+        return StepAssignment(int(epoch), int(step), self.rank, indices.copy(), packed)
 
     def state_dict(self) -> dict[str, int]:
         return {

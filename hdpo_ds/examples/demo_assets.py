@@ -49,8 +49,11 @@ def _task(rng: random.Random) -> tuple[str, str, str]:
     words = rng.sample(WORDS, min(_list_length(rng), len(WORDS)))
     if kind == "count":
         n = len(words)
-        return (f"How many words are in: {' '.join(words)}?", f"There are {n} words.",
-                f"There are {n + rng.choice((-1, 1))} words.")  # fmt: skip
+        return (
+            f"How many words are in: {' '.join(words)}?",
+            f"There are {n} words.",
+            f"There are {n + rng.choice((-1, 1))} words.",
+        )
     answer = sorted(words) if kind == "sort" else list(reversed(words))
     wrong = list(answer)
     i = rng.randrange(len(wrong) - 1)
@@ -76,11 +79,14 @@ def make_records(count: int, seed: int, id_prefix: str) -> list[dict]:
             messages = [{"role": "user", "content": prompt}]
             if rng.random() < 0.5:
                 messages.insert(0, {"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-            records.append({
-                "id": record_id, "prompt": messages,
-                "chosen": [{"role": "assistant", "content": good}],
-                "rejected": [{"role": "assistant", "content": bad}],
-            })  # fmt: skip
+            records.append(
+                {
+                    "id": record_id,
+                    "prompt": messages,
+                    "chosen": [{"role": "assistant", "content": good}],
+                    "rejected": [{"role": "assistant", "content": bad}],
+                }
+            )
         else:
             records.append({"id": record_id, "prompt": prompt + "\n", "chosen": good, "rejected": bad})
     return records
@@ -101,18 +107,23 @@ def train_tokenizer(records: list[dict], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(records), trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[3:],
-    )  # fmt: skip
+    )
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -121,11 +132,18 @@ def model_config(tokenizer) -> dict:
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     return config
 
 

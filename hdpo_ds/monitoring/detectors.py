@@ -40,10 +40,19 @@ __all__ = [
 DETECTORS = ("topk_entropy_turn", "logps_falling", "topk_mass_collapse", "accuracy_saturated")
 # The training series the end-of-run plots draw (hdpo_ds/tracking/report.py); evaluations keep every metric.
 PLOT_KEYS = (
-    "loss", "entropy/chosen", "entropy/rejected", "topk_mass/chosen", "topk_mass/rejected",
-    "topk_entropy/chosen", "topk_entropy/rejected", "rewards/margins", "rewards/accuracies",
-    "logps/chosen_mean", "logps/rejected_mean", "alpha",
-)  # fmt: skip
+    "loss",
+    "entropy/chosen",
+    "entropy/rejected",
+    "topk_mass/chosen",
+    "topk_mass/rejected",
+    "topk_entropy/chosen",
+    "topk_entropy/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen_mean",
+    "logps/rejected_mean",
+    "alpha",
+)
 
 
 def smooth(values: list[float], *, kind: str, ema_decay: float = 0.5, window: int = 3) -> list[float]:
@@ -56,8 +65,10 @@ def smooth(values: list[float], *, kind: str, ema_decay: float = 0.5, window: in
     if kind == "none":
         return list(values)
     if kind == "window":
-        return [sum(values[max(0, t - window + 1) : t + 1]) / (t + 1 - max(0, t - window + 1))
-                for t in range(len(values))]  # fmt: skip
+        return [
+            sum(values[max(0, t - window + 1) : t + 1]) / (t + 1 - max(0, t - window + 1))
+            for t in range(len(values))
+        ]
     if kind != "ema":
         raise ValueError(f"smoothing kind must be ema, window or none, got {kind!r}")
     out: list[float] = []
@@ -164,10 +175,14 @@ class MonitorSuite:
             return []
         steps = [s for s, _ in self.history]
         series = {
-            k: smooth([m[key] for _, m in self.history], kind=self.cfg.smoothing, ema_decay=self.cfg.ema_decay,
-                      window=self.cfg.window)
+            k: smooth(
+                [m[key] for _, m in self.history],
+                kind=self.cfg.smoothing,
+                ema_decay=self.cfg.ema_decay,
+                window=self.cfg.window,
+            )
             for k, key in keys.items()
-        }  # fmt: skip
+        }
         c = self.cfg
         checks = {
             "topk_entropy_turn": lambda: topk_entropy_turn(series["topk_entropy"], min_drop=c.turn_drop),
@@ -211,9 +226,12 @@ class MonitorSuite:
         return (min if mode == "min" else max)(values, key=lambda sv: sv[1])  # ties: the earliest
 
     def state_dict(self) -> dict:
-        return {"history": [[s, m] for s, m in self.history], "fired": dict(self.fired),
-                "train_history": [[s, m] for s, m in self.train_history],
-                "alerts": [a.to_json() for a in self.alerts]}  # fmt: skip
+        return {
+            "history": [[s, m] for s, m in self.history],
+            "fired": dict(self.fired),
+            "train_history": [[s, m] for s, m in self.train_history],
+            "alerts": [a.to_json() for a in self.alerts],
+        }
 
     def load_state_dict(self, state: dict, resume_step: int) -> None:
         """What was observed up to the checkpoint at `resume_step`: training steps before it, and

@@ -246,12 +246,20 @@ def tdpo_loss(
         raise ValueError(f"beta must be > 0, got beta={beta!r}")
     if not tdpo_alpha > 0:
         raise ValueError(f"tdpo_alpha must be > 0, got tdpo_alpha={tdpo_alpha!r}")
-    inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-              chosen_seq_kl, rejected_seq_kl)  # fmt: skip
+    inputs = (
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_seq_kl,
+        rejected_seq_kl,
+    )
     shape = policy_chosen_logps.shape
     if policy_chosen_logps.dim() != 1 or any(t.shape != shape for t in inputs):
-        raise ValueError("all six tensors must have the same shape (num_pairs,), got "
-                         + ", ".join(str(tuple(t.shape)) for t in inputs))  # fmt: skip
+        raise ValueError(
+            "all six tensors must have the same shape (num_pairs,), got "
+            + ", ".join(str(tuple(t.shape)) for t in inputs)
+        )
     dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
     lp_w, lp_l, ref_w, ref_l, kl_w, kl_l = (t.to(dtype) for t in inputs)
     ref_w, ref_l = ref_w.detach(), ref_l.detach()
@@ -259,5 +267,10 @@ def tdpo_loss(
     # TDPO2 stops the gradient through the chosen response's KL and weighs the KL margin by tdpo_alpha.
     logits = u - (kl_l - kl_w) if loss_type == "tdpo1" else u - tdpo_alpha * (kl_l - kl_w.detach())
     losses = -F.logsigmoid(beta * logits)
-    return TDPOLossOutput(losses, (beta * (lp_w - ref_w)).detach(), (beta * (lp_l - ref_l)).detach(),
-                          kl_w.detach(), kl_l.detach())  # fmt: skip
+    return TDPOLossOutput(
+        losses,
+        (beta * (lp_w - ref_w)).detach(),
+        (beta * (lp_l - ref_l)).detach(),
+        kl_w.detach(),
+        kl_l.detach(),
+    )

@@ -174,19 +174,39 @@ def load_prompts(spec: str, required_fields: Sequence[str] = (), limit: int = 0)
                 if not prompt or not all(
                     isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt
                 ):
-                    raise DataError("a message list needs objects with 'role' and 'content'", source=source,
-                                    index=i, field="prompt", kind="wrong_type")  # fmt: skip
+                    raise DataError(
+                        "a message list needs objects with 'role' and 'content'",
+                        source=source,
+                        index=i,
+                        field="prompt",
+                        kind="wrong_type",
+                    )
             elif not isinstance(prompt, str) or not prompt:
-                raise DataError("missing or empty (a string or a list of messages is required)", source=source,
-                                index=i, field="prompt", kind="missing_field")  # fmt: skip
+                raise DataError(
+                    "missing or empty (a string or a list of messages is required)",
+                    source=source,
+                    index=i,
+                    field="prompt",
+                    kind="missing_field",
+                )
             for name in required_fields:
                 if row.get(name) is None:
-                    raise DataError("missing (the checker reads it)", source=source, index=i, field=name,
-                                    kind="missing_field")  # fmt: skip
+                    raise DataError(
+                        "missing (the checker reads it)",
+                        source=source,
+                        index=i,
+                        field=name,
+                        kind="missing_field",
+                    )
             prompt_id = str(row.get("id", f"{os.path.basename(source)}:{i}"))
             if prompt_id in seen:
-                raise DataError(f"duplicate id {prompt_id!r} (first at {seen[prompt_id][0]} record {seen[prompt_id][1]})",
-                                source=source, index=i, field="id", kind="duplicate_id")  # fmt: skip
+                raise DataError(
+                    f"duplicate id {prompt_id!r} (first at {seen[prompt_id][0]} record {seen[prompt_id][1]})",
+                    source=source,
+                    index=i,
+                    field="id",
+                    kind="duplicate_id",
+                )
             seen[prompt_id] = (source, i)
             prompts.append(EvalPrompt(len(prompts), prompt_id, prompt, dict(row)))
             if limit and len(prompts) >= limit:
@@ -259,9 +279,18 @@ def sample_completions(
     order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))  # similar lengths together
     for start in range(0, len(order), prompts_per_batch):
         members = order[start : start + prompts_per_batch]
-        yield from _sample_batch(model, [prompt_ids[i] for i in members], [prompt_indices[i] for i in members],
-                                 n=n, temperature=temperature, max_new_tokens=max_new_tokens, eos=eos,
-                                 pad_token_id=pad_token_id, seed=seed, device=device)  # fmt: skip
+        yield from _sample_batch(
+            model,
+            [prompt_ids[i] for i in members],
+            [prompt_indices[i] for i in members],
+            n=n,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            device=device,
+        )
         if progress is not None:
             progress(len(members))
 
@@ -307,8 +336,13 @@ def _sample_batch(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                    past_key_values=cache, use_cache=True)  # fmt: skip
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=next_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         logits = out.logits[:, -1].float()
         next_position = next_position + 1
@@ -429,17 +463,29 @@ def evaluate_model(
     model.eval()
     local: list[tuple[int, float, PromptSamples, list[str], list[bool]]] = []
     for temperature in settings.temperatures:
-        for s in sample_completions(model, ids, [p.index for p in mine], n=settings.n, temperature=temperature,
-                                    max_new_tokens=settings.max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-                                    seed=settings.seed, prompts_per_batch=settings.prompts_per_batch, device=device,
-                                    progress=bar.update if bar is not None else None):  # fmt: skip
+        for s in sample_completions(
+            model,
+            ids,
+            [p.index for p in mine],
+            n=settings.n,
+            temperature=temperature,
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            seed=settings.seed,
+            prompts_per_batch=settings.prompts_per_batch,
+            device=device,
+            progress=bar.update if bar is not None else None,
+        ):
             record = prompts[s.index].record
             texts = [tokenizer.decode(t, skip_special_tokens=True) for t in s.tokens]
             try:
                 correct = [bool(checker(t, record)) for t in texts]
             except Exception as err:  # a checker bug: say on which prompt, keep the cause
-                raise ValueError(f"--checker {settings.checker} failed on prompt {prompts[s.index].id!r}: "
-                                 f"{type(err).__name__}: {err}") from err  # fmt: skip
+                raise ValueError(
+                    f"--checker {settings.checker} failed on prompt {prompts[s.index].id!r}: "
+                    f"{type(err).__name__}: {err}"
+                ) from err
             local.append((s.index, temperature, s, texts, correct))
     if bar is not None:
         bar.close()
@@ -469,9 +515,21 @@ def _write_samples(path: str, prompts: Sequence[EvalPrompt], gathered) -> None:
         for index, temperature, s, texts, correct in gathered:
             p = prompts[index]
             for j, (text, ok) in enumerate(zip(texts, correct, strict=True)):
-                f.write(json.dumps({"id": p.id, "prompt": p.prompt, "temperature": temperature, "sample": j,
-                                    "completion": text, "correct": ok, "finished": s.finished[j]},
-                                   sort_keys=True) + "\n")  # fmt: skip
+                f.write(
+                    json.dumps(
+                        {
+                            "id": p.id,
+                            "prompt": p.prompt,
+                            "temperature": temperature,
+                            "sample": j,
+                            "completion": text,
+                            "correct": ok,
+                            "finished": s.finished[j],
+                        },
+                        sort_keys=True,
+                    )
+                    + "\n"
+                )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -570,16 +628,36 @@ def run_evaluation(
         os.makedirs(work_dir, exist_ok=True)
     model_dir = resolve_model_dir(model_path, work_dir)
     model, tokenizer, dtype_name, attn = load_for_sampling(model_dir, device=device, dtype=dtype)
-    logger.info("sampling %d prompts x %d at T=%s on %d rank(s), %s, %s attention", len(prompts), settings.n,
-                settings.temperatures, dist.world_size(), dtype_name, attn)  # fmt: skip
-    report = evaluate_model(model, tokenizer, prompts, settings, device=device, show_progress=show_progress,
-                            samples_path=samples_path)  # fmt: skip
+    logger.info(
+        "sampling %d prompts x %d at T=%s on %d rank(s), %s, %s attention",
+        len(prompts),
+        settings.n,
+        settings.temperatures,
+        dist.world_size(),
+        dtype_name,
+        attn,
+    )
+    report = evaluate_model(
+        model,
+        tokenizer,
+        prompts,
+        settings,
+        device=device,
+        show_progress=show_progress,
+        samples_path=samples_path,
+    )
     meta = {
-        "model": os.path.abspath(model_path), "model_dir": os.path.abspath(model_dir),
-        "prompts": prompts_spec, "num_prompts": len(prompts), "world_size": dist.world_size(),
-        "device": device.type, "dtype": dtype_name, "attn_implementation": attn,
-        "settings": dataclasses.asdict(settings), "versions": package_versions(),
-    }  # fmt: skip
+        "model": os.path.abspath(model_path),
+        "model_dir": os.path.abspath(model_dir),
+        "prompts": prompts_spec,
+        "num_prompts": len(prompts),
+        "world_size": dist.world_size(),
+        "device": device.type,
+        "dtype": dtype_name,
+        "attn_implementation": attn,
+        "settings": dataclasses.asdict(settings),
+        "versions": package_versions(),
+    }
     if dist.is_main_process():
         if log_mlflow:
             uri = resolve_tracking_uri(tracking_uri)

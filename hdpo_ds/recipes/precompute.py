@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hdpo_ds.config import Config
-from hdpo_ds.data import IndexedPairs, collate, plan_step
+from hdpo_ds.data import IndexedPairs, collate, pack_step
 from hdpo_ds.recipes.splits import Split, load_split_records, tokenize_split
 from hdpo_ds.reference.cache import (
     RefCache,
@@ -131,11 +131,15 @@ def precompute_split(
         if k in done:
             continue
         positions = np.arange(k * shard_pairs, min((k + 1) * shard_pairs, len(ids)))
-        plan = plan_step(lengths[positions], world_size=world,
-                         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packing=cfg.data.packing)  # fmt: skip
+        packed = pack_step(
+            lengths[positions],
+            world_size=world,
+            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            packing=cfg.data.packing,
+        )
         view = IndexedPairs(pairs, positions)
         local = []
-        for mb in plan.for_rank(rank):
+        for mb in packed.for_rank(rank):
             batch = collate(view, mb, pad_token_id=pad_token_id, packing=cfg.data.packing).to(device)
             sums = reference.sequence_sums(batch, dtype=torch.float64)  # every rank runs it, fillers too
             if mb.filler:
@@ -144,8 +148,15 @@ def precompute_split(
             values = sums.sums.cpu()
             counts = sums.counts.cpu()
             for j, pos in enumerate(mb.pairs):
-                local.append((int(pos), float(values[chosen[j]]), float(values[rejected[j]]),
-                              int(counts[chosen[j]]), int(counts[rejected[j]])))  # fmt: skip
+                local.append(
+                    (
+                        int(pos),
+                        float(values[chosen[j]]),
+                        float(values[rejected[j]]),
+                        int(counts[chosen[j]]),
+                        int(counts[rejected[j]]),
+                    )
+                )
         gathered = dist.gather_objects(local)
         if dist.is_main_process():
             rows = sorted(row for part in gathered for row in part)
@@ -166,8 +177,14 @@ def precompute_split(
             os._exit(17)
 
     if dist.is_main_process():
-        shards = [{"file": os.path.basename(shard_path(cache_dir, k)), "sha256": done[k],
-                   "rows": min(shard_pairs, len(ids) - k * shard_pairs)} for k in range(num_shards)]  # fmt: skip
+        shards = [
+            {
+                "file": os.path.basename(shard_path(cache_dir, k)),
+                "sha256": done[k],
+                "rows": min(shard_pairs, len(ids) - k * shard_pairs),
+            }
+            for k in range(num_shards)
+        ]
         write_manifest(cache_dir, fingerprint, versions, shards, len(ids))
         logger.info("reference cache %s: %d pairs in %d shard(s)", cache_dir, len(ids), num_shards)
     dist.barrier()
@@ -182,9 +199,15 @@ def build_reference_engine(
 ) -> OnlineReference:
     """The reference model in a DeepSpeed engine without optimizer (built inside zero.Init under ZeRO-3)."""
     handle = engine.zero3_loading(ref_ds)
-    model = load_model(cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed,
-                       name_or_path=cfg.reference.name_or_path or None, for_training=False,
-                       packing=cfg.data.packing).model  # fmt: skip
+    model = load_model(
+        cfg.model,
+        dtype=dtype,
+        device_type=device_type,
+        seed=cfg.train.seed,
+        name_or_path=cfg.reference.name_or_path or None,
+        for_training=False,
+        packing=cfg.data.packing,
+    ).model
     ref_engine = engine.build_reference_engine(model, ref_ds)
     del handle
     return OnlineReference(ref_engine, cfg.train.logits_chunk_size)
@@ -241,8 +264,9 @@ def ensure_reference_caches(
     )
     statuses = dist.broadcast_object(
         {name: cache_status(os.path.join(root, name), fingerprints[name]) for name in splits}
-        if dist.is_main_process() else None
-    )  # fmt: skip
+        if dist.is_main_process()
+        else None
+    )
     actions: dict[str, str] = {}
     for name, (status, differences) in statuses.items():
         where = os.path.join(root, name)
@@ -259,8 +283,10 @@ def ensure_reference_caches(
                 f"the reference cache at {where} is stale ({advice}):\n  " + "\n  ".join(differences)
             )
         elif not compute_missing:
-            raise RefCacheError(f"no reference cache at {where}: run launch/precompute_ref.py first, or use "
-                                "reference.mode=auto")  # fmt: skip
+            raise RefCacheError(
+                f"no reference cache at {where}: run launch/precompute_ref.py first, or use "
+                "reference.mode=auto"
+            )
         else:
             actions[name] = "rebuilt" if status == "stale" else "computed"
     todo = [name for name, action in actions.items() if action != "reused"]
@@ -270,13 +296,24 @@ def ensure_reference_caches(
         for name in todo:
             where = os.path.join(root, name)
             if actions[name] == "rebuilt":
-                logger.warning("reference cache %s is stale; rebuilding it (reference.rebuild_stale=true): %s",
-                               where, "; ".join(statuses[name][1]))  # fmt: skip
+                logger.warning(
+                    "reference cache %s is stale; rebuilding it (reference.rebuild_stale=true): %s",
+                    where,
+                    "; ".join(statuses[name][1]),
+                )
                 if dist.is_main_process():
                     clear_cache(where)
                 dist.barrier()
-            precompute_split(cfg, splits[name], ref, where, fingerprints[name], versions,
-                             pad_token_id=pad_token_id, device=device)  # fmt: skip
+            precompute_split(
+                cfg,
+                splits[name],
+                ref,
+                where,
+                fingerprints[name],
+                versions,
+                pad_token_id=pad_token_id,
+                device=device,
+            )
         if built_here:
             free_reference(ref)
         del ref
@@ -299,8 +336,23 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
     splits = {name: tokenize_split(cfg, name, recs, tokenizer) for name, recs in records.items()}
     dtype = engine.resolve_dtype(cfg, infer_ds)
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
-    ref_ds = engine.fill_ds_config(infer_ds, cfg, world_size=dist.world_size(), device_type=device_type,
-                                   hidden_size=hidden, training=False, dtype=dtype)  # fmt: skip
-    _, actions = ensure_reference_caches(cfg, splits, ref_ds=ref_ds, dtype=dtype, device_type=device_type,
-                                         device=device, pad_token_id=tokenizer.pad_token_id, compute_missing=True)  # fmt: skip
+    ref_ds = engine.fill_ds_config(
+        infer_ds,
+        cfg,
+        world_size=dist.world_size(),
+        device_type=device_type,
+        hidden_size=hidden,
+        training=False,
+        dtype=dtype,
+    )
+    _, actions = ensure_reference_caches(
+        cfg,
+        splits,
+        ref_ds=ref_ds,
+        dtype=dtype,
+        device_type=device_type,
+        device=device,
+        pad_token_id=tokenizer.pad_token_id,
+        compute_missing=True,
+    )
     return actions

@@ -33,7 +33,7 @@ import torch
 from hdpo_ds.common.atomic import write_json, write_text
 from hdpo_ds.common.versions import package_versions
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
-from hdpo_ds.data import IndexedPairs, PackedBatch, PairSampler, collate, plan_stats, plan_step
+from hdpo_ds.data import IndexedPairs, PackedBatch, PairSampler, collate, pack_step, packing_stats
 from hdpo_ds.monitoring.alpha import AlphaController
 from hdpo_ds.monitoring.detectors import MonitorSuite
 from hdpo_ds.objectives.logprobs import segment_sums, token_kl, token_stats
@@ -119,9 +119,17 @@ def _run_batch(
     }
     chosen, rejected = pair_sequence_indices(batch)
     if tdpo:
-        out = tdpo_loss(seq.sums[chosen], seq.sums[rejected], ref_seq[chosen], ref_seq[rejected],
-                        seq_kl[chosen], seq_kl[rejected], loss_type=cfg.loss.type, beta=cfg.loss.beta,
-                        tdpo_alpha=cfg.loss.tdpo_alpha)  # fmt: skip
+        out = tdpo_loss(
+            seq.sums[chosen],
+            seq.sums[rejected],
+            ref_seq[chosen],
+            ref_seq[rejected],
+            seq_kl[chosen],
+            seq_kl[rejected],
+            loss_type=cfg.loss.type,
+            beta=cfg.loss.beta,
+            tdpo_alpha=cfg.loss.tdpo_alpha,
+        )
         kl = (out.chosen_kl, out.rejected_kl)
     else:
         kl = None
@@ -181,8 +189,10 @@ def _check_before_engines(cfg: Config) -> None:
         )
     check_model_source(cfg.model)
     if cfg.reference.name_or_path:
-        check_model_source(dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
-                           key="reference.name_or_path")  # fmt: skip
+        check_model_source(
+            dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
+            key="reference.name_or_path",
+        )
 
 
 def train(cfg: Config, ds_config_path: str) -> TrainResult:
@@ -204,26 +214,44 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     train_data = splits["train"].data
     eval_data = splits["eval"].data if "eval" in splits else None
     sampler = PairSampler(
-        train_data.pairs.lengths, pairs_per_step=cfg.train.pairs_per_step, world_size=world_size, rank=rank,
-        seed=cfg.train.seed, max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
-        max_length=cfg.data.max_length, packing=cfg.data.packing,
-    )  # fmt: skip
+        train_data.pairs.lengths,
+        pairs_per_step=cfg.train.pairs_per_step,
+        world_size=world_size,
+        rank=rank,
+        seed=cfg.train.seed,
+        max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+        max_length=cfg.data.max_length,
+        packing=cfg.data.packing,
+    )
     resume_folder, resume_state = resume_point(cfg, world_size)
 
     dtype = engine.resolve_dtype(cfg, ds_config)
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
-    policy_ds = engine.fill_ds_config(ds_config, cfg, world_size=world_size, device_type=device_type,
-                                      hidden_size=hidden)  # fmt: skip
-    ref_ds = engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
-                                   hidden_size=hidden, training=False, dtype=dtype)  # fmt: skip
+    policy_ds = engine.fill_ds_config(
+        ds_config, cfg, world_size=world_size, device_type=device_type, hidden_size=hidden
+    )
+    ref_ds = engine.fill_ds_config(
+        infer_ds_config,
+        cfg,
+        world_size=world_size,
+        device_type=device_type,
+        hidden_size=hidden,
+        training=False,
+        dtype=dtype,
+    )
 
     # ---- models and engines (built inside zero.Init under ZeRO-3: never whole on one rank)
     zero3_handle = engine.zero3_loading(policy_ds)
-    loaded = load_model(cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed,
-                        packing=cfg.data.packing)  # fmt: skip
+    loaded = load_model(
+        cfg.model, dtype=dtype, device_type=device_type, seed=cfg.train.seed, packing=cfg.data.packing
+    )
     del zero3_handle
-    schedule = dict(warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
-                    schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)  # fmt: skip
+    schedule = dict(
+        warmup_steps=cfg.optim.warmup_steps,
+        max_steps=cfg.train.max_steps,
+        schedule=cfg.optim.schedule,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+    )
     policy = engine.build_policy_engine(loaded.model, policy_ds, lambda s: lr_multiplier(s, **schedule))
     # The reference: its own engine (online), or cached values and no engine at all (cached / auto).
     cache_actions: dict[str, str] = {}
@@ -232,9 +260,15 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         references = dict.fromkeys(splits, online)
     else:
         caches, cache_actions = ensure_reference_caches(
-            cfg, splits, ref_ds=ref_ds, dtype=dtype, device_type=device_type, device=device,
-            pad_token_id=tokenizer.pad_token_id, compute_missing=cfg.reference.mode == "auto",
-        )  # fmt: skip
+            cfg,
+            splits,
+            ref_ds=ref_ds,
+            dtype=dtype,
+            device_type=device_type,
+            device=device,
+            pad_token_id=tokenizer.pad_token_id,
+            compute_missing=cfg.reference.mode == "auto",
+        )
         references = {name: CachedReference(cache, device) for name, cache in caches.items()}
 
     step, nonfinite = 0, {"skipped_total": 0, "consecutive": 0}
@@ -266,12 +300,18 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         params = {f"config.{k}": v for k, v in flatten(to_dict(cfg)).items()}
         params.update({f"ds_config.{k}": v for k, v in flatten(policy_ds).items()})
         params.update({f"versions.{k}": v for k, v in package_versions().items()})
-        params.update({
-            "run.world_size": world_size, "run.device": device_type, "run.dtype": str(dtype).removeprefix("torch."),
-            "run.attn_implementation": loaded.attn_implementation, "run.ds_config_path": ds_config_path,
-            "run.train_pairs": len(train_data.pairs), "run.eval_pairs": len(eval_data.pairs) if eval_data else 0,
-            "run.torch_threads": torch.get_num_threads(),
-        })  # fmt: skip
+        params.update(
+            {
+                "run.world_size": world_size,
+                "run.device": device_type,
+                "run.dtype": str(dtype).removeprefix("torch."),
+                "run.attn_implementation": loaded.attn_implementation,
+                "run.ds_config_path": ds_config_path,
+                "run.train_pairs": len(train_data.pairs),
+                "run.eval_pairs": len(eval_data.pairs) if eval_data else 0,
+                "run.torch_threads": torch.get_num_threads(),
+            }
+        )
         for name, count in {**splits["train"].records.skipped, **train_data.stats}.items():
             params[f"data.{name}"] = count
         params["run.reference_mode"] = cfg.reference.mode
@@ -280,30 +320,54 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         run_logger.log_json_artifact("ds_config.json", policy_ds)
         run_logger.log_json_artifact("ds_config_reference.json", ref_ds)
         run_logger.log_json_artifact("config.json", to_dict(cfg))
-        logger.info("attention implementation: %s; MLflow run %s at %s", loaded.attn_implementation,
-                    run_logger.run_id, run_logger.tracking_uri)  # fmt: skip
+        logger.info(
+            "attention implementation: %s; MLflow run %s at %s",
+            loaded.attn_implementation,
+            run_logger.run_id,
+            run_logger.tracking_uri,
+        )
 
     progress = None
     if dist.is_main_process() and cfg.logging.progress_bar:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.train.max_steps, initial=step,
-                        desc="H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)  # fmt: skip
+        progress = tqdm(
+            total=cfg.train.max_steps,
+            initial=step,
+            desc="H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type,
+        )
 
     def save_checkpoint() -> None:
         refuse_nonfinite_weights(policy, device, step, cfg.output_dir, run_logger)
-        state = {"step": step, "sampler": sampler.state_dict(), "mlflow_run_id": run_logger.run_id,
-                 "config": to_dict(cfg), "world_size": world_size, "dtype": str(dtype).removeprefix("torch."),
-                 "nonfinite": dict(nonfinite), "monitors": monitors.state_dict(),
-                 "alpha_controller": controller.state_dict() if controller else None}  # fmt: skip
+        state = {
+            "step": step,
+            "sampler": sampler.state_dict(),
+            "mlflow_run_id": run_logger.run_id,
+            "config": to_dict(cfg),
+            "world_size": world_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "nonfinite": dict(nonfinite),
+            "monitors": monitors.state_dict(),
+            "alpha_controller": controller.state_dict() if controller else None,
+        }
         # Every rank needs the same client state; only rank 0 knows the MLflow run id.
         state["mlflow_run_id"] = dist.broadcast_object(state["mlflow_run_id"])
         # The best evaluated checkpoint (this one included) is kept when older ones are pruned.
-        best = monitors.best(cfg.monitors.best_metric, cfg.monitors.best_mode,
-                             candidates={*checkpoint.complete_steps(cfg.output_dir), step})  # fmt: skip
+        best = monitors.best(
+            cfg.monitors.best_metric,
+            cfg.monitors.best_mode,
+            candidates={*checkpoint.complete_steps(cfg.output_dir), step},
+        )
         protected = {checkpoint.tag_for(best[0])} if best else set()
-        checkpoint.save(policy, cfg.output_dir, step, state, keep=cfg.train.keep_checkpoints, tokenizer=tokenizer,
-                        protected=protected)  # fmt: skip
+        checkpoint.save(
+            policy,
+            cfg.output_dir,
+            step,
+            state,
+            keep=cfg.train.keep_checkpoints,
+            tokenizer=tokenizer,
+            protected=protected,
+        )
         if best and dist.is_main_process():
             checkpoint.mark_best(cfg.output_dir, best[0], cfg.monitors.best_metric, best[1])
         nonlocal last_saved
@@ -346,8 +410,12 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient here
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            batch = collate(assignment.pairs(train_data.pairs), mb, pad_token_id=tokenizer.pad_token_id,
-                            packing=cfg.data.packing).to(device)  # fmt: skip
+            batch = collate(
+                assignment.pairs(train_data.pairs),
+                mb,
+                pad_token_id=tokenizer.pad_token_id,
+                packing=cfg.data.packing,
+            ).to(device)
             policy.set_gradient_accumulation_boundary(last)
             planted = faults.plant_nan_gradient(step, i, policy)
             out = _run_batch(cfg, policy, references["train"], batch, track_grad=True, alpha=alpha)
@@ -388,21 +456,32 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         sums = dist.reduce_sums({**acc.sums, "grad_norm": norm}, device=device)
         elapsed = time.perf_counter() - started
         metrics = acc.metrics(sums)
-        stats = plan_stats(assignment.plan)
+        stats = packing_stats(assignment.packed)
         if skip_step:
             nonfinite["skipped_total"] += 1
             nonfinite["consecutive"] += 1
-            logger.warning("step %d: non-finite loss or gradient on some rank; the update was skipped (%d in a row, "
-                           "%d in all)",
-                           step, nonfinite["consecutive"], nonfinite["skipped_total"])  # fmt: skip
+            logger.warning(
+                "step %d: non-finite loss or gradient on some rank; the update was skipped (%d in a row, "
+                "%d in all)",
+                step,
+                nonfinite["consecutive"],
+                nonfinite["skipped_total"],
+            )
         else:
             nonfinite["consecutive"] = 0
-        metrics.update({
-            "nonfinite/skipped_steps": nonfinite["skipped_total"],
-            "alpha": alpha, "grad_norm": sums["grad_norm"] / world_size, "lr": lr,
-            "tokens_per_second": sums["real_tokens"] / elapsed, "padding_fraction": stats.padding_fraction,
-            "packing_fill": stats.fill, "tokens": sums["real_tokens"], "step_time_s": elapsed,
-        })  # fmt: skip
+        metrics.update(
+            {
+                "nonfinite/skipped_steps": nonfinite["skipped_total"],
+                "alpha": alpha,
+                "grad_norm": sums["grad_norm"] / world_size,
+                "lr": lr,
+                "tokens_per_second": sums["real_tokens"] / elapsed,
+                "padding_fraction": stats.padding_fraction,
+                "packing_fill": stats.fill,
+                "tokens": sums["real_tokens"],
+                "step_time_s": elapsed,
+            }
+        )
         if controller is not None and cfg.loss.alpha_update == "step":
             # identical inputs on every rank (globally reduced), so every rank computes the same next alpha
             controller.update(metrics["entropy/chosen"])
@@ -412,9 +491,12 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
         result.losses.append(metrics["loss"])
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margins']:.3f}",
-                                 acc=f"{metrics['rewards/accuracies']:.2f}",
-                                 tok_s=f"{metrics['tokens_per_second']:.0f}")  # fmt: skip
+            progress.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                margin=f"{metrics['rewards/margins']:.3f}",
+                acc=f"{metrics['rewards/accuracies']:.2f}",
+                tok_s=f"{metrics['tokens_per_second']:.0f}",
+            )
         step += 1
         if nonfinite["consecutive"] >= cfg.train.max_nonfinite_steps:
             # The weights are those of the last good step: skipped steps never updated them.
@@ -457,10 +539,19 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
             export.export_hf(policy, tokenizer, os.path.join(cfg.output_dir, "hf"))
     if stopped_by_alert:
         best = checkpoint.read_best(cfg.output_dir)
-        logger.warning("monitors.on_alert=stop: stopped at step %d after %s; best checkpoint by %s: %s", step,
-                       ", ".join(monitors.fired), cfg.monitors.best_metric, best)  # fmt: skip
-        run_logger.set_tags({"hdpo_ds.stopped_by_alert": ",".join(monitors.fired),
-                             "hdpo_ds.best_checkpoint": (best or {}).get("tag", "")})  # fmt: skip
+        logger.warning(
+            "monitors.on_alert=stop: stopped at step %d after %s; best checkpoint by %s: %s",
+            step,
+            ", ".join(monitors.fired),
+            cfg.monitors.best_metric,
+            best,
+        )
+        run_logger.set_tags(
+            {
+                "hdpo_ds.stopped_by_alert": ",".join(monitors.fired),
+                "hdpo_ds.best_checkpoint": (best or {}).get("tag", ""),
+            }
+        )
     if dist.is_main_process() and cfg.monitors.plots and not finished_before:
         _log_plots(monitors, cfg, run_logger)
     memory = dist.gather_objects(peak_memory_mib())
@@ -473,14 +564,20 @@ def train(cfg: Config, ds_config_path: str) -> TrainResult:
     if dist.is_main_process() and not (finished_before and os.path.exists(info_path)):
         write_json(
             info_path,
-            {"run_id": result.run_id, "tracking_uri": result.tracking_uri, "steps": step,
-             "experiment": cfg.logging.experiment, "world_size": world_size,
-             "attn_implementation": loaded.attn_implementation,
-             "final_loss": result.losses[-1] if result.losses else None,
-             "alerts": [a.to_json() for a in monitors.alerts], "stopped_by_alert": stopped_by_alert,
-             "best_checkpoint": checkpoint.read_best(cfg.output_dir),
-             "final_alpha": controller.alpha if controller is not None else cfg.loss.alpha},
-        )  # fmt: skip
+            {
+                "run_id": result.run_id,
+                "tracking_uri": result.tracking_uri,
+                "steps": step,
+                "experiment": cfg.logging.experiment,
+                "world_size": world_size,
+                "attn_implementation": loaded.attn_implementation,
+                "final_loss": result.losses[-1] if result.losses else None,
+                "alerts": [a.to_json() for a in monitors.alerts],
+                "stopped_by_alert": stopped_by_alert,
+                "best_checkpoint": checkpoint.read_best(cfg.output_dir),
+                "final_alpha": controller.alpha if controller is not None else cfg.loss.alpha,
+            },
+        )
     dist.barrier()
     return result
 
@@ -506,12 +603,26 @@ def _stop_after_checkpoint(cfg: Config, step: int, ranks: int, world_size: int, 
     run stays open (RUNNING): the resumed job reopens it by the id in the checkpoint."""
     folder = os.path.join(checkpoint.checkpoint_root(cfg.output_dir), checkpoint.tag_for(step))
     signals = stop.received()
-    logger.warning("stop requested on %d of %d ranks (here: %s): checkpoint %s written; exiting with %d",
-                   ranks, world_size, ", ".join(signals) or "none", folder, stop.EXIT_STOPPED)  # fmt: skip
+    logger.warning(
+        "stop requested on %d of %d ranks (here: %s): checkpoint %s written; exiting with %d",
+        ranks,
+        world_size,
+        ", ".join(signals) or "none",
+        folder,
+        stop.EXIT_STOPPED,
+    )
     if dist.is_main_process():
         run_logger.set_tags({f"hdpo_ds.stopped_at_step.{int(time.time())}": str(step)})
-        stop.write_marker({"step": step, "checkpoint": folder, "ranks_signalled": ranks,
-                           "world_size": world_size, "signals_rank0": signals, "exit_code": stop.EXIT_STOPPED})  # fmt: skip
+        stop.write_marker(
+            {
+                "step": step,
+                "checkpoint": folder,
+                "ranks_signalled": ranks,
+                "world_size": world_size,
+                "signals_rank0": signals,
+                "exit_code": stop.EXIT_STOPPED,
+            }
+        )
     raise stop.TrainingStopped(step, folder, signals)
 
 
@@ -619,13 +730,17 @@ def _evaluate(
     count = len(lengths) if not cfg.train.eval_pairs else min(cfg.train.eval_pairs, len(lengths))
     positions = np.arange(count)
     acc = StepAccumulator(device, with_kl=cfg.loss.type in TDPO_LOSS_TYPES)
-    # Chunks of pairs_per_step pairs keep each plan (and its fillers) to the training step's size.
+    # Chunks of pairs_per_step pairs keep each packing (and its fillers) to the training step's size.
     for start in range(0, count, cfg.train.pairs_per_step):
         chunk = positions[start : start + cfg.train.pairs_per_step]
-        plan = plan_step(lengths[chunk], world_size=dist.world_size(),
-                         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, packing=cfg.data.packing)  # fmt: skip
+        packed = pack_step(
+            lengths[chunk],
+            world_size=dist.world_size(),
+            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            packing=cfg.data.packing,
+        )
         view = IndexedPairs(eval_data.pairs, chunk)  # this rank reads only its own micro-batches' pairs
-        for mb in plan.for_rank(dist.rank()):
+        for mb in packed.for_rank(dist.rank()):
             batch = collate(view, mb, pad_token_id=tokenizer.pad_token_id, packing=cfg.data.packing).to(
                 device
             )
@@ -648,9 +763,16 @@ def _alpha_controller(cfg: Config) -> AlphaController | None:
     if cfg.loss.alpha != "auto":
         return None
     loss = cfg.loss
-    return AlphaController(target=loss.target_entropy, alpha_init=loss.alpha_init, alpha_min=loss.alpha_min,
-                           alpha_max=loss.alpha_max, gain=loss.alpha_gain, integral_gain=loss.alpha_integral_gain,
-                           max_change=loss.alpha_max_change, ema_decay=loss.alpha_ema)  # fmt: skip
+    return AlphaController(
+        target=loss.target_entropy,
+        alpha_init=loss.alpha_init,
+        alpha_min=loss.alpha_min,
+        alpha_max=loss.alpha_max,
+        gain=loss.alpha_gain,
+        integral_gain=loss.alpha_integral_gain,
+        max_change=loss.alpha_max_change,
+        ema_decay=loss.alpha_ema,
+    )
 
 
 def _report_alerts(alerts, output_dir: str, run_logger, progress) -> None:
@@ -684,8 +806,13 @@ def _log_plots(monitors: MonitorSuite, cfg: Config, run_logger) -> None:
     from hdpo_ds.tracking.report import render
 
     try:
-        paths = render(monitors.train_history, monitors.history, [a.to_json() for a in monitors.alerts],
-                       os.path.join(cfg.output_dir, "plots"), title=cfg.logging.run_name or cfg.output_dir)  # fmt: skip
+        paths = render(
+            monitors.train_history,
+            monitors.history,
+            [a.to_json() for a in monitors.alerts],
+            os.path.join(cfg.output_dir, "plots"),
+            title=cfg.logging.run_name or cfg.output_dir,
+        )
     except Exception:  # plots are a convenience: a plotting failure must not fail a finished run
         logger.exception(
             "rendering the monitor plots failed; `python -m hdpo_ds.tracking.report RUN_ID` can retry"

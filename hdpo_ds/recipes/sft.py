@@ -15,7 +15,7 @@ Counted: `truncated_prompt`, `truncated_completion`, `lost_eos`, and skipped rec
 Arrow under `data.cache_dir` (default <output_dir>/cache; rank 0 writes it, the other ranks read it).
 
 One optimizer step = `train.pairs_per_step` sequences (global), packed into `data.max_tokens_per_micro_batch`
-micro-batches exactly as preference pairs are (hdpo_ds/data/packing.py: plan_sequences), the same number on
+micro-batches exactly as preference pairs are (hdpo_ds/data/packing.py: pack_sequences), the same number on
 every rank. The loss is the mean negative log-likelihood per completion token over the whole step: each
 micro-batch's summed NLL is scaled by world_size / (the step's completion tokens, all ranks), so that
 DeepSpeed's mean over ranks gives exactly that gradient. Checkpoints, resume, the HF export, MLflow, the
@@ -39,7 +39,7 @@ import torch
 from hdpo_ds.common.atomic import write_json
 from hdpo_ds.common.versions import package_versions
 from hdpo_ds.config import Config, ConfigError, flatten, to_dict
-from hdpo_ds.data import collate_sequences, plan_sequences
+from hdpo_ds.data import collate_sequences, pack_sequences
 from hdpo_ds.data.records import DataError, RawTable, read_table, row_error
 from hdpo_ds.data.tokenize import (
     cached_table,
@@ -133,18 +133,27 @@ def _completion_ids(tokenizer, prompt, completion: str, template, where: dict) -
         plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         full = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
         if full[: len(plain)] != plain:
-            raise DataError("tokenizer merges across the prompt/completion boundary; end the prompt where a token ends",
-                            field="completion", kind="boundary_merge", **where)  # fmt: skip
+            raise DataError(
+                "tokenizer merges across the prompt/completion boundary; end the prompt where a token ends",
+                field="completion",
+                kind="boundary_merge",
+                **where,
+            )
         ids = list(full[len(plain) :])
         return ids if ids and ids[-1] == eos else [*ids, eos]
     prompt_text = tokenizer.apply_chat_template(
         prompt, tokenize=False, add_generation_prompt=True, chat_template=template
     )
-    full_text = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": completion}], tokenize=False,
-                                              chat_template=template)  # fmt: skip
+    full_text = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": completion}], tokenize=False, chat_template=template
+    )
     if not full_text.startswith(prompt_text):
-        raise DataError("the chat template renders the prompt differently from the start of the conversation",
-                        field="completion", kind="template_mismatch", **where)  # fmt: skip
+        raise DataError(
+            "the chat template renders the prompt differently from the start of the conversation",
+            field="completion",
+            kind="template_mismatch",
+            **where,
+        )
     ids = list(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
     if eos in ids:  # what a template writes after EOS is never generated
         return ids[: len(ids) - ids[::-1].index(eos)]
@@ -319,7 +328,7 @@ def _run(
     at the last micro-batch, the optimizer update. Returns this rank's sums and whether the update was
     skipped: a non-finite NLL on any rank (one collective decides) drops the step's gradients everywhere."""
     train = train_step is not None
-    plan = plan_sequences(
+    packed = pack_sequences(
         data.lengths[indices],
         world_size=dist.world_size(),
         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
@@ -331,7 +340,7 @@ def _run(
     }
     bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite NLL on this rank
     skipped = False
-    mbs = plan.for_rank(dist.rank())
+    mbs = packed.for_rank(dist.rank())
     for i, mb in enumerate(mbs):
         chosen = [int(indices[p]) for p in mb.pairs]
         batch = collate_sequences(
@@ -425,11 +434,20 @@ def train_sft(cfg: Config, ds_config_path: str) -> TrainResult:
         ds_config, cfg, world_size=world_size, device_type=engine.device_type(), hidden_size=hidden
     )
     zero3_handle = engine.zero3_loading(ds)
-    loaded = load_model(cfg.model, dtype=dtype, device_type=engine.device_type(), seed=cfg.train.seed,
-                        packing=cfg.data.packing)  # fmt: skip
+    loaded = load_model(
+        cfg.model,
+        dtype=dtype,
+        device_type=engine.device_type(),
+        seed=cfg.train.seed,
+        packing=cfg.data.packing,
+    )
     del zero3_handle
-    schedule = dict(warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
-                    schedule=cfg.optim.schedule, min_lr_ratio=cfg.optim.min_lr_ratio)  # fmt: skip
+    schedule = dict(
+        warmup_steps=cfg.optim.warmup_steps,
+        max_steps=cfg.train.max_steps,
+        schedule=cfg.optim.schedule,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+    )
     policy = engine.build_policy_engine(loaded.model, ds, lambda s: lr_multiplier(s, **schedule))
     step, nonfinite = 0, {"skipped_total": 0, "consecutive": 0}
     if resume_folder:
@@ -446,10 +464,17 @@ def train_sft(cfg: Config, ds_config_path: str) -> TrainResult:
         else:
             params = {f"config.{k}": v for k, v in flatten(to_dict(cfg)).items()}
             params.update({f"versions.{k}": v for k, v in package_versions().items()})
-            params.update({"run.mode": "sft", "run.world_size": world_size, "run.device": engine.device_type(),
-                           "run.dtype": str(dtype).removeprefix("torch."), "run.attn_implementation": loaded.attn_implementation,
-                           "run.train_sequences": len(train_data.ids),
-                           "run.eval_sequences": len(eval_data.ids) if eval_data else 0})  # fmt: skip
+            params.update(
+                {
+                    "run.mode": "sft",
+                    "run.world_size": world_size,
+                    "run.device": engine.device_type(),
+                    "run.dtype": str(dtype).removeprefix("torch."),
+                    "run.attn_implementation": loaded.attn_implementation,
+                    "run.train_sequences": len(train_data.ids),
+                    "run.eval_sequences": len(eval_data.ids) if eval_data else 0,
+                }
+            )
             params.update({f"data.skipped.{k}": v for k, v in train_data.skipped.items()})
             params.update({f"data.{k}": v for k, v in train_data.stats.items()})
             run_logger.log_params(params)
@@ -458,9 +483,15 @@ def train_sft(cfg: Config, ds_config_path: str) -> TrainResult:
 
     def save() -> None:
         refuse_nonfinite_weights(policy, device, step, cfg.output_dir, run_logger)
-        state = {"step": step, "mlflow_run_id": dist.broadcast_object(run_logger.run_id), "config": to_dict(cfg),
-                 "world_size": world_size, "dtype": str(dtype).removeprefix("torch."), "mode": "sft",
-                 "nonfinite": dict(nonfinite)}  # fmt: skip
+        state = {
+            "step": step,
+            "mlflow_run_id": dist.broadcast_object(run_logger.run_id),
+            "config": to_dict(cfg),
+            "world_size": world_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "mode": "sft",
+            "nonfinite": dict(nonfinite),
+        }
         checkpoint.save(
             policy, cfg.output_dir, step, state, keep=cfg.train.keep_checkpoints, tokenizer=tokenizer
         )
@@ -552,10 +583,20 @@ def train_sft(cfg: Config, ds_config_path: str) -> TrainResult:
     result.steps = step
     run_logger.finish("FINISHED")
     if dist.is_main_process() and not finished_before:
-        write_json(os.path.join(cfg.output_dir, "run_info.json"),
-                   {"mode": "sft", "run_id": result.run_id, "tracking_uri": result.tracking_uri, "steps": step,
-                    "world_size": world_size, "attn_implementation": loaded.attn_implementation,
-                    "final_loss": result.losses[-1] if result.losses else None, "final_eval": final_eval,
-                    "skipped": train_data.skipped, "truncated": train_data.stats})  # fmt: skip
+        write_json(
+            os.path.join(cfg.output_dir, "run_info.json"),
+            {
+                "mode": "sft",
+                "run_id": result.run_id,
+                "tracking_uri": result.tracking_uri,
+                "steps": step,
+                "world_size": world_size,
+                "attn_implementation": loaded.attn_implementation,
+                "final_loss": result.losses[-1] if result.losses else None,
+                "final_eval": final_eval,
+                "skipped": train_data.skipped,
+                "truncated": train_data.stats,
+            },
+        )
     dist.barrier()
     return result

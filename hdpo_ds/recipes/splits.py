@@ -46,8 +46,10 @@ class Split:
 def split_sources(cfg: Config) -> dict[str, tuple[str, list[str], str]]:
     """The configured splits: name -> (config key of its files, the files, its row slice); no eval split
     without data.eval_files. Preference training and SFT read their data through this."""
-    specs = {"train": ("data.train_files", cfg.data.train_files, cfg.data.rows),
-             "eval": ("data.eval_files", cfg.data.eval_files, cfg.data.eval_rows)}  # fmt: skip
+    specs = {
+        "train": ("data.train_files", cfg.data.train_files, cfg.data.rows),
+        "eval": ("data.eval_files", cfg.data.eval_files, cfg.data.eval_rows),
+    }
     return {name: spec for name, spec in specs.items() if name == "train" or spec[1]}
 
 
@@ -62,8 +64,9 @@ def load_split_records(cfg: Config) -> dict[str, LoadResult]:
     splits = {}
     for name, (key, files, rows) in split_sources(cfg).items():
         try:
-            splits[name] = load_records(files, split=cfg.data.split or None, rows=rows or None,
-                                        on_bad_record=cfg.data.on_bad_record)  # fmt: skip
+            splits[name] = load_records(
+                files, split=cfg.data.split or None, rows=rows or None, on_bad_record=cfg.data.on_bad_record
+            )
         except DataError as e:
             raise DataError(str(e), source=key, kind=e.kind) from None
     return splits
@@ -72,10 +75,13 @@ def load_split_records(cfg: Config) -> dict[str, LoadResult]:
 def tokenize_options(cfg: Config) -> dict:
     """The keyword arguments of `tokenize_pairs` a run config implies (cache_dir included)."""
     return dict(
-        max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-        truncation=cfg.data.truncation, chat_template=cfg.data.chat_template or None,
-        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"), on_bad_record=cfg.data.on_bad_record,
-    )  # fmt: skip
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        truncation=cfg.data.truncation,
+        chat_template=cfg.data.chat_template or None,
+        cache_dir=cfg.data.cache_dir or os.path.join(cfg.output_dir, "cache"),
+        on_bad_record=cfg.data.on_bad_record,
+    )
 
 
 def tokenize_split(cfg: Config, name: str, records: LoadResult, tokenizer) -> Split:

@@ -136,8 +136,10 @@ def read_manifest(cache_dir: str) -> dict | None:
     except json.JSONDecodeError as e:
         raise RefCacheError(f"reference cache manifest {path} is not valid JSON: {e}") from None
     if manifest.get("format") != CACHE_FORMAT_VERSION:
-        raise RefCacheError(f"reference cache {cache_dir} has format {manifest.get('format')!r}, "
-                            f"this version reads {CACHE_FORMAT_VERSION!r}")  # fmt: skip
+        raise RefCacheError(
+            f"reference cache {cache_dir} has format {manifest.get('format')!r}, "
+            f"this version reads {CACHE_FORMAT_VERSION!r}"
+        )
     return manifest
 
 
@@ -175,8 +177,10 @@ class RefCache:
         """Read and check everything: fingerprint, shard integrity, row counts, finiteness."""
         manifest = read_manifest(cache_dir)
         if manifest is None:
-            raise RefCacheError(f"no reference cache at {cache_dir} (no {MANIFEST}; run launch/precompute_ref.py, "
-                                "or reference.mode=auto to compute it first)")  # fmt: skip
+            raise RefCacheError(
+                f"no reference cache at {cache_dir} (no {MANIFEST}; run launch/precompute_ref.py, "
+                "or reference.mode=auto to compute it first)"
+            )
         differences = diff_fingerprints(manifest["fingerprint"], expected)
         if differences:
             raise RefCacheError(
@@ -221,20 +225,30 @@ class RefCache:
         bad = ~(np.isfinite(chosen) & np.isfinite(rejected))
         if bad.any():
             examples = [ids[i] for i in np.flatnonzero(bad)[:5]]
-            raise RefCacheError(f"reference cache {cache_dir} has {int(bad.sum())} non-finite value(s), "
-                                f"e.g. pair ids {examples}")  # fmt: skip
+            raise RefCacheError(
+                f"reference cache {cache_dir} has {int(bad.sum())} non-finite value(s), "
+                f"e.g. pair ids {examples}"
+            )
         index = {pair_id: row for row, pair_id in enumerate(ids)}
         if len(index) != len(ids):
             raise RefCacheError(f"reference cache {cache_dir} holds duplicate pair ids")
-        return cls(index, chosen, rejected, column("chosen_tokens", np.int64), column("rejected_tokens", np.int64),
-                   cache_dir)  # fmt: skip
+        return cls(
+            index,
+            chosen,
+            rejected,
+            column("chosen_tokens", np.int64),
+            column("rejected_tokens", np.int64),
+            cache_dir,
+        )
 
     def check_covers(self, pair_ids: Sequence[str]) -> np.ndarray:
         """Row of each pair id; missing ids and a row count that differs from the data are errors."""
         missing = [i for i in pair_ids if i not in self.ids]
         if missing:
-            raise RefCacheError(f"reference cache {self.path} has no values for {len(missing)} of {len(pair_ids)} "
-                                f"pair(s), e.g. ids {missing[:5]}")  # fmt: skip
+            raise RefCacheError(
+                f"reference cache {self.path} has no values for {len(missing)} of {len(pair_ids)} "
+                f"pair(s), e.g. ids {missing[:5]}"
+            )
         if len(pair_ids) != len(self.ids):
             raise RefCacheError(
                 f"reference cache {self.path} holds {len(self.ids)} pairs, the data has {len(pair_ids)}"

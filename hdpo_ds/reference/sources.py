@@ -130,8 +130,10 @@ def model_identity(cfg: Config) -> dict:
         path = snapshot_download(path, local_files_only=True)
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     config_file = os.path.join(directory, "config.json")
-    identity = {"reference.model": cfg.reference.name_or_path or cfg.model.name_or_path,
-                "reference.config_sha256": file_sha256(config_file)}  # fmt: skip
+    identity = {
+        "reference.model": cfg.reference.name_or_path or cfg.model.name_or_path,
+        "reference.config_sha256": file_sha256(config_file),
+    }
     if cfg.model.from_scratch and not cfg.reference.name_or_path:
         identity["reference.weights"] = f"random init from config, train.seed={cfg.train.seed}"
         return identity

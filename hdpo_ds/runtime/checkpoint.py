@@ -192,8 +192,10 @@ def complete_steps(output_dir: str) -> list[int]:
 
 def mark_best(output_dir: str, step: int, metric: str, value: float) -> None:
     """Name the best evaluated checkpoint in checkpoints/best.json (atomically); pruning spares it."""
-    write_json(os.path.join(checkpoint_root(output_dir), BEST),
-               {"tag": tag_for(step), "step": step, "metric": metric, "value": value})  # fmt: skip
+    write_json(
+        os.path.join(checkpoint_root(output_dir), BEST),
+        {"tag": tag_for(step), "step": step, "metric": metric, "value": value},
+    )
 
 
 def read_best(output_dir: str) -> dict | None:

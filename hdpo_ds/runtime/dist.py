@@ -136,9 +136,13 @@ def reduce_sums(
     if not names:
         return {}
     stacked = torch.stack(
-        [v.detach().to(device=device, dtype=torch.float64).reshape(()) if torch.is_tensor(v)
-         else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values.values()]
-    )  # fmt: skip
+        [
+            v.detach().to(device=device, dtype=torch.float64).reshape(())
+            if torch.is_tensor(v)
+            else torch.tensor(float(v), dtype=torch.float64, device=device)
+            for v in values.values()
+        ]
+    )
     if is_initialized() and world_size() > 1:
         tdist.all_reduce(stacked, op=tdist.ReduceOp.SUM)
     return dict(zip(names, stacked.tolist(), strict=True))  # host sync: once per call

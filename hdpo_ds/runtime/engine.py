@@ -1,6 +1,6 @@
 """DeepSpeed engines: the ds_config "auto" filling, the ZeRO-3 policy engine and the reference engine.
 
-With checkpoint.py and plan.py, the only modules that import deepspeed. A step is
+With the rest of runtime/ and tools/, the only modules that import deepspeed. A step is
 `train.pairs_per_step` pairs packed into token-budget micro-batches; DeepSpeed counts samples, so its
 batch keys are fixed to one "sample" (micro-batch) per rank and accumulation step, and the trainer
 marks the accumulation boundary itself (docs/design.md §5).
@@ -161,8 +161,12 @@ def fill_ds_config(
     if training:
         optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
         params = optimizer.setdefault("params", {})
-        for key, value in (("lr", cfg.optim.lr), ("betas", list(cfg.optim.betas)), ("eps", cfg.optim.eps),
-                           ("weight_decay", cfg.optim.weight_decay)):  # fmt: skip
+        for key, value in (
+            ("lr", cfg.optim.lr),
+            ("betas", list(cfg.optim.betas)),
+            ("eps", cfg.optim.eps),
+            ("weight_decay", cfg.optim.weight_decay),
+        ):
             _set_auto(params, key, value, f"optimizer.params.{key}")
         if optimizer.get("type", "").lower() in ("adam", "adamw"):
             zero = ds.get("zero_optimization", {})

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from hdpo_ds.config import Config, ConfigError
-from hdpo_ds.data import PairSampler, plan_stats, tokenize_pairs, tokenizer_fingerprint
+from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
 from hdpo_ds.recipes.precompute import cache_root
 from hdpo_ds.recipes.splits import load_split_records, tokenize_options
 from hdpo_ds.reference.cache import RefCache, RefCacheError, cache_status
@@ -120,15 +120,18 @@ def dry_run(
     ds_config = _load_ds(ds_config_path, "--ds")
     infer_ds_config = _load_ds(cfg.reference.ds_config, "reference.ds_config")
     check_model_source(cfg.model)
-    hf_config = load_hf_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                               key="model.name_or_path")  # fmt: skip
+    hf_config = load_hf_config(
+        cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path"
+    )
     shape = model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path")
     ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device)")
     ok(_check_weights(cfg))
     ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
     if cfg.reference.name_or_path:
-        check_model_source(dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
-                           key="reference.name_or_path")  # fmt: skip
+        check_model_source(
+            dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
+            key="reference.name_or_path",
+        )
         ok(f"reference.name_or_path: {cfg.reference.name_or_path}")
         ref_config = load_hf_config(
             cfg.reference.name_or_path,
@@ -137,12 +140,22 @@ def dry_run(
         )
         ok(_check_attention(cfg, ref_config, cfg.reference.name_or_path, device_type))
     dtype = engine.resolve_dtype(cfg, ds_config, bf16_capable=device_type == "cuda")
-    policy_ds = engine.fill_ds_config(ds_config, cfg, world_size=world_size, device_type=device_type,
-                                      hidden_size=shape.hidden_size)  # fmt: skip
-    engine.fill_ds_config(infer_ds_config, cfg, world_size=world_size, device_type=device_type,
-                          hidden_size=shape.hidden_size, training=False, dtype=dtype)  # fmt: skip
-    ok(f"ds_configs filled for {world_size} ranks ({str(dtype).removeprefix('torch.')}, ZeRO stage "
-       f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})")  # fmt: skip
+    policy_ds = engine.fill_ds_config(
+        ds_config, cfg, world_size=world_size, device_type=device_type, hidden_size=shape.hidden_size
+    )
+    engine.fill_ds_config(
+        infer_ds_config,
+        cfg,
+        world_size=world_size,
+        device_type=device_type,
+        hidden_size=shape.hidden_size,
+        training=False,
+        dtype=dtype,
+    )
+    ok(
+        f"ds_configs filled for {world_size} ranks ({str(dtype).removeprefix('torch.')}, ZeRO stage "
+        f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})"
+    )
 
     # ---- data: the files, their tokenization (in memory; the run's cache is left alone)
     tokenizer = load_tokenizer(cfg.model)
@@ -150,31 +163,40 @@ def dry_run(
     options = {**tokenize_options(cfg), "cache_dir": None}
     tokenized = {name: tokenize_pairs(recs, tokenizer, **options) for name, recs in records.items()}
     for name, result in tokenized.items():
-        ok(f"data ({name}): {len(records[name].records):,} records -> {len(result.pairs):,} pairs "
-           f"({sum(records[name].skipped.values())} skipped)")  # fmt: skip
+        ok(
+            f"data ({name}): {len(records[name].records):,} records -> {len(result.pairs):,} pairs "
+            f"({sum(records[name].skipped.values())} skipped)"
+        )
 
     # ---- batch arithmetic: the sampler and packer of step 0, exactly as rank 0 of the run builds them
     lengths = tokenized["train"].pairs.lengths
     try:
         sampler = PairSampler(
-            lengths, pairs_per_step=cfg.train.pairs_per_step, world_size=world_size, rank=0, seed=cfg.train.seed,
-            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch, max_length=cfg.data.max_length,
+            lengths,
+            pairs_per_step=cfg.train.pairs_per_step,
+            world_size=world_size,
+            rank=0,
+            seed=cfg.train.seed,
+            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            max_length=cfg.data.max_length,
             packing=cfg.data.packing,
-        )  # fmt: skip
+        )
     except ValueError as e:
         message = str(e)
         raise ConfigError(
             message if message.startswith(("train.", "data.")) else f"train.pairs_per_step: {e}"
         ) from None
-    step_plan = sampler.assignment(0, 0).plan
-    stats = plan_stats(step_plan)
-    per_rank = [sum(len(mb.pairs) for mb in mbs if not mb.filler) for mbs in step_plan.ranks]
-    fillers = sum(mb.filler for mbs in step_plan.ranks for mb in mbs)
+    packed = sampler.assignment(0, 0).plan
+    stats = packing_stats(packed)
+    per_rank = [sum(len(mb.pairs) for mb in mbs if not mb.filler) for mbs in packed.ranks]
+    fillers = sum(mb.filler for mbs in packed.ranks for mb in mbs)
     epochs = cfg.train.max_steps / len(sampler)
-    ok(f"batch: {cfg.train.pairs_per_step} pairs per step over {world_size} ranks; step 0: "
-       f"{step_plan.micro_batches_per_rank} micro-batch(es) per rank, {min(per_rank)}-{max(per_rank)} pairs per "
-       f"rank, {fillers} filler(s), fill {stats.fill:.0%}; {len(sampler)} steps per epoch, "
-       f"train.max_steps={cfg.train.max_steps} = {epochs:.2f} epoch(s)")  # fmt: skip
+    ok(
+        f"batch: {cfg.train.pairs_per_step} pairs per step over {world_size} ranks; step 0: "
+        f"{packed.micro_batches_per_rank} micro-batch(es) per rank, {min(per_rank)}-{max(per_rank)} pairs per "
+        f"rank, {fillers} filler(s), fill {stats.fill:.0%}; {len(sampler)} steps per epoch, "
+        f"train.max_steps={cfg.train.max_steps} = {epochs:.2f} epoch(s)"
+    )
 
     # ---- the reference cache: its fingerprint against this run's (what precompute would write)
     if cfg.reference.mode in ("cached", "auto"):
@@ -198,8 +220,10 @@ def dry_run(
                     + "\n  ".join(differences)
                 )
             if status == "missing" and cfg.reference.mode == "cached":
-                raise RefCacheError(f"reference.cache_path: no reference cache at {where}; run "
-                                    "launch/precompute_ref.py first, or use reference.mode=auto")  # fmt: skip
+                raise RefCacheError(
+                    f"reference.cache_path: no reference cache at {where}; run "
+                    "launch/precompute_ref.py first, or use reference.mode=auto"
+                )
             if status == "ok":
                 RefCache.load(where, expected).check_covers(tokenized[name].pairs.ids)
                 ok(f"reference cache ({name}): {where} matches this run and covers every pair")
@@ -210,19 +234,23 @@ def dry_run(
 
     # ---- memory plan for the target GPUs
     settings = settings_from_ds_config(
-        policy_ds, micro_batch_tokens=cfg.data.max_tokens_per_micro_batch,
+        policy_ds,
+        micro_batch_tokens=cfg.data.max_tokens_per_micro_batch,
         reference="online" if cfg.reference.mode == "online" else "cached",
-        reference_offload=cfg.reference.offload, grad_checkpointing=cfg.model.gradient_checkpointing,
-        logits_chunk_size=cfg.train.logits_chunk_size, fused_optimizer=device_type != "cpu",
-        dtype_bytes=torch.finfo(dtype).bits // 8, seq_tokens=max(1, int(np.mean(lengths))),
-    )  # fmt: skip
+        reference_offload=cfg.reference.offload,
+        grad_checkpointing=cfg.model.gradient_checkpointing,
+        logits_chunk_size=cfg.train.logits_chunk_size,
+        fused_optimizer=device_type != "cpu",
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        seq_tokens=max(1, int(np.mean(lengths))),
+    )
     hardware = Hardware(world_size // gpus_per_node, gpus_per_node, gpu_mem_gib, peak_tflops)
     report.plan = plan_memory(shape, hardware, settings)
     # Step time: rank 0's micro-batches of step 0 at their real token counts.
     rate = settings.mfu * peak_tflops * 1e12
     report.step_seconds = sum(
         micro_batch_flops(shape, dataclasses.replace(settings, micro_batch_tokens=mb.tokens)) / rate
-        for mb in step_plan.for_rank(0)
+        for mb in packed.for_rank(0)
     )
     report.recommendation = recommend(shape, hardware, settings, min_tokens=2 * cfg.data.max_length)
     if not report.plan.fits:
@@ -239,8 +267,10 @@ def _describe(recommendation: dict | None) -> str:
     if recommendation is None:
         return "nothing fits at this world size: add nodes or use GPUs with more memory"
     r = recommendation
-    changes = [f"data.max_tokens_per_micro_batch={r['micro_batch_tokens']}",
-               f"model.gradient_checkpointing={str(r['grad_checkpointing']).lower()}"]  # fmt: skip
+    changes = [
+        f"data.max_tokens_per_micro_batch={r['micro_batch_tokens']}",
+        f"model.gradient_checkpointing={str(r['grad_checkpointing']).lower()}",
+    ]
     if r["offload_optimizer"]:
         changes.append("an optimizer-offload ds_config (offload_optimizer: cpu)")
     if r["offload_param"]:

@@ -394,30 +394,74 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     ref_where = "-" if settings.reference != "online" else ("host" if settings.reference_offload else "gpu")
 
     rows = [
-        Row("parameters (bf16 shard)" if b == 2 else "parameters (fp32 shard)", b * x, param_where,
-            f"{x:,} of {shape.num_params:,} parameters on this rank"),
+        Row(
+            "parameters (bf16 shard)" if b == 2 else "parameters (fp32 shard)",
+            b * x,
+            param_where,
+            f"{x:,} of {shape.num_params:,} parameters on this rank",
+        ),
         Row("gradients (shard)", b * x, opt_where, "ZeRO-3 gradient buffer in the model dtype"),
-        Row("fp32 master weights (shard)", master, opt_where if master else "-",
-            "none: fp32 training updates the parameters" if not master else ""),
+        Row(
+            "fp32 master weights (shard)",
+            master,
+            opt_where if master else "-",
+            "none: fp32 training updates the parameters" if not master else "",
+        ),
         Row("Adam moments m, v (fp32 shard)", 8 * x, opt_where),
-        Row("optimizer step: fp32 gradient of one sub-group", step_transient if opt_where == "gpu" else 0,
-            opt_where, f"min(shard, sub_group_size={settings.sub_group_size:,}) elements; only during the step"
-            + ("" if settings.fused_optimizer else "; plus torch AdamW's temporaries")),
-        Row("ZeRO-3 reduce + prefetch buckets", buffers, "gpu",
-            f"reduce_bucket_size={reduce_bucket:,}, stage3_prefetch_bucket_size={prefetch_bucket:,}"),
-        Row("largest layer gathered (parameters + gradient)", gathered, "gpu",
-            f"{big:,} parameters gathered whole during forward/backward"),
-        Row("parameters kept gathered beyond it", live_extra, "gpu",
-            f"up to stage3_max_live_parameters={settings.max_live_parameters:,} (not in DeepSpeed's estimator)"),
-        Row(f"activations, {t:,} tokens, {'with' if settings.grad_checkpointing else 'without'} checkpointing",
-            acts, "gpu", "formula: activation_bytes_per_token_layer", assumption=True),
-        Row(f"  (activations {'without' if settings.grad_checkpointing else 'with'} checkpointing, not used)",
-            acts_other, "-", "for comparison", assumption=True),
-        Row("logits + gradient + token-stats chunk", logits, "gpu",
-            f"T×V = {t:,}×{shape.vocab_size:,}; chunk {settings.logits_chunk_size}"),
-        Row("reference model (shard)", ref_shard, ref_where,
-            "cached reference: no model" if settings.reference != "online" else "ZeRO-3 inference engine, no optimizer"),
-    ]  # fmt: skip
+        Row(
+            "optimizer step: fp32 gradient of one sub-group",
+            step_transient if opt_where == "gpu" else 0,
+            opt_where,
+            f"min(shard, sub_group_size={settings.sub_group_size:,}) elements; only during the step"
+            + ("" if settings.fused_optimizer else "; plus torch AdamW's temporaries"),
+        ),
+        Row(
+            "ZeRO-3 reduce + prefetch buckets",
+            buffers,
+            "gpu",
+            f"reduce_bucket_size={reduce_bucket:,}, stage3_prefetch_bucket_size={prefetch_bucket:,}",
+        ),
+        Row(
+            "largest layer gathered (parameters + gradient)",
+            gathered,
+            "gpu",
+            f"{big:,} parameters gathered whole during forward/backward",
+        ),
+        Row(
+            "parameters kept gathered beyond it",
+            live_extra,
+            "gpu",
+            f"up to stage3_max_live_parameters={settings.max_live_parameters:,} (not in DeepSpeed's estimator)",
+        ),
+        Row(
+            f"activations, {t:,} tokens, {'with' if settings.grad_checkpointing else 'without'} checkpointing",
+            acts,
+            "gpu",
+            "formula: activation_bytes_per_token_layer",
+            assumption=True,
+        ),
+        Row(
+            f"  (activations {'without' if settings.grad_checkpointing else 'with'} checkpointing, not used)",
+            acts_other,
+            "-",
+            "for comparison",
+            assumption=True,
+        ),
+        Row(
+            "logits + gradient + token-stats chunk",
+            logits,
+            "gpu",
+            f"T×V = {t:,}×{shape.vocab_size:,}; chunk {settings.logits_chunk_size}",
+        ),
+        Row(
+            "reference model (shard)",
+            ref_shard,
+            ref_where,
+            "cached reference: no model"
+            if settings.reference != "online"
+            else "ZeRO-3 inference engine, no optimizer",
+        ),
+    ]
 
     on_gpu = {r.name: r.bytes for r in rows if r.where == "gpu"}
     persistent = sum(
@@ -432,9 +476,10 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
         backward = max(backward, persistent + b * big + t * shape.vocab_size * b)
     peak, phase = (backward, "backward") if backward >= step else (step, "optimizer step")
     model_states = (
-        sum(on_gpu.get(r.name, 0) for r in rows[:4]) + buffers
+        sum(on_gpu.get(r.name, 0) for r in rows[:4])
+        + buffers
         + max(gathered, step_transient if opt_where == "gpu" else 0)
-    )  # fmt: skip
+    )
     required = int(peak * (1 + settings.fragmentation) + settings.runtime_reserve_gib * GIB)
 
     host_per_gpu = sum(r.bytes for r in rows if r.where == "host")
@@ -453,8 +498,20 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
         f"runtime reserve {settings.runtime_reserve_gib:g} GiB per GPU (CUDA context, NCCL, workspaces)",
         "not modelled: CPU-Adam and PCIe time under offload; the reference engine's own live parameters",
     ]
-    return MemoryPlan(shape, hardware, settings, rows, int(model_states), int(peak), phase, required,
-                      int(host_per_node), flops, seconds, assumptions)  # fmt: skip
+    return MemoryPlan(
+        shape,
+        hardware,
+        settings,
+        rows,
+        int(model_states),
+        int(peak),
+        phase,
+        required,
+        int(host_per_node),
+        flops,
+        seconds,
+        assumptions,
+    )
 
 
 def deepspeed_model_states(
@@ -502,13 +559,23 @@ def recommend(shape: ModelShape, hardware: Hardware, settings: Settings, min_tok
             continue  # never suggest undoing offload the user asked for: they may need the GPU memory
         for t in tokens:
             for ckpt in (settings.grad_checkpointing, True):
-                candidate = dataclasses.replace(settings, offload_optimizer=opt, offload_param=param,
-                                                micro_batch_tokens=t, grad_checkpointing=ckpt)  # fmt: skip
+                candidate = dataclasses.replace(
+                    settings,
+                    offload_optimizer=opt,
+                    offload_param=param,
+                    micro_batch_tokens=t,
+                    grad_checkpointing=ckpt,
+                )
                 plan = plan_memory(shape, hardware, candidate)
                 if plan.fits:
-                    return {"offload_optimizer": opt, "offload_param": param, "micro_batch_tokens": t,
-                            "grad_checkpointing": ckpt, "required_bytes": plan.required_bytes,
-                            "headroom_bytes": plan.headroom_bytes}  # fmt: skip
+                    return {
+                        "offload_optimizer": opt,
+                        "offload_param": param,
+                        "micro_batch_tokens": t,
+                        "grad_checkpointing": ckpt,
+                        "required_bytes": plan.required_bytes,
+                        "headroom_bytes": plan.headroom_bytes,
+                    }
     return None
 
 
@@ -534,7 +601,7 @@ def format_plan(
         f"reference {s.reference}{' (offloaded)' if s.reference_offload and s.reference == 'online' else ''}",
         "",
         f"{'per GPU':<58} {'memory':>12}  where  note",
-    ]  # fmt: skip
+    ]
     for r in plan.rows:
         flag = " [assumption]" if r.assumption else ""
         lines.append(f"{r.name:<58} {_gib(r.bytes):>12}  {r.where:<5}  {r.note}{flag}")
@@ -542,15 +609,19 @@ def format_plan(
     lines += [
         "",
         f"model states (DeepSpeed's estimator's scope): {_gib(plan.model_states_bytes).strip()}"
-        + (f"; DeepSpeed estimate_zero3_model_states_mem_needs: {_gib(deepspeed[0]).strip()} "
-           f"({(plan.model_states_bytes / deepspeed[0] - 1):+.1%})" if deepspeed else ""),
+        + (
+            f"; DeepSpeed estimate_zero3_model_states_mem_needs: {_gib(deepspeed[0]).strip()} "
+            f"({(plan.model_states_bytes / deepspeed[0] - 1):+.1%})"
+            if deepspeed
+            else ""
+        ),
         f"peak live on one GPU ({plan.peak_phase}): {_gib(plan.peak_bytes).strip()}; with "
         f"+{s.fragmentation:.0%} fragmentation and {s.runtime_reserve_gib:g} GiB runtime reserve "
         f"[assumptions]: {_gib(plan.required_bytes).strip()} of {hw.gpu_mem_gib:g} GiB",
         f"host memory per node for offloaded state: {_gib(plan.host_bytes_per_node).strip()}"
         + (f" of {hw.host_mem_gib:g} GiB" if hw.host_mem_gib is not None else ""),
         f"verdict: {verdict}, headroom {_gib(plan.headroom_bytes).strip()} per GPU",
-    ]  # fmt: skip
+    ]
     if recommendation is not None and not plan.fits:
         r = recommendation
         lines.append(
@@ -609,17 +680,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     try:
-        for key, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
-                           ("--micro-batch-tokens", args.micro_batch_tokens)):  # fmt: skip
+        for key, value in (
+            ("--nodes", args.nodes),
+            ("--gpus-per-node", args.gpus_per_node),
+            ("--micro-batch-tokens", args.micro_batch_tokens),
+        ):
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: must lie in (0, 1], got {args.mfu}")
-        shape = model_shape(load_hf_config(args.model, trust_remote_code=args.trust_remote_code),
-                            trust_remote_code=args.trust_remote_code)  # fmt: skip
-        common = dict(micro_batch_tokens=args.micro_batch_tokens, reference=args.reference,
-                      reference_offload=args.reference_offload, grad_checkpointing=args.grad_checkpointing,
-                      mfu=args.mfu, seq_tokens=args.seq_tokens)  # fmt: skip
+        shape = model_shape(
+            load_hf_config(args.model, trust_remote_code=args.trust_remote_code),
+            trust_remote_code=args.trust_remote_code,
+        )
+        common = dict(
+            micro_batch_tokens=args.micro_batch_tokens,
+            reference=args.reference,
+            reference_offload=args.reference_offload,
+            grad_checkpointing=args.grad_checkpointing,
+            mfu=args.mfu,
+            seq_tokens=args.seq_tokens,
+        )
         if args.ds:
             from hdpo_ds.runtime.engine import load_ds_config
 

@@ -81,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_fraction > 0 and not args.eval:
         parser.error("--eval-fraction needs --eval")
     try:
-        train, evaluation, counts = build_pairs(args.samples, pairs_per_prompt=args.pairs_per_prompt,
-                                                eval_fraction=args.eval_fraction, seed=args.seed)  # fmt: skip
+        train, evaluation, counts = build_pairs(
+            args.samples,
+            pairs_per_prompt=args.pairs_per_prompt,
+            eval_fraction=args.eval_fraction,
+            seed=args.seed,
+        )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

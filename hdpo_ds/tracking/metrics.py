@@ -70,12 +70,28 @@ class StepAccumulator:
     # Fixed names in a fixed order: every rank reduces the same vector, even one that ran only fillers.
     # "stop_requests" counts the ranks that got a stop signal (hdpo_ds/runtime/stop.py); it is no metric.
     SUM_KEYS = (
-        "pairs", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-        "logps/chosen", "logps/rejected", "tokens/chosen", "tokens/rejected",
-        "logratio/chosen", "logratio/rejected", "entropy/chosen", "entropy/rejected",
-        "topk_mass/chosen", "topk_mass/rejected", "topk_entropy/chosen", "topk_entropy/rejected",
-        "real_tokens", "kl/chosen", "kl/rejected", "stop_requests",
-    )  # fmt: skip
+        "pairs",
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "tokens/chosen",
+        "tokens/rejected",
+        "logratio/chosen",
+        "logratio/rejected",
+        "entropy/chosen",
+        "entropy/rejected",
+        "topk_mass/chosen",
+        "topk_mass/rejected",
+        "topk_entropy/chosen",
+        "topk_entropy/rejected",
+        "real_tokens",
+        "kl/chosen",
+        "kl/rejected",
+        "stop_requests",
+    )
 
     def __init__(self, device: torch.device | str, with_kl: bool = False) -> None:
         self.device = device

@@ -119,9 +119,15 @@ class MlflowLogger:
             logger.info("MLflow HTTP client bounded: %s", ", ".join(f"{k}={v}" for k, v in applied.items()))
         uri = resolve_tracking_uri(options.tracking_uri)
         try:
-            return cls(uri, options.experiment, options.run_name, run_id=run_id,
-                       spool_dir=spool.spool_dir(cfg.output_dir), flush_timeout_s=options.flush_timeout_s,
-                       retry_max_interval_s=options.retry_max_interval_s)  # fmt: skip
+            return cls(
+                uri,
+                options.experiment,
+                options.run_name,
+                run_id=run_id,
+                spool_dir=spool.spool_dir(cfg.output_dir),
+                flush_timeout_s=options.flush_timeout_s,
+                retry_max_interval_s=options.retry_max_interval_s,
+            )
         except spool.SpoolError as e:  # held by another run, or damaged
             raise ConfigError(f"output_dir: {e}") from e
         except spool.MlflowUnreachableError as e:
@@ -181,8 +187,13 @@ class MlflowLogger:
 
         self._finished = True
         drained = self._spooler.close(self.flush_timeout_s)
-        line = spool.summary_line(self.run_id, self._spooler.counters_for(self.run_id), self._spool.pending,
-                                  self._spool.root, self.tracking_uri)  # fmt: skip
+        line = spool.summary_line(
+            self.run_id,
+            self._spooler.counters_for(self.run_id),
+            self._spool.pending,
+            self._spool.root,
+            self.tracking_uri,
+        )
         (logger.info if drained else logger.warning)(line)
 
     def _at_exit(self) -> None:

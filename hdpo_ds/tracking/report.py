@@ -74,8 +74,13 @@ def render(
                     steps, values, color=color, marker="o", markersize=3, linewidth=1.8, label=f"eval {key}"
                 )
         for j, alert in enumerate(alerts):
-            ax.axvline(alert["step"], color="red", linestyle="--", linewidth=1,
-                       label=f"alert: {alert['detector']} (step {alert['step']})" if j < 4 else None)  # fmt: skip
+            ax.axvline(
+                alert["step"],
+                color="red",
+                linestyle="--",
+                linewidth=1,
+                label=f"alert: {alert['detector']} (step {alert['step']})" if j < 4 else None,
+            )
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)

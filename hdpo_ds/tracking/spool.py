@@ -302,8 +302,7 @@ class RunCounters:
     def tags(self) -> dict[str, str]:
         counts = {k: v for k, v in vars(self).items() if k != "steps"}
         return {
-            f"hdpo_ds.spool.{k}": f"{v:.1f}" if k == "down_seconds" else str(v)
-            for k, v in counts.items()
+            f"hdpo_ds.spool.{k}": f"{v:.1f}" if k == "down_seconds" else str(v) for k, v in counts.items()
         }
 
 

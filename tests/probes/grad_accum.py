@@ -17,8 +17,15 @@ def main(ds_path: str, out_path: str) -> None:
     from hdpo_ds.runtime import dist, engine
 
     engine.init_distributed()
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     # bf16-representable weights for every variant, so only the arithmetic differs
     initial = {k: v.to(torch.bfloat16).float() for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -30,8 +37,16 @@ def main(ds_path: str, out_path: str) -> None:
     }
 
     def gradient(dtype_name: str, accum: str | None, n: int) -> dict[str, torch.Tensor]:
-        cfg = load_config(None, ["model.name_or_path=x", "data.train_files=[x]", f"model.dtype={dtype_name}",
-                                 "train.pairs_per_step=2", "optim.lr=0"])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                "model.name_or_path=x",
+                "data.train_files=[x]",
+                f"model.dtype={dtype_name}",
+                "train.pairs_per_step=2",
+                "optim.lr=0",
+            ],
+        )
         ds = engine.load_ds_config(base)
         if accum:
             ds["data_types"] = {"grad_accum_dtype": accum}

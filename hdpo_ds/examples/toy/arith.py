@@ -65,8 +65,10 @@ def make_sets(seed: int, sizes: dict[str, int]) -> dict[str, list[tuple[int, ...
 
 def sft_records(problems: list[tuple[int, ...]], seed: int, prefix: str) -> list[dict]:
     rng = random.Random(seed)
-    return [{"id": f"{prefix}-{i:06d}", "prompt": prompt_text(p), "completion": solution_text(p, rng)}
-            for i, p in enumerate(problems)]  # fmt: skip
+    return [
+        {"id": f"{prefix}-{i:06d}", "prompt": prompt_text(p), "completion": solution_text(p, rng)}
+        for i, p in enumerate(problems)
+    ]
 
 
 def prompt_records(problems: list[tuple[int, ...]], prefix: str) -> list[dict]:
@@ -88,19 +90,27 @@ def build_tokenizer():
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def model_config(tokenizer):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
 
 
 def write_task(
@@ -130,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pair-prompts", type=int, default=2000)
     parser.add_argument("--eval-prompts", type=int, default=200)
     args = parser.parse_args(argv)
-    write_task(args.out, args.seed, sft_train=args.sft_train, sft_eval=args.sft_eval,
-               pair_prompts=args.pair_prompts, eval_prompts=args.eval_prompts)  # fmt: skip
+    write_task(
+        args.out,
+        args.seed,
+        sft_train=args.sft_train,
+        sft_eval=args.sft_eval,
+        pair_prompts=args.pair_prompts,
+        eval_prompts=args.eval_prompts,
+    )
     print(f"wrote the arithmetic task (seed {args.seed}) to {args.out}")
     return 0
 

@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @dataclasses.dataclass
-class Plan:
+class Study:
     seeds: list[int]
     alphas: list[float]
     sft_train: int = 40000
@@ -64,9 +64,21 @@ class Plan:
         return ks
 
 
-def smoke_plan() -> Plan:
-    return Plan(seeds=[0], alphas=[0.8, 1.0], sft_train=2000, sft_eval=64, pair_prompts=256, eval_prompts=8,
-                sft_steps=150, sft_batch=32, pair_samples=8, hdpo_steps=8, hdpo_batch=8, n=4)  # fmt: skip
+def smoke_study() -> Study:
+    return Study(
+        seeds=[0],
+        alphas=[0.8, 1.0],
+        sft_train=2000,
+        sft_eval=64,
+        pair_prompts=256,
+        eval_prompts=8,
+        sft_steps=150,
+        sft_batch=32,
+        pair_samples=8,
+        hdpo_steps=8,
+        hdpo_batch=8,
+        n=4,
+    )
 
 
 def _run(cmd: list[str], log_path: str, commands: list[str], done: bool = False) -> None:
@@ -87,7 +99,7 @@ def _run(cmd: list[str], log_path: str, commands: list[str], done: bool = False)
     print(f"  done in {time.time() - started:.0f} s", flush=True)
 
 
-def run_seed(plan: Plan, seed: int, out: str, tracking_uri: str, commands: list[str]) -> dict:
+def run_seed(study: Study, seed: int, out: str, tracking_uri: str, commands: list[str]) -> dict:
     """All stages of one seed; returns {model name: evaluation report}."""
     from hdpo_ds.examples.toy.arith import write_task
 
@@ -98,54 +110,177 @@ def run_seed(plan: Plan, seed: int, out: str, tracking_uri: str, commands: list[
     os.makedirs(logs, exist_ok=True)
     mlflow = [f"logging.tracking_uri={tracking_uri}"]
     if not os.path.isfile(os.path.join(task, "eval_prompts.jsonl")):
-        write_task(task, seed, sft_train=plan.sft_train, sft_eval=plan.sft_eval, pair_prompts=plan.pair_prompts,
-                   eval_prompts=plan.eval_prompts)  # fmt: skip
-    commands.append(f"python -m hdpo_ds.examples.toy.arith --out {task} --seed {seed} --sft-train {plan.sft_train} "
-                    f"--sft-eval {plan.sft_eval} --pair-prompts {plan.pair_prompts} --eval-prompts {plan.eval_prompts}")  # fmt: skip
-    _run([py, "launch/sft.py", "--ds", "ds_configs/zero3.json", "--config", "configs/toy/sft.yaml",
-          f"output_dir={sft}", f"model.name_or_path={task}", f"data.train_files=[{task}/sft_train.jsonl]",
-          f"data.eval_files=[{task}/sft_eval.jsonl]", f"train.seed={seed}", f"train.max_steps={plan.sft_steps}",
-          f"train.pairs_per_step={plan.sft_batch}",
-          *mlflow], os.path.join(logs, "sft.log"), commands, done=os.path.isfile(os.path.join(sft, "hf", "config.json")))  # fmt: skip
+        write_task(
+            task,
+            seed,
+            sft_train=study.sft_train,
+            sft_eval=study.sft_eval,
+            pair_prompts=study.pair_prompts,
+            eval_prompts=study.eval_prompts,
+        )
+    commands.append(
+        f"python -m hdpo_ds.examples.toy.arith --out {task} --seed {seed} --sft-train {study.sft_train} "
+        f"--sft-eval {study.sft_eval} --pair-prompts {study.pair_prompts} --eval-prompts {study.eval_prompts}"
+    )
+    _run(
+        [
+            py,
+            "launch/sft.py",
+            "--ds",
+            "ds_configs/zero3.json",
+            "--config",
+            "configs/toy/sft.yaml",
+            f"output_dir={sft}",
+            f"model.name_or_path={task}",
+            f"data.train_files=[{task}/sft_train.jsonl]",
+            f"data.eval_files=[{task}/sft_eval.jsonl]",
+            f"train.seed={seed}",
+            f"train.max_steps={study.sft_steps}",
+            f"train.pairs_per_step={study.sft_batch}",
+            *mlflow,
+        ],
+        os.path.join(logs, "sft.log"),
+        commands,
+        done=os.path.isfile(os.path.join(sft, "hf", "config.json")),
+    )
     pairs_done = os.path.isfile(os.path.join(pairs, "train.jsonl"))
-    _run([py, "launch/evaluate.py", "--model", f"{sft}/hf", "--prompts", f"{task}/pair_prompts.jsonl",
-          "--checker", "arith", "--temperatures", "1.0", "--num-samples", str(plan.pair_samples), "--k", "1",
-          "--max-new-tokens", str(plan.max_new_tokens), "--seed", str(seed + 1000), "--prompts-per-batch", "32",
-          "--samples", f"{pairs}/samples.jsonl", "--out", f"{pairs}/sampling.json", "--no-mlflow", "--no-progress"],
-         os.path.join(logs, "sample_pairs.log"), commands, done=pairs_done)  # fmt: skip
-    _run([py, "-m", "hdpo_ds.tools.sampled_pairs", "--samples", f"{pairs}/samples.jsonl", "--train",
-          f"{pairs}/train.jsonl", "--eval", f"{pairs}/eval.jsonl", "--eval-fraction", "0.05",
-          "--pairs-per-prompt", str(plan.pairs_per_prompt), "--seed", str(seed)],
-         os.path.join(logs, "pairs.log"), commands, done=pairs_done)  # fmt: skip
+    _run(
+        [
+            py,
+            "launch/evaluate.py",
+            "--model",
+            f"{sft}/hf",
+            "--prompts",
+            f"{task}/pair_prompts.jsonl",
+            "--checker",
+            "arith",
+            "--temperatures",
+            "1.0",
+            "--num-samples",
+            str(study.pair_samples),
+            "--k",
+            "1",
+            "--max-new-tokens",
+            str(study.max_new_tokens),
+            "--seed",
+            str(seed + 1000),
+            "--prompts-per-batch",
+            "32",
+            "--samples",
+            f"{pairs}/samples.jsonl",
+            "--out",
+            f"{pairs}/sampling.json",
+            "--no-mlflow",
+            "--no-progress",
+        ],
+        os.path.join(logs, "sample_pairs.log"),
+        commands,
+        done=pairs_done,
+    )
+    _run(
+        [
+            py,
+            "-m",
+            "hdpo_ds.tools.sampled_pairs",
+            "--samples",
+            f"{pairs}/samples.jsonl",
+            "--train",
+            f"{pairs}/train.jsonl",
+            "--eval",
+            f"{pairs}/eval.jsonl",
+            "--eval-fraction",
+            "0.05",
+            "--pairs-per-prompt",
+            str(study.pairs_per_prompt),
+            "--seed",
+            str(seed),
+        ],
+        os.path.join(logs, "pairs.log"),
+        commands,
+        done=pairs_done,
+    )
     models = {"SFT": f"{sft}/hf"}
-    for alpha in plan.alphas:
+    for alpha in study.alphas:
         run_dir = os.path.join(base, f"hdpo_alpha{alpha:g}")
         models[f"alpha={alpha:g}"] = f"{run_dir}/hf"
-        _run([py, "launch/train.py", "--ds", "ds_configs/zero3.json", "--config", "configs/toy/hdpo.yaml",
-              f"output_dir={run_dir}", f"model.name_or_path={sft}/hf", f"reference.cache_path={base}/reference_cache",
-              f"data.train_files=[{pairs}/train.jsonl]", f"train.pairs_per_step={plan.hdpo_batch}",
-              f"data.eval_files=[{pairs}/eval.jsonl]" if _pair_counts(pairs)["eval_pairs"] else "data.eval_files=[]",
-              f"loss.alpha={alpha}", f"train.seed={seed}", f"train.max_steps={plan.hdpo_steps}",
-              f"optim.warmup_steps={min(10, plan.hdpo_steps // 4)}", f"train.eval_every={max(1, plan.hdpo_steps // 3)}",
-              f"logging.run_name=toy-seed{seed}-alpha{alpha:g}", *mlflow],
-             os.path.join(logs, f"hdpo_alpha{alpha:g}.log"), commands,
-             done=os.path.isfile(os.path.join(run_dir, "hf", "config.json")))  # fmt: skip
+        _run(
+            [
+                py,
+                "launch/train.py",
+                "--ds",
+                "ds_configs/zero3.json",
+                "--config",
+                "configs/toy/hdpo.yaml",
+                f"output_dir={run_dir}",
+                f"model.name_or_path={sft}/hf",
+                f"reference.cache_path={base}/reference_cache",
+                f"data.train_files=[{pairs}/train.jsonl]",
+                f"train.pairs_per_step={study.hdpo_batch}",
+                f"data.eval_files=[{pairs}/eval.jsonl]"
+                if _pair_counts(pairs)["eval_pairs"]
+                else "data.eval_files=[]",
+                f"loss.alpha={alpha}",
+                f"train.seed={seed}",
+                f"train.max_steps={study.hdpo_steps}",
+                f"optim.warmup_steps={min(10, study.hdpo_steps // 4)}",
+                f"train.eval_every={max(1, study.hdpo_steps // 3)}",
+                f"logging.run_name=toy-seed{seed}-alpha{alpha:g}",
+                *mlflow,
+            ],
+            os.path.join(logs, f"hdpo_alpha{alpha:g}.log"),
+            commands,
+            done=os.path.isfile(os.path.join(run_dir, "hf", "config.json")),
+        )
     reports = {}
     for name, model in models.items():
         report = os.path.join(os.path.dirname(model), "eval", "report.json")
         samples = os.path.join(os.path.dirname(report), "samples.jsonl")
-        _run([py, "launch/evaluate.py", "--model", model, "--prompts", f"{task}/eval_prompts.jsonl",
-              "--checker", "arith", "--temperatures", *map(str, plan.temperatures), "--k", *map(str, plan.ks),
-              "--num-samples", str(plan.n), "--max-new-tokens", str(plan.max_new_tokens), "--seed", str(seed),
-              "--prompts-per-batch", "16", "--out", report, "--samples", samples,
-              "--tracking-uri", tracking_uri, "--experiment", "hdpo_ds-toy-eval", "--run-name", f"toy-seed{seed}-{name}", "--no-progress"],
-             os.path.join(logs, f"eval_{name.replace('=', '')}.log"), commands, done=os.path.isfile(report))  # fmt: skip
+        _run(
+            [
+                py,
+                "launch/evaluate.py",
+                "--model",
+                model,
+                "--prompts",
+                f"{task}/eval_prompts.jsonl",
+                "--checker",
+                "arith",
+                "--temperatures",
+                *map(str, study.temperatures),
+                "--k",
+                *map(str, study.ks),
+                "--num-samples",
+                str(study.n),
+                "--max-new-tokens",
+                str(study.max_new_tokens),
+                "--seed",
+                str(seed),
+                "--prompts-per-batch",
+                "16",
+                "--out",
+                report,
+                "--samples",
+                samples,
+                "--tracking-uri",
+                tracking_uri,
+                "--experiment",
+                "hdpo_ds-toy-eval",
+                "--run-name",
+                f"toy-seed{seed}-{name}",
+                "--no-progress",
+            ],
+            os.path.join(logs, f"eval_{name.replace('=', '')}.log"),
+            commands,
+            done=os.path.isfile(report),
+        )
         with open(report) as f:
             reports[name] = json.load(f)
     with open(os.path.join(pairs, "sampling.json")) as f:
         sampling = json.load(f)
-    reports["_pairs"] = {"sft_correct_rate_t1": sampling["temperatures"]["1"]["correct_rate"],
-                         "counts": _pair_counts(pairs)}  # fmt: skip
+    reports["_pairs"] = {
+        "sft_correct_rate_t1": sampling["temperatures"]["1"]["correct_rate"],
+        "counts": _pair_counts(pairs),
+    }
     return reports
 
 
@@ -178,31 +313,37 @@ def entropy_order(per_seed: dict[int, dict], alphas: list[float], temperature: s
 
 
 def render_markdown(
-    plan: Plan, per_seed: dict[int, dict], commands: list[str], plot_rel: str, elapsed_s: float
+    study: Study, per_seed: dict[int, dict], commands: list[str], plot_rel: str, elapsed_s: float
 ) -> str:
-    names = ["SFT"] + [f"alpha={a:g}" for a in plan.alphas]
-    ks_shown = [k for k in (1, 4, 16) if k <= plan.n]
+    names = ["SFT"] + [f"alpha={a:g}" for a in study.alphas]
+    ks_shown = [k for k in (1, 4, 16) if k <= study.n]
     lines = [BEGIN, "", "## Toy reproduction: the alpha trade-off (`make reproduce`)", ""]
     lines += [
         "Written by `python -m hdpo_ds.examples.toy.reproduce` (see its docstring for the stages); do not edit by hand "
         "between the markers.",
         "",
-        f"Seeds {plan.seeds}; alphas {plan.alphas}; beta 0.1 and {plan.hdpo_steps} H-DPO steps of {plan.hdpo_batch} pairs for every "
-        f"alpha (configs/toy/hdpo.yaml); SFT {plan.sft_steps} steps of {plan.sft_batch} sequences (configs/toy/sft.yaml); "
-        f"{plan.eval_prompts} held-out prompts, n = {plan.n} samples per prompt and temperature, plain temperature "
-        f"sampling, at most {plan.max_new_tokens} new tokens. Wall time {elapsed_s / 60:.0f} min on this machine.",
+        f"Seeds {study.seeds}; alphas {study.alphas}; beta 0.1 and {study.hdpo_steps} H-DPO steps of {study.hdpo_batch} pairs for every "
+        f"alpha (configs/toy/hdpo.yaml); SFT {study.sft_steps} steps of {study.sft_batch} sequences (configs/toy/sft.yaml); "
+        f"{study.eval_prompts} held-out prompts, n = {study.n} samples per prompt and temperature, plain temperature "
+        f"sampling, at most {study.max_new_tokens} new tokens. Wall time {elapsed_s / 60:.0f} min on this machine.",
         "",
     ]
-    for t in [f"{x:g}" for x in plan.temperatures][::-1]:
+    for t in [f"{x:g}" for x in study.temperatures][::-1]:
         lines += [f"### T = {t}: per seed", ""]
-        header = ["seed", "model", "entropy (nats/token)"] + [f"pass@{k}" for k in ks_shown] + [
-            "distinct-4", "distinct correct", "mean length"]  # fmt: skip
+        header = (
+            ["seed", "model", "entropy (nats/token)"]
+            + [f"pass@{k}" for k in ks_shown]
+            + ["distinct-4", "distinct correct", "mean length"]
+        )
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for seed, reports in per_seed.items():
             for name in names:
                 m = reports[name]["temperatures"][t]
-                row = [str(seed), name, f"{m['token_entropy']:.3f}"] + [f"{m[f'pass_at_{k}']:.3f}" for k in ks_shown] + [
-                    f"{m['distinct_4']:.3f}", f"{m['distinct_correct']:.2f}", f"{m['mean_length']:.1f}"]  # fmt: skip
+                row = (
+                    [str(seed), name, f"{m['token_entropy']:.3f}"]
+                    + [f"{m[f'pass_at_{k}']:.3f}" for k in ks_shown]
+                    + [f"{m['distinct_4']:.3f}", f"{m['distinct_correct']:.2f}", f"{m['mean_length']:.1f}"]
+                )
                 lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         if len(per_seed) > 1:
@@ -213,12 +354,14 @@ def render_markdown(
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for name in names:
                 col = [r[name]["temperatures"][t] for r in per_seed.values()]
-                row = [name, _fmt([m["token_entropy"] for m in col])] + [
-                    _fmt([m[f"pass_at_{k}"] for m in col]) for k in ks_shown] + [
-                    _fmt([m["distinct_4"] for m in col]), _fmt([m["distinct_correct"] for m in col], 2)]  # fmt: skip
+                row = (
+                    [name, _fmt([m["token_entropy"] for m in col])]
+                    + [_fmt([m[f"pass_at_{k}"] for m in col]) for k in ks_shown]
+                    + [_fmt([m["distinct_4"] for m in col]), _fmt([m["distinct_correct"] for m in col], 2)]
+                )
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
-    order = entropy_order(per_seed, plan.alphas)
+    order = entropy_order(per_seed, study.alphas)
     agree = sum(order.values())
     per_seed_verdict = ", ".join(f"seed {s}: {'yes' if ok else 'no'}" for s, ok in order.items())
     lines += [
@@ -249,26 +392,26 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def plot(plan: Plan, per_seed: dict[int, dict], path: str) -> None:
+def plot(study: Study, per_seed: dict[int, dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["SFT"] + [f"alpha={a:g}" for a in plan.alphas]
-    temps = [f"{x:g}" for x in plan.temperatures]
+    names = ["SFT"] + [f"alpha={a:g}" for a in study.alphas]
+    temps = [f"{x:g}" for x in study.temperatures]
     fig, axes = plt.subplots(1, len(temps), figsize=(5.5 * len(temps), 4.2), squeeze=False)
     for ax, t in zip(axes[0], temps, strict=True):
         for name in names:
             values = np.array(
-                [[r[name]["temperatures"][t][f"pass_at_{k}"] for k in plan.ks] for r in per_seed.values()]
+                [[r[name]["temperatures"][t][f"pass_at_{k}"] for k in study.ks] for r in per_seed.values()]
             )
             mean = values.mean(axis=0)
             style = {"linestyle": "--", "color": "black"} if name == "SFT" else {}
-            ax.plot(plan.ks, mean, marker="o", label=name, **style)
+            ax.plot(study.ks, mean, marker="o", label=name, **style)
             if len(values) > 1:
                 ax.fill_between(
-                    plan.ks,
+                    study.ks,
                     values.min(axis=0),
                     values.max(axis=0),
                     alpha=0.15,
@@ -277,7 +420,7 @@ def plot(plan: Plan, per_seed: dict[int, dict], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("k")
         ax.set_ylabel("pass@k")
-        ax.set_title(f"T = {t} (mean over seeds {plan.seeds}; band: min-max)")
+        ax.set_title(f"T = {t} (mean over seeds {study.seeds}; band: min-max)")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -318,24 +461,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default="", help="default: sqlite:///<out>/mlflow.db")
     parser.add_argument("--smoke", action="store_true", help="the two-minute version (tests)")
     args = parser.parse_args(argv)
-    plan = smoke_plan() if args.smoke else Plan(seeds=args.seeds, alphas=args.alphas)
+    study = smoke_study() if args.smoke else Study(seeds=args.seeds, alphas=args.alphas)
     if args.smoke and "--seeds" in (argv or sys.argv):
-        plan.seeds = args.seeds
+        study.seeds = args.seeds
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     tracking_uri = args.tracking_uri or f"sqlite:///{os.path.join(out, 'mlflow.db')}"
     started = time.time()
     commands: list[str] = []
-    per_seed = {seed: run_seed(plan, seed, out, tracking_uri, commands) for seed in plan.seeds}
+    per_seed = {seed: run_seed(study, seed, out, tracking_uri, commands) for seed in study.seeds}
     elapsed = time.time() - started
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"plan": dataclasses.asdict(plan), "elapsed_s": elapsed,
-                   "results": {str(s): {k: v for k, v in r.items()} for s, r in per_seed.items()}}, f, indent=1)  # fmt: skip
-    plot(plan, per_seed, args.plot)
+        json.dump(
+            {
+                "study": dataclasses.asdict(study),
+                "elapsed_s": elapsed,
+                "results": {str(s): {k: v for k, v in r.items()} for s, r in per_seed.items()},
+            },
+            f,
+            indent=1,
+        )
+    plot(study, per_seed, args.plot)
     plot_rel = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(args.results)))
     shown_out = os.path.relpath(out, ROOT) if out.startswith(ROOT + os.sep) else out
     section = render_markdown(
-        plan, per_seed, [c.replace(out, shown_out) for c in commands], plot_rel, elapsed
+        study, per_seed, [c.replace(out, shown_out) for c in commands], plot_rel, elapsed
     )
     write_section(args.results, section)
     print(f"wrote {args.results} and {args.plot} ({elapsed / 60:.1f} min)")
