@@ -96,7 +96,7 @@ def run_entry_point(
             file=sys.stderr,
             flush=True,
         )
-    from hdpo_ds.recipes.preference import NonFiniteTrainingError
+    from hdpo_ds.recipes.session import NonFiniteTrainingError
     from hdpo_ds.runtime.stop import EXIT_STOPPED, TrainingStopped
 
     try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
-from hdpo_ds.recipes.preference import lr_multiplier
+from hdpo_ds.recipes.session import lr_multiplier
 from hdpo_ds.runtime.engine import fill_ds_config, load_ds_config
 
 BASE = ["model.name_or_path=configs/models/tiny-demo", "data.train_files=[a.jsonl]"]

@@ -241,7 +241,7 @@ def test_disable_dropout_makes_train_mode_compute_eval_mode():
 
 
 def test_rebuild_stale_with_a_cached_reference_is_refused_at_start():
-    from hdpo_ds.recipes.preference import _check_before_engines
+    from hdpo_ds.recipes.preference import check_before_engines
 
     cfg = load_config(
         None, [*BASE, "reference.mode=cached", "reference.cache_path=c", "reference.rebuild_stale=true"]
@@ -249,7 +249,7 @@ def test_rebuild_stale_with_a_cached_reference_is_refused_at_start():
     with pytest.raises(
         ConfigError, match=r"^reference.rebuild_stale: has no effect with reference.mode=cached"
     ):
-        _check_before_engines(cfg)
+        check_before_engines(cfg)
 
 
 @pytest.mark.parametrize(

@@ -114,4 +114,4 @@ def test_the_checks_see_an_upward_import(tmp_path):
     assert LAYERS[_layer(imported[0])] > LAYERS["objectives"]
     # and the real graph has edges through `from package import module`
     edges = {i for _, i in _imports(MODULES["hdpo_ds.recipes.preference"])}
-    assert {"hdpo_ds.runtime.dist", "hdpo_ds.runtime.engine", "hdpo_ds.objectives.losses"} <= edges
+    assert {"hdpo_ds.runtime.dist", "hdpo_ds.runtime.engine", "hdpo_ds.objectives.objective"} <= edges

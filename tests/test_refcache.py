@@ -332,7 +332,7 @@ def test_auto_mode_destroys_the_reference_engine_it_built(setup, tmp_path, monke
         built_engines.append(SpyEngine(setup["model"]))
         return OnlineReference(built_engines[-1], 64)
 
-    monkeypatch.setattr(precompute, "build_reference_engine", build)
+    monkeypatch.setattr(precompute, "load_reference_engine", build)
     _, actions = _ensure_caches(setup, tmp_path / "auto", "auto", True)
     assert actions == {"train": "computed"} and len(built_engines) == 1
     assert destroyed == built_engines, "the reference engine built for the precompute was not destroyed"

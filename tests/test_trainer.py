@@ -112,6 +112,34 @@ def test_two_rank_step0_matches_single_process_math(assets, ds2):
     _assert_grads_close(grads, expected_grads)
 
 
+def test_one_step_of_the_recipe_object_matches_single_process_math(assets):
+    """PreferenceRecipe driven method by method in one process (no launcher): setup, the first
+    assignment, train_step, after_step. Its loss and its step-0 gradient equal the plain-transformers
+    math; train_step leaves the step counter alone and after_step advances it."""
+    out_dir = assets["root"] / "recipe_step"
+    cmd = [sys.executable, "tests/probes/recipe_step.py", str(assets["root"] / "zero3.json")]
+    cmd += overrides(assets, "recipe_step", 1)
+    with restored_environ():
+        env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected_loss, expected_grads = _single_process_step0(assets)
+    sampler = PairSampler(
+        assets["pairs"].lengths,
+        pairs_per_step=PAIRS_PER_STEP,
+        world_size=1,
+        rank=0,
+        seed=assets["seed"],
+        max_tokens_per_micro_batch=BUDGET,
+    )
+    assert got["pairs"] == [int(i) for i in sampler.assignment(0, 0).pair_indices]
+    assert got["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert not got["skipped"] and (got["step_before"], got["step_after"]) == (0, 1)
+    _assert_grads_close(torch.load(out_dir / "diagnostics" / "grads_step0.pt"), expected_grads)
+
+
 @pytest.mark.distributed
 def test_two_ranks_follow_the_one_process_trajectory(ds2, py1):
     assert py1["params"]["run.world_size"] == "1"

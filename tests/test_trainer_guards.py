@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hdpo_ds.data import PairSampler
-from hdpo_ds.recipes.preference import lr_multiplier
+from hdpo_ds.recipes.session import lr_multiplier
 from tests.run_helpers import BUDGET, PAIRS_PER_STEP, ROOT, VENV_BIN, free_port, launch
 
 

@@ -194,9 +194,7 @@ def cache_root(cfg: Config) -> str:
     return cfg.reference.cache_path or os.path.join(cfg.output_dir, "reference_cache")
 
 
-def build_reference_engine(
-    cfg: Config, ref_ds: dict, dtype: torch.dtype, device_type: str
-) -> OnlineReference:
+def load_reference_engine(cfg: Config, ref_ds: dict, dtype: torch.dtype, device_type: str) -> OnlineReference:
     """The reference model in a DeepSpeed engine without optimizer (built inside zero.Init under ZeRO-3)."""
     handle = engine.zero3_loading(ref_ds)
     model = load_model(
@@ -292,7 +290,7 @@ def ensure_reference_caches(
     todo = [name for name, action in actions.items() if action != "reused"]
     if todo:
         built_here = reference is None
-        ref = reference or build_reference_engine(cfg, ref_ds, dtype, device_type)
+        ref = reference or load_reference_engine(cfg, ref_ds, dtype, device_type)
         for name in todo:
             where = os.path.join(root, name)
             if actions[name] == "rebuilt":

@@ -186,7 +186,7 @@ def dry_run(
         raise ConfigError(
             message if message.startswith(("train.", "data.")) else f"train.pairs_per_step: {e}"
         ) from None
-    packed = sampler.assignment(0, 0).plan
+    packed = sampler.assignment(0, 0).packed
     stats = packing_stats(packed)
     per_rank = [sum(len(mb.pairs) for mb in mbs if not mb.filler) for mbs in packed.ranks]
     fillers = sum(mb.filler for mbs in packed.ranks for mb in mbs)

@@ -1,0 +1,152 @@
+"""One interface over the loss family, so a recipe never branches on the loss type (docs/design.md §4, §6).
+
+An objective says what it needs from the reference and turns per-sequence values into per-pair losses:
+
+- `needs_reference_logits`: False for the sequence-level losses (H-DPO and its siblings), which need
+  only the reference's summed log-prob per sequence (so an Arrow reference cache can serve them); True
+  for TDPO, which needs the reference's whole next-token distribution at every response position.
+- `sequence_kl(policy_logits, reference_logits, labels, seq_index, num_seqs, mask)`: the per-sequence
+  summed token-level KL(ref || policy) the loss needs (None for sequence-level losses).
+- `pair_loss(terms, alpha)`: the per-pair losses and rewards (`PairLoss`), from `PairTerms`.
+
+The reference is duck-typed (anything with `sequence_logps(batch)`, or `logits(batch)` and
+`sums_from_logits(logits, batch)`): `reference_values` asks it for what the objective needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from hdpo_ds.objectives.logprobs import segment_sums, token_kl
+from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES, preference_loss, tdpo_loss
+
+__all__ = ["Objective", "PairLoss", "PairTerms", "SequenceObjective", "TokenKLObjective", "make_objective"]
+
+
+@dataclass
+class PairTerms:
+    """Per-pair inputs of a loss, each (num_pairs,) in pair order: summed policy and reference log-probs
+    of the chosen and rejected responses, the chosen response's token count, and (TDPO) the summed
+    token-level KL of each response."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    reference_chosen: torch.Tensor
+    reference_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    kl_chosen: torch.Tensor | None = None
+    kl_rejected: torch.Tensor | None = None
+
+
+@dataclass
+class PairLoss:
+    """Per-pair outputs, each (num_pairs,); rewards and KLs detached. `kl` is None unless the objective
+    has a KL term (then it is logged as kl/chosen and kl/rejected)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    kl: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Objective(Protocol):
+    needs_reference_logits: bool
+    has_kl: bool
+
+    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def sequence_kl(
+        self,
+        policy_logits: torch.Tensor,
+        reference_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+        seq_index: torch.Tensor,
+        num_seqs: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor | None: ...
+
+    def pair_loss(self, terms: PairTerms, alpha: float) -> PairLoss: ...
+
+
+@dataclass(frozen=True)
+class SequenceObjective:
+    """H-DPO, DPO, cDPO, IPO, hinge and f-DPO on summed sequence log-probs (objectives/losses.py,
+    `preference_loss`); alpha is H-DPO's and may change from step to step (the adaptive controller)."""
+
+    loss_type: str
+    beta: float
+    label_smoothing: float = 0.0
+    f_alpha: float = 0.5
+    nll_weight: float = 0.0
+    needs_reference_logits: bool = False
+    has_kl: bool = False
+
+    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
+        return reference.sequence_logps(batch), None
+
+    def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> None:
+        return None
+
+    def pair_loss(self, terms: PairTerms, alpha: float) -> PairLoss:
+        out = preference_loss(
+            terms.policy_chosen,
+            terms.policy_rejected,
+            terms.reference_chosen,
+            terms.reference_rejected,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            alpha=alpha,
+            label_smoothing=self.label_smoothing,
+            f_alpha=self.f_alpha,
+            chosen_token_counts=terms.chosen_tokens,
+            nll_weight=self.nll_weight,
+        )
+        return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
+
+
+@dataclass(frozen=True)
+class TokenKLObjective:
+    """TDPO1 / TDPO2 (Zeng et al. 2024, Sec. 4; objectives/losses.py `tdpo_loss`): the sequence-level
+    margin plus the difference of the responses' summed token-level KL(ref || policy)."""
+
+    loss_type: str
+    beta: float
+    tdpo_alpha: float
+    chunk_size: int
+    needs_reference_logits: bool = True
+    has_kl: bool = True
+
+    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = reference.logits(batch)
+        return reference.sums_from_logits(logits, batch).sums, logits
+
+    def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> torch.Tensor:
+        kl_tokens = token_kl(policy_logits, reference_logits, labels, chunk_size=self.chunk_size)
+        return segment_sums(kl_tokens, seq_index, num_seqs, mask=mask, dtype=torch.float32).sums
+
+    def pair_loss(self, terms: PairTerms, alpha: float) -> PairLoss:
+        out = tdpo_loss(
+            terms.policy_chosen,
+            terms.policy_rejected,
+            terms.reference_chosen,
+            terms.reference_rejected,
+            terms.kl_chosen,
+            terms.kl_rejected,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            tdpo_alpha=self.tdpo_alpha,
+        )
+        return PairLoss(
+            out.losses, out.chosen_rewards, out.rejected_rewards, (out.chosen_kl, out.rejected_kl)
+        )
+
+
+def make_objective(loss: Any, *, chunk_size: int) -> Objective:
+    """The objective of a `loss` config section (duck-typed: type, beta, label_smoothing, f_alpha,
+    nll_weight, tdpo_alpha); `chunk_size` bounds the (chunk, V) buffers of the token-level KL."""
+    if loss.type in TDPO_LOSS_TYPES:
+        return TokenKLObjective(loss.type, loss.beta, loss.tdpo_alpha, chunk_size)
+    return SequenceObjective(loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight)
