@@ -179,7 +179,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"\nlog_metrics with {len(step_metrics(0))} metrics per step; MLFLOW_HTTP_REQUEST_MAX_RETRIES="
-        f"{os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']}, TIMEOUT={os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']}\n"
+        f"{os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES']}, "
+        f"TIMEOUT={os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT']}\n"
     )
     print("| target | mode | steps | median ms per call | max ms per call | total s in the loop | finish s |")
     print("|---|---|---|---|---|---|---|")

@@ -102,7 +102,8 @@ def fill_table(args) -> None:
     rng = np.random.default_rng(args.seed)
     print(f"## packing fill over {args.fill_steps} random steps, budget {args.budget} (min / mean)")
     print(
-        "| pairs per step | world size | packed fill | padded fill (length-grouped) | padded padding fraction |"
+        "| pairs per step | world size | packed fill | padded fill (length-grouped) "
+        "| padded padding fraction |"
     )
     print("|---|---|---|---|---|")
     for pairs_per_step in (256, 512):
@@ -325,10 +326,10 @@ def main() -> None:
     params = sum(p.numel() for p in modes["packed"]["model"].parameters())
     packed_rate = modes["packed"]["tokens"] / modes["packed"]["seconds"]
     print(
-        f"# {args.pairs} pairs ({int(lengths.sum())} real tokens), steps of {args.pairs_per_step} pairs, budget "
-        f"{args.budget} tokens/micro-batch, Llama {params / 1e6:.1f}M params ({args.layers} layers, hidden "
-        f"{args.hidden}, vocab {args.vocab}), {args.attn}, fp32, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, {platform.processor() or platform.machine()}"
+        f"# {args.pairs} pairs ({int(lengths.sum())} real tokens), steps of {args.pairs_per_step} pairs, "
+        f"budget {args.budget} tokens/micro-batch, Llama {params / 1e6:.1f}M params ({args.layers} layers, "
+        f"hidden {args.hidden}, vocab {args.vocab}), {args.attn}, fp32, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
     )
     print("| mode | micro-batches | fill | padding | seconds | real tokens/s | packed speed-up |")
     print("|---|---|---|---|---|---|---|")
@@ -343,10 +344,11 @@ def main() -> None:
             f"| {name} | {mode['micro_batches']} | {mode['fill']:.3f} | {mode['padding_fraction']:.3f} | "
             f"{mode['seconds']:.1f} | {rate:,.0f} | {packed_rate / rate:.2f}× |"
         )
-    # Another busy process skews the ratios (small micro-batches suffer most): check these before trusting them.
+    # Another busy process skews the ratios (small micro-batches suffer most): check these before
+    # trusting them.
     print(
-        f"# 1-minute load average before {load_before}, after {_load_average()}; process CPU time / wall time "
-        f"{cpu_per_wall:.2f} (about {args.threads} when nothing else competes for the cores)"
+        f"# 1-minute load average before {load_before}, after {_load_average()}; process CPU time / wall "
+        f"time {cpu_per_wall:.2f} (about {args.threads} when nothing else competes for the cores)"
     )
     print(json.dumps({"args": vars(args), "results": results, "cpu_per_wall": cpu_per_wall}))
 

@@ -2,9 +2,9 @@
 
 A Llama of about 61M parameters (hidden 640, 8 layers, vocab 32,000, tied; the demo tokenizer) trains
 for a few H-DPO steps with the online reference on the demo data, through the real trainer
-(`hdpo_ds.recipes.preference.train`) under `deepspeed --num_accelerators 2`, in float32 (CPU). Each rank records
-its RSS after importing everything, resets the kernel's peak counter (/proc/self/clear_refs), trains,
-and reads the peak (VmHWM). The planner predicts the peak live bytes of one rank for the same settings
+(`hdpo_ds.recipes.preference.train`) under `deepspeed --num_accelerators 2`, in float32 (CPU). Each rank
+records its RSS after importing everything, resets the kernel's peak counter (/proc/self/clear_refs),
+trains, and reads the peak (VmHWM). The planner predicts the peak live bytes of one rank for the same settings
 (fp32, torch AdamW, 2 ranks, the micro-batch token budget). glibc is told to hand freed blocks back
 (MALLOC_MMAP_THRESHOLD_=65536), so RSS follows live tensors rather than the allocator's cache.
 

@@ -100,16 +100,18 @@ def main() -> None:
         build = run("auto-build", ["reference.mode=auto", *model], args, workdir)
         cached = run("cached", ["reference.mode=cached", *model], args, workdir)
     print(
-        f"\n2 ranks, ZeRO-3, CPU, demo data, Llama hidden {args.hidden} x {args.layers} layers, {args.steps} steps, "
-        f"attention {args.attn}, median tokens/s after step 1\n"
+        f"\n2 ranks, ZeRO-3, CPU, demo data, Llama hidden {args.hidden} x {args.layers} layers, "
+        f"{args.steps} steps, attention {args.attn}, median tokens/s after step 1\n"
     )
     print(
-        "| reference | attention | real tokens/s | vs online | peak RSS per rank (max, MiB) | wall s (incl. start-up) |"
+        "| reference | attention | real tokens/s | vs online | peak RSS per rank (max, MiB) "
+        "| wall s (incl. start-up) |"
     )
     print("|---|---|---|---|---|---|")
     for r in (online, build, cached):
         print(
-            f"| {r['name']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
+            f"| {r['name']} | {r['attention']} | {r['tokens_per_second']:.0f} | "
+            f"{r['tokens_per_second'] / online['tokens_per_second']:.2f}x "
             f"| {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} |"
         )
 

@@ -169,11 +169,13 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
 
     print(
-        f"\n{'token_kl (TDPO; a second logits tensor is the reference)' if args.kl else 'token_stats'}: T={args.tokens}, V={args.vocab}, threads={args.threads}, median of {args.reps} after a warm-up\n"
+        f"\n{'token_kl (TDPO; a second logits tensor is the reference)' if args.kl else 'token_stats'}: "
+        f"T={args.tokens}, V={args.vocab}, threads={args.threads}, median of {args.reps} after a warm-up\n"
     )
     print(
-        "| logits | variant | chunk | forward extra (x logits) | backward extra beyond the gradient (x logits) "
-        "| extra peak (x logits) | fwd+bwd s | time vs naive |"
+        "| logits | variant | chunk | forward extra (x logits) "
+        "| backward extra beyond the gradient (x logits) | extra peak (x logits) | fwd+bwd s "
+        "| time vs naive |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes.split(","):

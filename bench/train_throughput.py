@@ -87,8 +87,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['variant']} | {r['attention']} | {r['tokens_per_second']:.0f} | {r['padding_fraction']:.3f} "
-            f"| {r['tokens_per_second'] / base:.2f}x |"
+            f"| {r['variant']} | {r['attention']} | {r['tokens_per_second']:.0f} | "
+            f"{r['padding_fraction']:.3f} | {r['tokens_per_second'] / base:.2f}x |"
         )
 
 

@@ -40,9 +40,9 @@ def run_entry_point(
 
     Works under the deepspeed launcher (which passes --local_rank), torchrun, one srun task per rank
     (hdpo_ds.runtime.dist.fill_slurm_env), and plain python (a world of one). Bad configuration or data prints
-    `error (rank R): ...` and returns 2; a stop on a signal (hdpo_ds/runtime/stop.py) returns stop.EXIT_STOPPED.
-    With `with_dry_run`, `--dry-run [--world-size N ...]` checks the run for N ranks instead
-    (hdpo_ds/tools/dryrun.py).
+    `error (rank R): ...` and returns 2; a stop on a signal (hdpo_ds/runtime/stop.py) returns
+    stop.EXIT_STOPPED. With `with_dry_run`, `--dry-run [--world-size N ...]` checks the run for N ranks
+    instead (hdpo_ds/tools/dryrun.py).
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ds", required=True, help=ds_help)
@@ -90,7 +90,8 @@ def run_entry_point(
         logging.getLogger("hdpo_ds.launch").info("no launcher environment: running as a single process")
     if under_srun:  # every rank says where it runs (the other ranks log warnings only)
         print(
-            f"[rank{rank}] srun task {rank} of {os.environ['WORLD_SIZE']} (local rank {os.environ['LOCAL_RANK']}) "
+            f"[rank{rank}] srun task {rank} of {os.environ['WORLD_SIZE']} "
+            f"(local rank {os.environ['LOCAL_RANK']}) "
             f"on node {os.environ.get('SLURMD_NODENAME', '?')}, master {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']}",
             file=sys.stderr,

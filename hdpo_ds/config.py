@@ -79,8 +79,8 @@ class DataConfig:
 class LossConfig:
     type: str = "hdpo"
     beta: float = 0.1
-    # A number, or "auto": the AlphaController (hdpo_ds/monitoring/detectors.py) steers alpha so that the per-token
-    # entropy of chosen responses approaches target_entropy, starting at alpha_init.
+    # A number, or "auto": the AlphaController (hdpo_ds/monitoring/detectors.py) steers alpha so that the
+    # per-token entropy of chosen responses approaches target_entropy, starting at alpha_init.
     alpha: float | Literal["auto"] = 1.0
     target_entropy: float = 0.0  # nats per chosen-response token; required with alpha=auto
     alpha_init: float = 1.0
@@ -133,7 +133,8 @@ class TrainConfig:
 
 @dataclass
 class MonitorsConfig:
-    """Over-optimisation detectors on evaluation metrics (hdpo_ds/monitoring/detectors.py, docs/monitors.md)."""
+    """Over-optimisation detectors on evaluation metrics (hdpo_ds/monitoring/detectors.py,
+    docs/monitors.md)."""
 
     enabled: bool = True
     detectors: list[str] = field(default_factory=lambda: list(DETECTORS))
@@ -492,8 +493,8 @@ def _validate_monitors(cfg: Config) -> None:
 def _validate_tdpo(cfg: Config) -> None:
     if cfg.reference.mode != "online":
         raise ConfigError(
-            f"reference.mode: loss.type={cfg.loss.type} needs the reference's full next-token distribution at "
-            f"every response position, which the cache (one log-prob per sequence) does not hold; use "
+            f"reference.mode: loss.type={cfg.loss.type} needs the reference's full next-token distribution "
+            f"at every response position, which the cache (one log-prob per sequence) does not hold; use "
             f"reference.mode=online"
         )
     if not cfg.loss.tdpo_alpha > 0:

@@ -1,4 +1,5 @@
-"""Sample n completions per prompt and report pass@k, token entropy and diversity (hdpo_ds/recipes/evaluate.py).
+"""Sample n completions per prompt and report pass@k, token entropy and diversity
+(hdpo_ds/recipes/evaluate.py).
 
 python launch/evaluate.py --model outputs/run/hf --prompts eval.jsonl --checker arith \
     --temperatures 0.5 1.0 --k 1 4 16 -n 32 --out outputs/run/eval/report.json

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (hdpo_ds/recipes/sft.py) on the same DeepSpeed engine, packing and checkpoints as H-DPO.
+"""Supervised fine-tuning (hdpo_ds/recipes/sft.py) on the same DeepSpeed engine, packing and checkpoints as
+H-DPO.
 
 deepspeed launch/sft.py --ds ds_configs/zero3.json --config configs/toy/sft.yaml [key.sub=value ...]
 python launch/sft.py --ds ds_configs/zero3.json --config ...      # one process, no launcher

@@ -9,7 +9,8 @@ CORPUS = [
     "Human: How many legs does a spider have? Assistant: A spider has eight legs.",
     "Question: what is two plus two? Answer: Four. The answer is four, not five.",
     "Tell me a joke about cats. Why did the cat sit on the computer? To keep an eye on the mouse.",
-    "Write a haiku about the sea. Waves fold into foam, the tide keeps its own counsel, salt on the cold wind.",
+    "Write a haiku about the sea. Waves fold into foam, the tide keeps its own counsel, salt on the cold "
+    "wind.",
     "Explain photosynthesis simply. Plants turn light, water and air into sugar and oxygen.",
     "Say hello. Hello there! Hi! Good morning, how are you today?",
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10 100 1000",

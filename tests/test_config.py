@@ -199,8 +199,8 @@ def test_reference_ds_config_takes_the_policy_dtype():
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])
 def test_torch_adamw_unless_the_ds_config_asks_for_deepspeeds_own(device_type):
-    """FusedAdam JIT-compiles with nvcc on first use: torch's AdamW is filled in on CUDA as on CPU; an explicit
-    torch_adam is kept, and an offloaded optimizer keeps DeepSpeed's CPU Adam."""
+    """FusedAdam JIT-compiles with nvcc on first use: torch's AdamW is filled in on CUDA as on CPU; an
+    explicit torch_adam is kept, and an offloaded optimizer keeps DeepSpeed's CPU Adam."""
     cfg = _cfg()
     ds = load_ds_config("ds_configs/zero3.json")
     filled = fill_ds_config(ds, cfg, world_size=2, device_type=device_type, hidden_size=64)

@@ -147,8 +147,8 @@ def test_hub_name_absent_from_local_cache_is_a_clear_error(tmp_path, monkeypatch
         load_records("someorg/not-downloaded")
     message = str(info.value)
     assert message.startswith(
-        "someorg/not-downloaded: not a local file or directory, and not a dataset in the local Hugging Face cache "
-        f"({tmp_path / 'hf'}); datasets are never downloaded here"
+        "someorg/not-downloaded: not a local file or directory, and not a dataset in the local Hugging Face "
+        f"cache ({tmp_path / 'hf'}); datasets are never downloaded here"
     )
     assert datasets.config.HF_HUB_OFFLINE is False or os.environ.get("HF_HUB_OFFLINE")  # flag restored
 
@@ -274,7 +274,8 @@ def test_missing_field(tmp_path):
 def test_wrong_type(tmp_path):
     err = error_of(tmp_path, {"prompt": "p", "chosen": 3, "rejected": "b"})
     assert str(err).endswith(
-        "record 1: field 'chosen': wrong type: expected a string or a list of {role, content} messages, got int"
+        "record 1: field 'chosen': wrong type: expected a string or a list of {role, content} messages, "
+        "got int"
     )
     err = error_of(tmp_path, {"prompt": "p", "chosen": "a", "rejected": [HI]})
     assert str(err).endswith(
@@ -287,7 +288,8 @@ def test_wrong_type(tmp_path):
     assert str(err).endswith("record 1: field 'chosen[0].content': wrong type: expected a string, got int")
     err = error_of(tmp_path, {"prompt_ids": [1, -2], "chosen_ids": [3], "rejected_ids": [4]})
     assert str(err).endswith(
-        "record 1: field 'prompt_ids': wrong type: expected a list of non-negative integer token ids, got a list"
+        "record 1: field 'prompt_ids': wrong type: expected a list of non-negative integer token ids, "
+        "got a list"
     )
     err = error_of(tmp_path, ["not", "an", "object"])
     assert str(err).endswith("record 1: wrong type: a record must be an object, got a list")
@@ -317,8 +319,8 @@ def test_empty_prompt(tmp_path):
     assert err.kind == "empty_prompt"
     err = error_of(tmp_path, {"chosen": "Yes.", "rejected": "No."})
     assert str(err).endswith(
-        "record 1: field 'prompt': empty prompt: no 'prompt' field and chosen and rejected share no common prefix "
-        "to use as one"
+        "record 1: field 'prompt': empty prompt: no 'prompt' field and chosen and rejected share no common "
+        "prefix to use as one"
     )
     err = error_of(tmp_path, {"chosen": [HELLO], "rejected": [HI]})
     assert str(err).endswith(
@@ -344,35 +346,35 @@ def test_unknown_role(tmp_path):
 def test_non_alternating_roles(tmp_path):
     err = error_of(tmp_path, {"prompt": [USER, USER], "chosen": [HELLO], "rejected": [HI]})
     assert str(err).endswith(
-        "record 1: field 'prompt[1].role': roles must alternate user/assistant after an optional leading system "
-        "message: 'user' follows 'user'"
+        "record 1: field 'prompt[1].role': roles must alternate user/assistant after an optional leading "
+        "system message: 'user' follows 'user'"
     )
     err = error_of(
         tmp_path, {"prompt": [USER, {"role": "system", "content": "x"}], "chosen": [HELLO], "rejected": [HI]}
     )
     assert str(err).endswith(
-        "record 1: field 'prompt[1].role': roles must alternate user/assistant after an optional leading system "
-        "message: a system message is only allowed first"
+        "record 1: field 'prompt[1].role': roles must alternate user/assistant after an optional leading "
+        "system message: a system message is only allowed first"
     )
     err = error_of(tmp_path, {"prompt": [HI], "chosen": [HELLO], "rejected": [HI]})
     assert str(err).endswith(
-        "record 1: field 'prompt[0].role': roles must alternate user/assistant after an optional leading system "
-        "message: the conversation starts with 'assistant'"
+        "record 1: field 'prompt[0].role': roles must alternate user/assistant after an optional leading "
+        "system message: the conversation starts with 'assistant'"
     )
     err = error_of(tmp_path, {"prompt": [USER], "chosen": [USER], "rejected": [HI]})
     assert str(err).endswith(
-        "record 1: field 'chosen[0].role': roles must alternate: the response must be an assistant message after "
-        "the prompt's final user message, got 'user'"
+        "record 1: field 'chosen[0].role': roles must alternate: the response must be an assistant message "
+        "after the prompt's final user message, got 'user'"
     )
     err = error_of(tmp_path, {"prompt": [USER, HI], "chosen": [HELLO], "rejected": [HI]})
     assert str(err).endswith(
-        "record 1: field 'prompt[1].role': roles must alternate: the prompt must end with a user message, got "
-        "'assistant'"
+        "record 1: field 'prompt[1].role': roles must alternate: the prompt must end with a user message, "
+        "got 'assistant'"
     )
     err = error_of(tmp_path, {"chosen": [USER, HELLO, USER, HI], "rejected": [USER, HI, USER, HI]})
     assert str(err).endswith(
-        "record 1: field 'chosen[2].role': a response must be a single assistant message; found 3 messages with "
-        "roles assistant, user, assistant"
+        "record 1: field 'chosen[2].role': a response must be a single assistant message; found 3 messages "
+        "with roles assistant, user, assistant"
     )
 
 
@@ -382,13 +384,15 @@ def test_invalid_json_line_and_duplicate_id(tmp_path):
         load_records(path)
     assert (
         str(info.value)
-        == f"{path}: record 1: invalid JSON on line 2: Expecting property name enclosed in double quotes (column 2)"
+        == f"{path}: record 1: invalid JSON on line 2: Expecting property name enclosed in double quotes "
+        "(column 2)"
     )
     path = write_jsonl(tmp_path / "dup.jsonl", [{**STANDARD[0], "id": "x"}, {**STANDARD[1], "id": "x"}])
     with pytest.raises(DataError) as info:
         load_records(path)
     assert str(info.value) == (
-        f"{path}: record 1: field 'id': duplicate id 'x' with different content (first seen at {path}: record 0)"
+        f"{path}: record 1: field 'id': duplicate id 'x' with different content "
+        f"(first seen at {path}: record 0)"
     )
     # The same id with the same content is a repeated row, not a conflict.
     same = write_jsonl(tmp_path / "same.jsonl", [{**STANDARD[0], "id": "x"}, {**STANDARD[0], "id": "x"}])

@@ -68,8 +68,8 @@ def test_boundary_merge_fails_loudly_naming_record_and_field(tok):
     with pytest.raises(DataError) as info:
         run(records, tok)
     assert str(info.value).startswith(
-        "mem: record 1: field 'chosen': tokenizer merges across the prompt/response boundary: the prompt alone "
-        "tokenizes to ['Ġ'] at its end but prompt + response to ['ĠF']"
+        "mem: record 1: field 'chosen': tokenizer merges across the prompt/response boundary: the prompt "
+        "alone tokenizes to ['Ġ'] at its end but prompt + response to ['ĠF']"
     )
     assert info.value.kind == "boundary_merge"
     skipped = run(records, tok, on_bad_record="skip")
@@ -97,8 +97,8 @@ def test_multi_turn_conversation_with_system_message(tok):
     rec = PreferenceRecord("m", [system, USER, HI, USER], [HELLO], [HI], source="mem", index=0)
     (pair,) = list(run([rec], tok).pairs)
     assert tok.decode(pair.prompt_ids) == (
-        "<s><|system|>\nBe brief.</s>\n<|user|>\nSay hello.</s>\n<|assistant|>\nHi!</s>\n<|user|>\nSay hello.</s>\n"
-        "<|assistant|>\n"
+        "<s><|system|>\nBe brief.</s>\n<|user|>\nSay hello.</s>\n<|assistant|>\nHi!</s>\n"
+        "<|user|>\nSay hello.</s>\n<|assistant|>\n"
     )
     assert tok.decode(pair.chosen_ids) == "Hello there!</s>"
 
@@ -109,8 +109,8 @@ def test_no_chat_template_is_a_clear_error_unless_one_is_given(tok, tmp_path):
     with pytest.raises(DataError) as info:  # an input error (exit code 2), named by its config key
         run([rec], bare)
     assert str(info.value) == (
-        "data.chat_template: the data holds conversations (lists of messages) but the tokenizer has no chat template; give one in "
-        "data.chat_template (a Jinja template file)"
+        "data.chat_template: the data holds conversations (lists of messages) but the tokenizer has no chat "
+        "template; give one in data.chat_template (a Jinja template file)"
     )
     expected = list(run([rec], tok).pairs)
     assert list(run([rec], bare, chat_template=CHAT_TEMPLATE).pairs) == expected
@@ -130,8 +130,9 @@ def test_template_that_does_not_extend_the_prompt_is_rejected(tok):
     with pytest.raises(DataError) as info:
         run([rec], tok, chat_template=template)
     assert str(info.value) == (
-        "mem: record 3: field 'chosen': the chat template renders the prompt (with add_generation_prompt=True) "
-        "differently from the start of the whole conversation, so prompt and response cannot be told apart"
+        "mem: record 3: field 'chosen': the chat template renders the prompt "
+        "(with add_generation_prompt=True) differently from the start of the whole conversation, so prompt "
+        "and response cannot be told apart"
     )
 
 

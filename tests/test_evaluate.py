@@ -1,4 +1,5 @@
-"""Sampling evaluation (hdpo_ds/recipes/evaluate.py): pass@k, temperature sampling, diversity, prompts, pairs."""
+"""Sampling evaluation (hdpo_ds/recipes/evaluate.py): pass@k, temperature sampling, diversity, prompts,
+pairs."""
 
 from __future__ import annotations
 
@@ -255,7 +256,7 @@ def test_temperature_must_be_positive():
         )
 
 
-# ---------------------------------------------------------------------------------------------- diversity and report
+# --------------------------------------------------------------------------------------- diversity and report
 
 
 def test_distinct_n_hand_worked():
@@ -334,7 +335,7 @@ def test_bad_prompt_rows_name_file_record_and_field(tmp_path):
         load_prompts(str(path))
 
 
-# ---------------------------------------------------------------------------------------------- pairs from samples
+# ----------------------------------------------------------------------------------------- pairs from samples
 
 
 def test_pairs_by_correctness(tmp_path):

@@ -626,8 +626,9 @@ def test_training_goes_on_through_a_server_outage_and_every_step_arrives(assets,
     stamps = {m.step: m.timestamp for m in client.get_metric_history(run_id, "loss")}
     during = sorted(s for s, t in stamps.items() if killed_ms < t < back_ms)
     print(
-        f"\nserver down {(back_ms - killed_ms) / 1000:.1f} s (restart took {down_for:.1f} s); loss step times "
-        f"relative to the kill (s): {[(s, round((stamps[s] - killed_ms) / 1000, 1)) for s in sorted(stamps)]}; "
+        f"\nserver down {(back_ms - killed_ms) / 1000:.1f} s (restart took {down_for:.1f} s); "
+        f"loss step times relative to the kill (s): "
+        f"{[(s, round((stamps[s] - killed_ms) / 1000, 1)) for s in sorted(stamps)]}; "
         f"steps logged while down: {during}"
     )
     assert len(during) >= 4

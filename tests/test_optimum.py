@@ -10,12 +10,12 @@ alpha sits). Preference data are not sampled: the loss is the exact expected los
 
 divided by sum_{i != j} mu(i) mu(j) p(i > j), where mu is the pair-sampling distribution (y, y' ~ mu
 independently; a pair with y = y' carries no gradient and is left out) and p(i > j) the preference
-probability, here Bradley-Terry: p(i > j) = sigmoid(r_i - r_j). `loss` is `hdpo_ds.objectives.losses.preference_loss`
-itself. Every one of these losses depends on theta only through the differences
-lp_i - lp_j = theta_i - theta_j (log-softmax's normaliser cancels), and is convex in them, so L is
-convex in theta and strictly convex in the K - 1 free logits (all pairs are weighted > 0); its one
-stationary point is the global minimum, found here by damped Newton steps (autograd gradient and Hessian
-of L) until the gradient norm is below GRAD_TOL.
+probability, here Bradley-Terry: p(i > j) = sigmoid(r_i - r_j). `loss` is
+`hdpo_ds.objectives.losses.preference_loss` itself. Every one of these losses depends on theta only through
+the differences lp_i - lp_j = theta_i - theta_j (log-softmax's normaliser cancels), and is convex in them, so
+L is convex in theta and strictly convex in the K - 1 free logits (all pairs are weighted > 0); its one
+stationary point is the global minimum, found here by damped Newton steps (autograd gradient and Hessian of L)
+until the gradient norm is below GRAD_TOL.
 
 H-DPO (Omura et al. 2024, arXiv:2411.07595, Sec. 3). Per pair z = g_i - g_j with
 g = alpha*beta*lp - beta*log ref, loss -log sigmoid(z). Group the ordered pairs (i, j) and (j, i): with
@@ -192,7 +192,8 @@ def hdpo_kls(alpha: float, beta: float, mu_name: str = "uniform") -> dict[str, f
 
 
 def ipo_kls(mu_name: str, beta: float) -> dict[str, float]:
-    """KL(form || pi_learned) for IPO trained with pairs from mu: its optimum, the other mu's, no self-pairs."""
+    """KL(form || pi_learned) for IPO trained with pairs from mu: its optimum, the other mu's, no
+    self-pairs."""
     mu, other = MUS[mu_name], MUS["ref" if mu_name == "uniform" else "uniform"]
     learned = train(bradley_terry(REWARD_WIDE), mu, REF, loss_type="ipo", beta=beta)
     return {
@@ -238,7 +239,8 @@ def test_hdpo_learns_the_closed_form_optimum(alpha, beta):
 @pytest.mark.parametrize(("alpha", "beta"), [(0.7, 0.1), (1.3, 1.0)])
 @pytest.mark.parametrize("mu_name", ["ref", "skewed"])
 def test_hdpo_optimum_does_not_depend_on_pair_sampling(mu_name, alpha, beta):
-    """Bradley-Terry over all pairs is well specified: pairs from mu = REF or a skewed mu give the same pi*."""
+    """Bradley-Terry over all pairs is well specified: pairs from mu = REF or a skewed mu give the same
+    pi*."""
     assert hdpo_kls(alpha, beta, mu_name)[OPTIMUM] < KL_BOUND
 
 
@@ -268,7 +270,8 @@ def test_cdpo_optimum_moves_with_pair_sampling_for_three_or_more_responses():
 
 
 def _markdown_tables() -> str:
-    """The tables of docs/results.md's section "The optimum, checked exactly"; each cell KL(form || learned)."""
+    """The tables of docs/results.md's section "The optimum, checked exactly"; each cell
+    KL(form || learned)."""
     wrong = [name for name in hdpo_closed_forms(1.0, 1.0) if name != OPTIMUM]
     lines = [
         f"| alpha | beta | pi* = {OPTIMUM} | " + " | ".join(wrong) + " |",

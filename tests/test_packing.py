@@ -90,8 +90,8 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "sdpa_packed", "eager_packed"])
 def test_packed_and_padded_forwards_match_separate_forwards(attn):
-    """sdpa_packed and eager_packed are hdpo_ds.runtime.models' per-sequence attention; auto selects sdpa_packed on
-    CPU for packing (a Llama asks for nothing else)."""
+    """sdpa_packed and eager_packed are hdpo_ds.runtime.models' per-sequence attention; auto selects
+    sdpa_packed on CPU for packing (a Llama asks for nothing else)."""
     from hdpo_ds.runtime.attention import select_attention
 
     config = tiny_llama(256).config
@@ -150,8 +150,8 @@ def test_filler_micro_batch_has_zero_weight_and_runs_finite():
 
 def test_packing_stats_worked_example():
     """Sizes 7, 10, 4 (21 tokens), budget 20. Packed: 21 > 20, so 2 micro-batches, largest first: [7 + 4]
-    and [10]; fill 21 / 40. Padded (sorted by longest 5, 4, 2): [pair 1, pair 0] = 4 rows × 5 = 20, [pair 2] = 2 × 2 = 4;
-    tensor tokens 24, padding 3 / 24."""
+    and [10]; fill 21 / 40. Padded (sorted by longest 5, 4, 2): [pair 1, pair 0] = 4 rows × 5 = 20,
+    [pair 2] = 2 × 2 = 4; tensor tokens 24, padding 3 / 24."""
     lengths = [(3, 4), (5, 5), (2, 2)]
     packed = pack_step(lengths, world_size=1, max_tokens_per_micro_batch=20)
     assert [mb.pairs for mb in packed.ranks[0]] == [(0, 2), (1,)]
@@ -297,8 +297,8 @@ def test_budget_must_hold_any_pair():
     with pytest.raises(ValueError) as info:
         pack_step([(10, 10), (60, 50)], world_size=1, max_tokens_per_micro_batch=100)
     assert str(info.value) == (
-        "data.max_tokens_per_micro_batch=100 cannot hold pair 1 (sequences of 60 and 50 tokens); it must be >= 2 × "
-        "data.max_length"
+        "data.max_tokens_per_micro_batch=100 cannot hold pair 1 (sequences of 60 and 50 tokens); it must be "
+        ">= 2 × data.max_length"
     )
     with pytest.raises(ValueError, match=r"cannot hold pair 0 \(sequences of 60 and 30 tokens, padded\)"):
         pack_step([(60, 30)], world_size=1, max_tokens_per_micro_batch=100, packing=False)
@@ -369,8 +369,8 @@ def test_sampler_validates_its_settings():
     with pytest.raises(ValueError) as info:
         make_sampler(lengths, max_tokens_per_micro_batch=1000)
     assert str(info.value) == (
-        "data.max_tokens_per_micro_batch (1000) must be >= 2 × data.max_length (1024) so that any pair fits in one "
-        "micro-batch"
+        "data.max_tokens_per_micro_batch (1000) must be >= 2 × data.max_length (1024) so that any pair fits "
+        "in one micro-batch"
     )
     with pytest.raises(ValueError, match=r"more than data.max_length \(100\)"):
         make_sampler(lengths, max_length=100)
@@ -381,7 +381,8 @@ import hashlib, sys
 sys.path.insert(0, {root!r})
 from tests.test_packing import lognormal_lengths, make_sampler
 s = make_sampler(lognormal_lengths(120, seed=9), rank=2, world_size=3, pairs_per_step=40)
-print(hashlib.sha256(repr([(a.pair_indices.tolist(), a.packed) for _ in range(2) for a in s]).encode()).hexdigest())
+plan = [(a.pair_indices.tolist(), a.packed) for _ in range(2) for a in s]
+print(hashlib.sha256(repr(plan).encode()).hexdigest())
 """
 
 

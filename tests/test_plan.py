@@ -1,4 +1,5 @@
-"""The memory planner (hdpo_ds/tools/plan.py) and the dry run (launch/train.py --dry-run, hdpo_ds/tools/dryrun.py).
+"""The memory planner (hdpo_ds/tools/plan.py) and the dry run (launch/train.py --dry-run,
+hdpo_ds/tools/dryrun.py).
 
 Fast: models are instantiated on the meta device only, and the dry runs tokenize the small demo data.
 The planner-vs-measured-RSS benchmark (a real 2-rank run) is marked slow.
@@ -209,9 +210,9 @@ def test_plan_cli_json(capsys):
     assert out["deepspeed_estimate"]["gpu_bytes_per_gpu"] > 0
     assert any("MFU" in a for a in out["assumptions"])
     # By hand. Llama-70B (H 8192, L 80, 8 kv heads of 128, I 28672, V 32000) on 32 GPUs: x = 68,976,648,192
-    # / 32 parameters per rank. On the GPU: the bf16 shard 2x; the buckets 2·(H² + int(0.9·H²)) bytes; during the
-    # backward the largest module (the 32000×8192 embedding) gathered with its gradient, 2·2·262,144,000, and
-    # 2·(1e9 - 262,144,000) more kept gathered (stage3_max_live_parameters 1e9).
+    # / 32 parameters per rank. On the GPU: the bf16 shard 2x; the buckets 2·(H² + int(0.9·H²)) bytes; during
+    # the backward the largest module (the 32000×8192 embedding) gathered with its gradient, 2·2·262,144,000,
+    # and 2·(1e9 - 262,144,000) more kept gathered (stage3_max_live_parameters 1e9).
     x = 68_976_648_192 // 32
     assert x * 32 == 68_976_648_192
     persistent = 2 * x + 2 * (8192**2 + int(0.9 * 8192**2))
@@ -472,8 +473,8 @@ def test_planner_predicts_rss_of_a_2_rank_run():
 
 
 def test_dry_run_checks_the_attention_implementation(capsys, monkeypatch, tmp_path):
-    """The run's attention rule (hdpo_ds.runtime.attention.check_attention) in the dry run: a Gemma-2 config asks for
-    logit softcapping, which sdpa_packed does not apply; auto picks eager_packed, which does."""
+    """The run's attention rule (hdpo_ds.runtime.attention.check_attention) in the dry run: a Gemma-2 config
+    asks for logit softcapping, which sdpa_packed does not apply; auto picks eager_packed, which does."""
     from transformers import Gemma2Config
 
     monkeypatch.chdir(ROOT)

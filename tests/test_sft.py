@@ -509,7 +509,7 @@ def test_read_sft_sources_honours_split_and_row_slices(tmp_path):
         ids([f"data.eval_files=[{folder}]", "data.eval_rows=1-3"])
 
 
-# ---------------------------------------------------------------------------------------------- evaluation runs
+# -------------------------------------------------------------------------------------------- evaluation runs
 
 
 def _evaluate(assets, launcher: str, out: str, extra=()) -> dict:

@@ -61,7 +61,8 @@ def cluster(tmp_path_factory, request):
     Torn down (jobs cancelled, daemons stopped by pid) when the session ends, also after a failure."""
     if os.geteuid() != 0:
         _skip(
-            "not root: slurm/local_cluster.sh runs munged, slurmctld and slurmd as root (tested that way only)"
+            "not root: slurm/local_cluster.sh runs munged, slurmctld and slurmd as root "
+            "(tested that way only)"
         )
     missing = _missing_packages()
     if missing and shutil.which("apt-get") is None:

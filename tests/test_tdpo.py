@@ -211,8 +211,9 @@ def test_two_rank_tdpo2_step0_equals_single_process(assets):
         kl = (log_ref.exp() * (log_ref - log_pol)).sum()
         return log_pol.gather(-1, target).sum(), log_ref.gather(-1, target).sum(), kl
 
-    # TDPO2 as Zeng et al. write it (hdpo_ds/objectives/losses.py), pair by pair in float64: U = (lp_w - ref_w) -
-    # (lp_l - ref_l), loss = -log sigmoid(beta * (U - alpha * (KL_l - KL_w))) = log(1 + e^-z).
+    # TDPO2 as Zeng et al. write it (hdpo_ds/objectives/losses.py), pair by pair in float64:
+    # U = (lp_w - ref_w) - (lp_l - ref_l), loss = -log sigmoid(beta * (U - alpha * (KL_l - KL_w)))
+    # = log(1 + e^-z).
     beta, alpha = 0.5, 0.5
     losses, kl_chosen, kl_margin = [], [], []
     for i in indices:

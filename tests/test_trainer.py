@@ -78,9 +78,10 @@ def _single_process_step0(assets):
         pair = pairs[int(i)]
         lp_w.append(sequence_logp(pair.prompt_ids, pair.chosen_ids))
         lp_l.append(sequence_logp(pair.prompt_ids, pair.rejected_ids))
-    # H-DPO as Omura et al. write it (hdpo_ds/objectives/losses.py), pair by pair: z = alpha*beta*(lp_w - lp_l) -
-    # beta*(ref_w - ref_l), loss = -log sigmoid(z) = log(1 + e^-z); at step 0 the reference is the policy's
-    # initial copy (the same values, no gradient). beta 0.5, alpha 0.9: run_helpers.overrides.
+    # H-DPO as Omura et al. write it (hdpo_ds/objectives/losses.py), pair by pair:
+    # z = alpha*beta*(lp_w - lp_l) - beta*(ref_w - ref_l), loss = -log sigmoid(z) = log(1 + e^-z); at step 0
+    # the reference is the policy's initial copy (the same values, no gradient). beta 0.5, alpha 0.9:
+    # run_helpers.overrides.
     beta, alpha = 0.5, 0.9
     losses = []
     for chosen, rejected in zip(lp_w, lp_l, strict=True):
@@ -293,8 +294,9 @@ def _without_version(config: dict) -> dict:
 
 
 def test_demo_assets_are_reproducible(tmp_path):
-    """`python -m hdpo_ds.examples.demo_assets` regenerates the committed demo data byte for byte, the same model config
-    (up to the library's version string) and a tokenizer that is the same (files and encodings)."""
+    """`python -m hdpo_ds.examples.demo_assets` regenerates the committed demo data byte for byte, the same
+    model config (up to the library's version string) and a tokenizer that is the same (files and
+    encodings)."""
     out = tmp_path / "model"
     data = tmp_path / "data"
     subprocess.run(

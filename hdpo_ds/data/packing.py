@@ -51,7 +51,8 @@ class MicroBatchPacking:
 
 @dataclasses.dataclass(frozen=True)
 class StepPacking:
-    """The micro-batches of one optimizer step for every rank: ``ranks[r]`` is rank r's list, all equally long."""
+    """The micro-batches of one optimizer step for every rank: ``ranks[r]`` is rank r's list, all equally
+    long."""
 
     ranks: tuple[tuple[MicroBatchPacking, ...], ...]
     max_tokens_per_micro_batch: int
@@ -179,8 +180,8 @@ def pack_step(
     if cost.max() > budget:
         i = int(np.argmax(cost))
         raise ValueError(
-            f"data.max_tokens_per_micro_batch={budget} cannot hold pair {i} (sequences of {lengths[i, 0]} and "
-            f"{lengths[i, 1]} tokens{'' if packing else ', padded'}); it must be >= 2 × data.max_length"
+            f"data.max_tokens_per_micro_batch={budget} cannot hold pair {i} (sequences of {lengths[i, 0]} "
+            f"and {lengths[i, 1]} tokens{'' if packing else ', padded'}); it must be >= 2 × data.max_length"
         )
     return _pack_items(
         [int(x) for x in lengths.sum(axis=1)], [int(x) for x in longest], 2, world_size, budget, packing
@@ -298,7 +299,8 @@ def collate(pairs: Any, micro_batch: MicroBatchPacking, *, pad_token_id: int, pa
         prompt = np.asarray(pair.prompt_ids, dtype=np.int64)
         if len(prompt) == 0:
             raise ValueError(
-                f"pair {pair.id}: empty prompt (the first response token needs a position to be predicted from)"
+                f"pair {pair.id}: empty prompt (the first response token needs a position to be predicted "
+                "from)"
             )
         for response in (pair.chosen_ids, pair.rejected_ids):
             seqs.append(np.concatenate([prompt, np.asarray(response, dtype=np.int64)]))
@@ -322,14 +324,15 @@ def collate_sequences(
     packing: bool,
     weight: float = 1.0,
 ) -> PackedBatch:
-    """Single sequences (supervised fine-tuning: hdpo_ds/recipes/sft.py) in the same layout as :func:`collate`:
-    each (prompt_ids, response_ids) is one sequence whose response tokens are labelled; every sequence is
-    its own "pair" (``pair_index`` = 0..n-1, ``is_chosen`` all True)."""
+    """Single sequences (supervised fine-tuning: hdpo_ds/recipes/sft.py) in the same layout as
+    :func:`collate`: each (prompt_ids, response_ids) is one sequence whose response tokens are labelled;
+    every sequence is its own "pair" (``pair_index`` = 0..n-1, ``is_chosen`` all True)."""
     seqs, prompt_lens = [], []
     for (prompt, response), seq_id in zip(sequences, ids, strict=True):
         if len(prompt) == 0:
             raise ValueError(
-                f"sequence {seq_id}: empty prompt (the first response token needs a position to be predicted from)"
+                f"sequence {seq_id}: empty prompt (the first response token needs a position to be "
+                "predicted from)"
             )
         seqs.append(
             np.concatenate([np.asarray(prompt, dtype=np.int64), np.asarray(response, dtype=np.int64)])

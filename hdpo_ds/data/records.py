@@ -182,7 +182,8 @@ def read_table(
     files: Sequence[str] | str, *, split: str | None = None, rows: str | slice | None = None
 ) -> RawTable:
     """Read and concatenate the rows of every source, then apply the row slice (``split`` and ``rows`` as in
-    :func:`load_records`, which validates them as preference pairs; SFT reads its records through this too)."""
+    :func:`load_records`, which validates them as preference pairs; SFT reads its records through this
+    too)."""
     specs = [files] if isinstance(files, str | os.PathLike) else list(files)
     if not specs:
         raise ValueError("no data files given")
@@ -322,7 +323,8 @@ def _normalise_text(
         prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
         if not prompt.strip():
             raise DataError(
-                "empty prompt: no 'prompt' field and chosen and rejected share no common prefix to use as one",
+                "empty prompt: no 'prompt' field and chosen and rejected share no common prefix to use as "
+                "one",
                 field="prompt",
                 kind="empty_prompt",
                 **where,
@@ -342,7 +344,8 @@ def _normalise_text(
 
 
 def _text_prefix_cut(a: str, b: str) -> int:
-    """Where the implicit prompt of two texts ends: before the whitespace preceding the first differing word."""
+    """Where the implicit prompt of two texts ends: before the whitespace preceding the first differing
+    word."""
     n = 0
     limit = min(len(a), len(b))
     while n < limit and a[n] == b[n]:
@@ -388,8 +391,8 @@ def _normalise_chat(prompt, chosen, rejected, record_id, where) -> PreferenceRec
                 offset += 1
             if offset == 0:
                 raise DataError(
-                    "empty prompt: no 'prompt' field and chosen and rejected share no leading messages to use as "
-                    "one",
+                    "empty prompt: no 'prompt' field and chosen and rejected share no leading messages to "
+                    "use as one",
                     field="prompt",
                     kind="empty_prompt",
                     **where,
@@ -399,8 +402,8 @@ def _normalise_chat(prompt, chosen, rejected, record_id, where) -> PreferenceRec
             for name, msgs in (("chosen", chosen_msgs), ("rejected", rejected_msgs)):
                 if not msgs:
                     raise DataError(
-                        "empty response: the conversation has no messages after the prompt shared with the other "
-                        "response",
+                        "empty response: the conversation has no messages after the prompt shared with the "
+                        "other response",
                         field=name,
                         kind="empty_response",
                         **where,
@@ -425,8 +428,8 @@ def _normalise_chat(prompt, chosen, rejected, record_id, where) -> PreferenceRec
 
         if msgs[0]["role"] != "assistant":
             raise DataError(
-                f"roles must alternate: the response must be an assistant message after the prompt's final user "
-                f"message, got '{msgs[0]['role']}'",
+                f"roles must alternate: the response must be an assistant message after the prompt's final "
+                f"user message, got '{msgs[0]['role']}'",
                 field=field(0, "role"),
                 kind="bad_role",
                 **where,
@@ -474,7 +477,8 @@ def _messages(value: list, name: str, where) -> list[Message]:
                 kind="bad_role",
                 **where,
             )
-        # Only role and content are kept: Parquet struct columns add null keys, and ids must not depend on them.
+        # Only role and content are kept: Parquet struct columns add null keys, and ids must not depend on
+        # them.
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
 
@@ -565,7 +569,8 @@ def _check_unique_id(record: PreferenceRecord, row: Mapping, first_by_id: dict) 
         first_by_id[record.id] = (digest, (record.source, record.index))
     elif seen[0] != digest:
         raise DataError(
-            f"duplicate id '{record.id}' with different content (first seen at {seen[1][0]}: record {seen[1][1]})",
+            f"duplicate id '{record.id}' with different content (first seen at {seen[1][0]}: "
+            f"record {seen[1][1]})",
             source=record.source,
             index=record.index,
             field="id",
@@ -717,9 +722,9 @@ def _read_hub(name: str, split: str | None) -> tuple[list, str]:
         ) as err:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             raise DataError(
                 f"not a local file or directory, and not a dataset in the local Hugging Face cache "
-                f"({datasets.config.HF_DATASETS_CACHE}); datasets are never downloaded here: fetch it on a machine "
-                f"with network access (datasets.load_dataset({name!r}) with the same HF_DATASETS_CACHE) or point "
-                f"data.train_files at local files ({type(err).__name__}: {err})",
+                f"({datasets.config.HF_DATASETS_CACHE}); datasets are never downloaded here: fetch it on a "
+                f"machine with network access (datasets.load_dataset({name!r}) with the same "
+                f"HF_DATASETS_CACHE) or point data.train_files at local files ({type(err).__name__}: {err})",
                 source=name,
             ) from err
     ds = _choose_split(ds, split, name)

@@ -66,11 +66,11 @@ class PairSampler:
     """Deterministic, resumable step sampler over pairs of known lengths.
 
     ``lengths``: (num_pairs, 2) token lengths of each pair's chosen and rejected sequence, prompt included
-    (``TokenizedPairs.lengths``). ``pairs_per_step``: global pairs per optimizer step (``train.pairs_per_step``).
-    ``max_length``: the configured ``data.max_length``, used to validate the budget (default: the longest
-    sequence present). ``drop_last``: drop the final partial step of an epoch; without it that step is
-    shorter (``StepAssignment.num_pairs`` says by how much). Iterating runs from the current position to
-    the end of the epoch, then moves to the next epoch.
+    (``TokenizedPairs.lengths``). ``pairs_per_step``: global pairs per optimizer step
+    (``train.pairs_per_step``). ``max_length``: the configured ``data.max_length``, used to validate the
+    budget (default: the longest sequence present). ``drop_last``: drop the final partial step of an epoch;
+    without it that step is shorter (``StepAssignment.num_pairs`` says by how much). Iterating runs from the
+    current position to the end of the epoch, then moves to the next epoch.
     """
 
     def __init__(
@@ -94,13 +94,13 @@ class PairSampler:
             raise ValueError("no pairs to sample from")
         if not isinstance(pairs_per_step, int) or pairs_per_step < world_size:
             raise ValueError(
-                f"train.pairs_per_step must be an integer >= the world size ({world_size}): every rank needs a pair "
-                f"to work on; got {pairs_per_step!r}"
+                f"train.pairs_per_step must be an integer >= the world size ({world_size}): every rank needs "
+                f"a pair to work on; got {pairs_per_step!r}"
             )
         if drop_last and pairs_per_step > num_pairs:
             raise ValueError(
-                f"train.pairs_per_step ({pairs_per_step}) exceeds the number of pairs ({num_pairs}): with drop_last "
-                "an epoch would have no step"
+                f"train.pairs_per_step ({pairs_per_step}) exceeds the number of pairs ({num_pairs}): with "
+                "drop_last an epoch would have no step"
             )
         longest = int(self.lengths.max())
         if max_length is not None and longest > max_length:
@@ -110,8 +110,8 @@ class PairSampler:
         max_length = longest if max_length is None else max_length
         if max_tokens_per_micro_batch < 2 * max_length:
             raise ValueError(
-                f"data.max_tokens_per_micro_batch ({max_tokens_per_micro_batch}) must be >= 2 × data.max_length "
-                f"({2 * max_length}) so that any pair fits in one micro-batch"
+                f"data.max_tokens_per_micro_batch ({max_tokens_per_micro_batch}) must be >= 2 × "
+                f"data.max_length ({2 * max_length}) so that any pair fits in one micro-batch"
             )
         self.pairs_per_step = pairs_per_step
         self.world_size = world_size
@@ -149,7 +149,8 @@ class PairSampler:
         return self._perm
 
     def assignment(self, epoch: int, step: int) -> StepAssignment:
-        """Step ``step`` of ``epoch`` for this rank: a pure function of the arguments and the constructor's."""
+        """Step ``step`` of ``epoch`` for this rank: a pure function of the arguments and the
+        constructor's."""
         if not 0 <= step < len(self):
             raise IndexError(f"step {step} out of range: an epoch has {len(self)} steps")
         indices = self.permutation(epoch)[step * self.pairs_per_step : (step + 1) * self.pairs_per_step]
@@ -180,7 +181,8 @@ class PairSampler:
         ):
             if int(state[key]) != mine:
                 raise ValueError(
-                    f"cannot resume the sampler: the checkpoint has {key}={state[key]} but this run has {mine}"
+                    f"cannot resume the sampler: the checkpoint has {key}={state[key]} but this run has "
+                    f"{mine}"
                 )
         if not 0 <= int(state["offset"]) <= len(self):
             raise ValueError(

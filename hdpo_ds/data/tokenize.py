@@ -2,9 +2,9 @@
 
 How each record format becomes ids:
 
-- text: ``prompt_ids = special_prefix + tok(prompt)`` where ``special_prefix`` is what the tokenizer itself adds
-  in front (BOS for Llama-style tokenizers); the response ids are ``tok(prompt + response)[len(tok(prompt)):]``
-  followed by EOS (unless the text already ends with it);
+- text: ``prompt_ids = special_prefix + tok(prompt)`` where ``special_prefix`` is what the tokenizer itself
+  adds in front (BOS for Llama-style tokenizers); the response ids are
+  ``tok(prompt + response)[len(tok(prompt)):]`` followed by EOS (unless the text already ends with it);
 - chat: the prompt is the template rendered with ``add_generation_prompt=True``, and the full conversation is
   rendered with the response appended; the rendered prompt must be a prefix of the rendered conversation.
   Both texts are tokenized without extra special tokens (the template writes them). The response ids run up
@@ -99,7 +99,8 @@ class TokenizedPair:
 
 
 class TokenizedPairs(Sequence[TokenizedPair]):
-    """The kept pairs, read lazily from a (memory-mapped) Arrow table; indexing gives :class:`TokenizedPair`."""
+    """The kept pairs, read lazily from a (memory-mapped) Arrow table; indexing gives
+    :class:`TokenizedPair`."""
 
     def __init__(self, table: Any, keep: np.ndarray) -> None:
         self._table = table  # pyarrow.Table with all rows, dropped ones included
@@ -353,8 +354,8 @@ def _check_lengths(max_length: int, max_prompt_length: int, truncation: str, on_
         raise ValueError(f"data.max_length must be an integer >= 2, got {max_length!r}")
     if not isinstance(max_prompt_length, int) or not 1 <= max_prompt_length < max_length:
         raise ValueError(
-            f"data.max_prompt_length must be an integer in [1, data.max_length - 1] = [1, {max_length - 1}] (a "
-            f"response needs at least one token), got {max_prompt_length!r}"
+            f"data.max_prompt_length must be an integer in [1, data.max_length - 1] = [1, {max_length - 1}] "
+            f"(a response needs at least one token), got {max_prompt_length!r}"
         )
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(
@@ -487,7 +488,8 @@ class _Tokenize:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         n = len(batch["id"])
-        # Render every text first, then tokenize all of them in one batched call (fast tokenizers parallelise).
+        # Render every text first, then tokenize all of them in one batched call (fast tokenizers
+        # parallelise).
         texts: list[str] = []
         spans: list[tuple[int, int, int] | None] = []  # positions of prompt, prompt+chosen, prompt+rejected
         errors: list[DataError | None] = [None] * n
@@ -567,8 +569,8 @@ class _Tokenize:
         for name, text in zip(("chosen", "rejected"), full, strict=True):
             if not text.startswith(prompt_text):
                 raise DataError(
-                    "the chat template renders the prompt (with add_generation_prompt=True) differently from the "
-                    "start of the whole conversation, so prompt and response cannot be told apart",
+                    "the chat template renders the prompt (with add_generation_prompt=True) differently from "
+                    "the start of the whole conversation, so prompt and response cannot be told apart",
                     source=batch["source"][i],
                     index=batch["index"][i],
                     field=name,
@@ -587,8 +589,9 @@ class _Tokenize:
                 raise DataError(
                     "tokenizer merges across the prompt/response boundary: the prompt alone tokenizes to "
                     f"{self.tok.convert_ids_to_tokens(prompt_ids[k:])} at its end but prompt + response to "
-                    f"{self.tok.convert_ids_to_tokens(ids[k : max(len(prompt_ids), k + 1)])}; end the prompt where a token "
-                    "ends (e.g. move trailing whitespace from the prompt to the start of the response)",
+                    f"{self.tok.convert_ids_to_tokens(ids[k : max(len(prompt_ids), k + 1)])}; "
+                    "end the prompt where a token ends (e.g. move trailing whitespace from the prompt to the "
+                    "start of the response)",
                     source=batch["source"][i],
                     index=batch["index"][i],
                     field=name,
@@ -630,7 +633,8 @@ class _Tokenize:
 def encode_prompt(tokenizer, prompt: str | list[dict], chat_template: str | None = None) -> list[int]:
     """The ids a prompt has in training (the rules at the top of this module): a text prompt is the
     tokenizer's special prefix + its tokens; a conversation is rendered with the chat template and
-    add_generation_prompt=True. Sampling (hdpo_ds/recipes/evaluate.py) and SFT (hdpo_ds/recipes/sft.py) start from these."""
+    add_generation_prompt=True. Sampling (hdpo_ds/recipes/evaluate.py) and SFT (hdpo_ds/recipes/sft.py) start
+    from these."""
     if isinstance(prompt, str):
         return special_prefix(tokenizer) + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     template = resolve_chat_template(tokenizer, chat_template)

@@ -1,13 +1,14 @@
 """Generate the demo assets: a toy preference dataset, a tokenizer trained on it, a tiny Llama config.
 
-    python -m hdpo_ds.examples.demo_assets [--out configs/models/tiny-demo] [--data configs/data/demo] [--seed 0]
+    python -m hdpo_ds.examples.demo_assets [--out configs/models/tiny-demo] [--data configs/data/demo]
+        [--seed 0]
 
 Nothing is downloaded. The task is verifiable and small: arithmetic, sorting, reversing and counting
 prompts whose chosen answer is correct and whose rejected answer is wrong in one place (and, in 80% of
 pairs, hedged: "Maybe ...", "... I am not sure."). List lengths
 follow a lognormal distribution, so sequence lengths are long-tailed like real chat data. About 30% of
-the records are conversations (lists of role/content messages, rendered with the chat template); the
-rest are plain strings. The same seed gives the same files (config.json also records the transformers version).
+the records are conversations (lists of role/content messages, rendered with the chat template); the rest are
+plain strings. The same seed gives the same files (config.json also records the transformers version).
 """
 
 from __future__ import annotations

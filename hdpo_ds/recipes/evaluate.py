@@ -2,7 +2,7 @@
 
     python launch/evaluate.py --model outputs/run/hf --prompts eval.jsonl --checker arith \
         --temperatures 0.5 1.0 --k 1 4 16 -n 32 --out outputs/run/eval.json
-    deepspeed --num_accelerators 2 launch/evaluate.py ...     # data-parallel: the prompts are split over ranks
+    deepspeed --num_accelerators 2 launch/evaluate.py ...    # data-parallel: the prompts are split over ranks
 
 For every prompt and temperature T the model samples `n` completions with plain temperature sampling
 (softmax(logits / T); no top-k / top-p, whatever the model's generation config says), batched, with a
@@ -548,8 +548,8 @@ def write_report(path: str, report: dict[str, Any], meta: dict[str, Any]) -> Non
 
 
 def resolve_model_dir(path: str, work_dir: str) -> str:
-    """A Hugging Face model directory as is; a training checkpoint (checkpoints/stepN, or a checkpoints
-    root: its newest complete one) exported once by rank 0 to work_dir/model-<tag> (hdpo_ds/runtime/export.py)."""
+    """A Hugging Face model directory as is; a training checkpoint (checkpoints/stepN, or a checkpoints root:
+    its newest complete one) exported once by rank 0 to work_dir/model-<tag> (hdpo_ds/runtime/export.py)."""
     from hdpo_ds.runtime import checkpoint, export
 
     if os.path.isfile(os.path.join(path, "config.json")):

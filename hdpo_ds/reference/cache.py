@@ -201,7 +201,8 @@ class RefCache:
             table = read_shard(path)
             if table.num_rows != shard["rows"]:
                 raise RefCacheError(
-                    f"reference cache shard {path} has {table.num_rows} rows, the manifest says {shard['rows']}"
+                    f"reference cache shard {path} has {table.num_rows} rows, "
+                    f"the manifest says {shard['rows']}"
                 )
             if file_sha256(path) != shard["sha256"]:
                 raise RefCacheError(
@@ -211,7 +212,8 @@ class RefCache:
         ids = [i for t in tables for i in t.column("id").to_pylist()]
         if len(ids) != manifest["num_pairs"]:
             raise RefCacheError(
-                f"reference cache {cache_dir} holds {len(ids)} rows, the manifest says {manifest['num_pairs']}"
+                f"reference cache {cache_dir} holds {len(ids)} rows, "
+                f"the manifest says {manifest['num_pairs']}"
             )
 
         def column(name, dtype):

@@ -120,7 +120,8 @@ def check_attention(attn: str, features: dict[str, str], source: str, device_typ
     """The one rule: `attn` must apply every feature the model asks for (ConfigError naming them)."""
     if attn not in ATTENTION_SUPPORT:
         raise ConfigError(
-            f"model.attn_implementation: {attn} is not declared in hdpo_ds.runtime.attention.ATTENTION_SUPPORT"
+            f"model.attn_implementation: {attn} is not declared in "
+            "hdpo_ds.runtime.attention.ATTENTION_SUPPORT"
         )
     missing = [name for name in features if name not in ATTENTION_SUPPORT[attn]]
     if not missing:

@@ -276,8 +276,8 @@ def load(engine, folder: str) -> dict:
     if state["world_size"] != dist.world_size():
         raise CheckpointError(
             f"train.resume: {folder} was written by {state['world_size']} ranks and this run has "
-            f"{dist.world_size()}; ZeRO-3 shards do not reload across world sizes (convert the checkpoint with "
-            "DeepSpeed's universal checkpoint tools, or resume with the same world size)"
+            f"{dist.world_size()}; ZeRO-3 shards do not reload across world sizes (convert the checkpoint "
+            "with DeepSpeed's universal checkpoint tools, or resume with the same world size)"
         )
     load_path, _ = engine.load_checkpoint(
         root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

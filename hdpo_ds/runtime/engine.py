@@ -116,7 +116,8 @@ def fill_ds_config(
     """
     if cfg.train.pairs_per_step % world_size:
         raise ConfigError(
-            f"train.pairs_per_step: {cfg.train.pairs_per_step} is not divisible by the world size {world_size}"
+            f"train.pairs_per_step: {cfg.train.pairs_per_step} is not divisible by the "
+            f"world size {world_size}"
         )
     ds = copy.deepcopy(ds_config)
     _set_auto(ds, "train_micro_batch_size_per_gpu", 1, "train_micro_batch_size_per_gpu")
@@ -134,7 +135,8 @@ def fill_ds_config(
         elif section["enabled"] != wanted and not training:
             raise ConfigError(
                 f"reference.ds_config: {key}.enabled={section['enabled']} conflicts with the policy's dtype "
-                f'{str(dtype).removeprefix("torch.")} (the reference runs in the policy\'s dtype; set it to "auto")'
+                f"{str(dtype).removeprefix('torch.')} (the reference runs in the policy's dtype; "
+                'set it to "auto")'
             )
         elif section["enabled"] != wanted:
             raise ConfigError(

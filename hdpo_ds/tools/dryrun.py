@@ -78,23 +78,27 @@ def _check_weights(cfg: Config) -> str:
     files = [f for pattern in _WEIGHT_PATTERNS for f in glob.glob(os.path.join(directory, pattern))]
     if not files:
         raise ConfigError(
-            f"model.name_or_path: {path} holds a model config but no weight files (*.safetensors, *.bin); point it "
-            "at the checkpoint directory, or set model.from_scratch=true for a random initialisation"
+            f"model.name_or_path: {path} holds a model config but no weight files (*.safetensors, *.bin); "
+            "point it at the checkpoint directory, or set model.from_scratch=true for a random "
+            "initialisation"
         )
     size = sum(os.path.getsize(f) for f in files)
     return f"model.name_or_path: {len(files)} weight file(s), {size / 2**30:.1f} GiB"
 
 
 def _check_attention(cfg: Config, hf_config, source: str, device_type: str) -> str:
-    """model.attn_implementation against what the model's attention needs (runtime.attention.check_attention). An
-    explicit flash_attention_2 is checked for what it applies, not for flash-attn on this machine."""
+    """model.attn_implementation against what the model's attention needs (runtime.attention.check_attention).
+    An explicit flash_attention_2 is checked for what it applies, not for flash-attn on this machine."""
     features = attention_features(hf_config, packing=cfg.data.packing)
     attn = cfg.model.attn_implementation
     if attn == "auto":
         attn = select_attention(attn, device_type, hf_config, packing=cfg.data.packing, source=source)
     else:
         check_attention(attn, features, source, device_type)
-    return f"model.attn_implementation: {attn} for {source} (applies {', '.join(features) or 'causal attention'})"
+    return (
+        f"model.attn_implementation: {attn} for {source} "
+        f"(applies {', '.join(features) or 'causal attention'})"
+    )
 
 
 def dry_run(
@@ -193,8 +197,8 @@ def dry_run(
     epochs = cfg.train.max_steps / len(sampler)
     ok(
         f"batch: {cfg.train.pairs_per_step} pairs per step over {world_size} ranks; step 0: "
-        f"{packed.micro_batches_per_rank} micro-batch(es) per rank, {min(per_rank)}-{max(per_rank)} pairs per "
-        f"rank, {fillers} filler(s), fill {stats.fill:.0%}; {len(sampler)} steps per epoch, "
+        f"{packed.micro_batches_per_rank} micro-batch(es) per rank, {min(per_rank)}-{max(per_rank)} pairs "
+        f"per rank, {fillers} filler(s), fill {stats.fill:.0%}; {len(sampler)} steps per epoch, "
         f"train.max_steps={cfg.train.max_steps} = {epochs:.2f} epoch(s)"
     )
 
@@ -257,8 +261,8 @@ def dry_run(
         hint = _describe(report.recommendation)
         raise ConfigError(
             f"data.max_tokens_per_micro_batch / model.gradient_checkpointing / --ds offload: the plan needs "
-            f"{report.plan.required_bytes / 2**30:.1f} GiB per GPU of {gpu_mem_gib:g} GiB at {world_size} ranks; "
-            f"{hint}\n\n{format_plan(report.plan, report.recommendation)}"
+            f"{report.plan.required_bytes / 2**30:.1f} GiB per GPU of {gpu_mem_gib:g} GiB at "
+            f"{world_size} ranks; {hint}\n\n{format_plan(report.plan, report.recommendation)}"
         )
     return report
 

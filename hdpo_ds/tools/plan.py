@@ -431,10 +431,12 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
             "parameters kept gathered beyond it",
             live_extra,
             "gpu",
-            f"up to stage3_max_live_parameters={settings.max_live_parameters:,} (not in DeepSpeed's estimator)",
+            f"up to stage3_max_live_parameters={settings.max_live_parameters:,} "
+            "(not in DeepSpeed's estimator)",
         ),
         Row(
-            f"activations, {t:,} tokens, {'with' if settings.grad_checkpointing else 'without'} checkpointing",
+            f"activations, {t:,} tokens, "
+            f"{'with' if settings.grad_checkpointing else 'without'} checkpointing",
             acts,
             "gpu",
             "formula: activation_bytes_per_token_layer",
@@ -594,10 +596,13 @@ def format_plan(
         f"model: {m.model_type}, {m.num_params:,} parameters (meta-device count), largest layer "
         f"{m.largest_layer_params:,}, hidden {m.hidden_size}, {m.num_layers} layers, vocab {m.vocab_size:,}"
         f"{', tied embeddings' if m.tied_embeddings else ''}",
-        f"cluster: {hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) = {hw.world_size} ranks, {hw.gpu_mem_gib:g} GiB per GPU",
-        f"settings: {'bf16' if s.dtype_bytes == 2 else 'fp32'}, ZeRO-3, micro-batch {s.micro_batch_tokens:,} tokens, "
+        f"cluster: {hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) = {hw.world_size} ranks, "
+        f"{hw.gpu_mem_gib:g} GiB per GPU",
+        f"settings: {'bf16' if s.dtype_bytes == 2 else 'fp32'}, ZeRO-3, "
+        f"micro-batch {s.micro_batch_tokens:,} tokens, "
         f"offload optimizer {'on' if s.offload_optimizer else 'off'}, offload parameters "
-        f"{'on' if s.offload_param else 'off'}, gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, "
+        f"{'on' if s.offload_param else 'off'}, "
+        f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, "
         f"reference {s.reference}{' (offloaded)' if s.reference_offload and s.reference == 'online' else ''}",
         "",
         f"{'per GPU':<58} {'memory':>12}  where  note",
@@ -625,8 +630,9 @@ def format_plan(
     if recommendation is not None and not plan.fits:
         r = recommendation
         lines.append(
-            f"smallest change that fits: offload optimizer {'on' if r['offload_optimizer'] else 'off'}, offload "
-            f"parameters {'on' if r['offload_param'] else 'off'}, micro-batch {r['micro_batch_tokens']:,} tokens, "
+            f"smallest change that fits: offload optimizer {'on' if r['offload_optimizer'] else 'off'}, "
+            f"offload parameters {'on' if r['offload_param'] else 'off'}, "
+            f"micro-batch {r['micro_batch_tokens']:,} tokens, "
             f"gradient checkpointing {'on' if r['grad_checkpointing'] else 'off'} "
             f"({_gib(r['required_bytes']).strip()}, headroom {_gib(r['headroom_bytes']).strip()})"
         )

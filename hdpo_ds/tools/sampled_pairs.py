@@ -28,7 +28,8 @@ __all__ = ["build_pairs", "main"]
 def build_pairs(
     samples_spec: str, *, pairs_per_prompt: int, eval_fraction: float, seed: int
 ) -> tuple[list, list, dict]:
-    """(train records, eval records, counts). Raises DataError naming the file, line and field of a bad row."""
+    """(train records, eval records, counts). Raises DataError naming the file, line and field of a bad
+    row."""
     by_prompt: dict[str, dict] = {}
     for source, rows in read_rows(samples_spec):
         for i, row in enumerate(rows):

@@ -62,12 +62,12 @@ class NullLogger:
 class MlflowLogger:
     """One MLflow run, written through a durable spool and a background sender (hdpo_ds/tracking/spool.py).
 
-    Every call writes a record to `<output_dir>/mlflow_spool/` and returns at once: the training loop
-    never waits on the network. The sender delivers records in order and retries while the tracking
-    server is unreachable; `finish` waits at most `flush_timeout_s` for the rest, and what is still
-    unsent then goes out when the run resumes or with `python -m hdpo_ds.tracking.spool replay OUTPUT_DIR`. Each
-    key's steps increase within a process; a resumed run's points at steps the server already has (it
-    redoes them exactly) are skipped by the sender, so every step keeps one point.
+    Every call writes a record to `<output_dir>/mlflow_spool/` and returns at once: the training loop never
+    waits on the network. The sender delivers records in order and retries while the tracking server is
+    unreachable; `finish` waits at most `flush_timeout_s` for the rest, and what is still unsent then goes out
+    when the run resumes or with `python -m hdpo_ds.tracking.spool replay OUTPUT_DIR`. Each key's steps
+    increase within a process; a resumed run's points at steps the server already has (it redoes them exactly)
+    are skipped by the sender, so every step keeps one point.
 
     A new run is created at once (its id goes into checkpoints), so an unreachable server stops a
     new run at start-up; a resumed run (run_id given) needs no server to start.
@@ -132,8 +132,9 @@ class MlflowLogger:
             raise ConfigError(f"output_dir: {e}") from e
         except spool.MlflowUnreachableError as e:
             raise ConfigError(
-                f"logging.tracking_uri: {e}. A new run needs its tracking server at start-up: start it, or point "
-                "logging.tracking_uri (or MLFLOW_TRACKING_URI) elsewhere. A resumed run starts without it."
+                f"logging.tracking_uri: {e}. A new run needs its tracking server at start-up: start it, or "
+                "point logging.tracking_uri (or MLFLOW_TRACKING_URI) elsewhere. A resumed run starts "
+                "without it."
             ) from e
 
     def _put(self, op: str, **payload) -> None:

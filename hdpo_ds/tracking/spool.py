@@ -154,7 +154,8 @@ class Spool:
         return [os.path.join(self.root, n) for n in names]
 
     def _repair(self) -> int:
-        """Cut a torn last line (a process killed inside a write) and return the last record's seq (0: none)."""
+        """Cut a torn last line (a process killed inside a write) and return the last record's seq (0:
+        none)."""
         for path in reversed(self.segments()):
             with open(path, "rb") as f:
                 data = f.read()
@@ -514,7 +515,8 @@ class Spooler:
                 down = time.monotonic() - self._down_since
                 counters.down_seconds += down
                 logger.info(
-                    f"{self.describe} reachable again after {down:.1f} s; sending {self.spool.pending} waiting record(s)"
+                    f"{self.describe} reachable again after {down:.1f} s; "
+                    f"sending {self.spool.pending} waiting record(s)"
                 )
                 self._down_since = None
             counters.sent += len(sent)
@@ -530,7 +532,8 @@ class Spooler:
 class MlflowSender:
     """Delivers spool records to one tracking URI through MlflowClient (imported lazily)."""
 
-    # Refusals that a retry cannot fix; anything else (connection, timeout, 5xx, a locked SQLite) is an outage.
+    # Refusals that a retry cannot fix; anything else (connection, timeout, 5xx, a locked SQLite) is an
+    # outage.
     PERMANENT_ERROR_CODES = frozenset(
         {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST"}
     )

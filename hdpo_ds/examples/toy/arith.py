@@ -6,7 +6,8 @@ A problem is a sum of 3 to 5 numbers (1..25); the prompt is ``Q:7+15+3+8=`` plus
 adds two numbers of the current list at a time, in any order, writing each step, then the answer:
 ``15+3=18 7+8=15 18+15=33 A:33``. For four numbers there are 18 different step orders, all correct, so
 diversity among correct samples is meaningful. The checker (hdpo_ds.recipes.evaluate.check_arith) needs the
-completion to end with ``A:<integer>`` and compares that integer only; the steps are not checked. The SFT data shows uniformly random step orders.
+completion to end with ``A:<integer>`` and compares that integer only; the steps are not checked. The SFT data
+shows uniformly random step orders.
 
 Written to --out: ``tokenizer`` and model ``config.json`` (a character-level tokenizer built with
 `tokenizers`, a tiny Llama), ``sft_train.jsonl`` / ``sft_eval.jsonl`` (prompt, completion),

@@ -3,15 +3,15 @@
     python -m hdpo_ds.examples.toy.reproduce [--seeds 0 1 2] [--alphas 0.8 0.9 1.0 1.1] [--out outputs/toy]
         [--results docs/results.md] [--smoke]
 
-For each seed: (i) generate the arithmetic task (hdpo_ds/examples/toy/arith.py) and train a tiny Llama on it from
-scratch with launch/sft.py; (ii) sample completions of the pair prompts from the SFT model with
-launch/evaluate.py and build preference pairs by correctness (hdpo_ds/tools/sampled_pairs.py); (iii) train H-DPO
-with launch/train.py for every alpha, same beta, steps and seed, the SFT model as reference (its log-probs
-cached once per seed and shared); (iv) evaluate the SFT model and every H-DPO model with launch/evaluate.py:
-pass@k for k = 1, 2, 4, ..., n at T = 0.5 and 1.0, token entropy, distinct-n, distinct correct answers (the
-report in <model run>/eval/report.json, every sample beside it in samples.jsonl).
-Then the table, the commands and a plot of pass@k against k go into the results file, between the
-markers below (the rest of the file is left alone).
+For each seed: (i) generate the arithmetic task (hdpo_ds/examples/toy/arith.py) and train a tiny Llama on it
+from scratch with launch/sft.py; (ii) sample completions of the pair prompts from the SFT model with
+launch/evaluate.py and build preference pairs by correctness (hdpo_ds/tools/sampled_pairs.py); (iii) train
+H-DPO with launch/train.py for every alpha, same beta, steps and seed, the SFT model as reference (its
+log-probs cached once per seed and shared); (iv) evaluate the SFT model and every H-DPO model with
+launch/evaluate.py: pass@k for k = 1, 2, 4, ..., n at T = 0.5 and 1.0, token entropy, distinct-n, distinct
+correct answers (the report in <model run>/eval/report.json, every sample beside it in samples.jsonl). Then
+the table, the commands and a plot of pass@k against k go into the results file, between the markers below
+(the rest of the file is left alone).
 
 Every stage is skipped when its output exists (a completed HF export, report or pair file), so an
 interrupted run continues where it stopped; delete --out to start over. Each stage runs as its own
@@ -319,13 +319,14 @@ def render_markdown(
     ks_shown = [k for k in (1, 4, 16) if k <= study.n]
     lines = [BEGIN, "", "## Toy reproduction: the alpha trade-off (`make reproduce`)", ""]
     lines += [
-        "Written by `python -m hdpo_ds.examples.toy.reproduce` (see its docstring for the stages); do not edit by hand "
-        "between the markers.",
+        "Written by `python -m hdpo_ds.examples.toy.reproduce` (see its docstring for the stages); do not "
+        "edit by hand between the markers.",
         "",
-        f"Seeds {study.seeds}; alphas {study.alphas}; beta 0.1 and {study.hdpo_steps} H-DPO steps of {study.hdpo_batch} pairs for every "
-        f"alpha (configs/toy/hdpo.yaml); SFT {study.sft_steps} steps of {study.sft_batch} sequences (configs/toy/sft.yaml); "
-        f"{study.eval_prompts} held-out prompts, n = {study.n} samples per prompt and temperature, plain temperature "
-        f"sampling, at most {study.max_new_tokens} new tokens. Wall time {elapsed_s / 60:.0f} min on this machine.",
+        f"Seeds {study.seeds}; alphas {study.alphas}; beta 0.1 and {study.hdpo_steps} H-DPO steps of "
+        f"{study.hdpo_batch} pairs for every alpha (configs/toy/hdpo.yaml); SFT {study.sft_steps} steps of "
+        f"{study.sft_batch} sequences (configs/toy/sft.yaml); {study.eval_prompts} held-out prompts, "
+        f"n = {study.n} samples per prompt and temperature, plain temperature sampling, at most "
+        f"{study.max_new_tokens} new tokens. Wall time {elapsed_s / 60:.0f} min on this machine.",
         "",
     ]
     for t in [f"{x:g}" for x in study.temperatures][::-1]:
@@ -367,8 +368,8 @@ def render_markdown(
     lines += [
         "### Does the entropy fall as alpha falls?",
         "",
-        f"The paper predicts that the sample entropy falls as alpha falls. At T = 1 it rises strictly with alpha "
-        f"in {agree} of {len(order)} seed(s) "
+        f"The paper predicts that the sample entropy falls as alpha falls. At T = 1 it rises strictly with "
+        f"alpha in {agree} of {len(order)} seed(s) "
         f"({per_seed_verdict}).",
         "",
         "Pairs per seed (built from the SFT model's samples at T = 1): "
