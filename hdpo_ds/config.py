@@ -79,7 +79,7 @@ class DataConfig:
 class LossConfig:
     type: str = "hdpo"
     beta: float = 0.1
-    # A number, or "auto": the AlphaController (hdpo_ds/monitoring/detectors.py) steers alpha so that the
+    # A number, or "auto": the AlphaController (hdpo_ds/monitoring/alpha.py) steers alpha so that the
     # per-token entropy of chosen responses approaches target_entropy, starting at alpha_init.
     alpha: float | Literal["auto"] = 1.0
     target_entropy: float = 0.0  # nats per chosen-response token; required with alpha=auto

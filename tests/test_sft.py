@@ -445,8 +445,8 @@ TRUNCATION = {"max_length": 12, "max_prompt_length": 5, "on_bad_record": "skip"}
 
 
 def test_tokenize_sft_truncation_policies_by_hand():
-    from hdpo_ds.examples.toy.arith import build_tokenizer
     from hdpo_ds.data.sft import tokenize_sft
+    from hdpo_ds.examples.toy.arith import build_tokenizer
 
     tok = build_tokenizer()
     keep_end = tokenize_sft(_raw(TRUNCATION_ROWS), tok, truncation="keep_end", **TRUNCATION)
@@ -465,8 +465,8 @@ def test_tokenize_sft_truncation_policies_by_hand():
 
 
 def test_tokenize_sft_cache_is_written_once_and_read_back(tmp_path):
-    from hdpo_ds.examples.toy.arith import build_tokenizer
     from hdpo_ds.data.sft import tokenize_sft
+    from hdpo_ds.examples.toy.arith import build_tokenizer
 
     tok = build_tokenizer()
     first = tokenize_sft(_raw(TRUNCATION_ROWS), tok, cache_dir=str(tmp_path), **TRUNCATION)

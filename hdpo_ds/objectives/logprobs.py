@@ -9,8 +9,8 @@ Monitors per response token t, from the next-token distribution p = softmax(logi
 - entropy H_t = -sum_v p_v ln p_v (nats);
 - top-k mass M_t = sum of the k largest p_v;
 - top-k entropy E_t = -sum_i q_i log2 q_i, q = the top-k probabilities renormalised (bits, in [0, log2 k]).
-Shi et al., "A Theoretical Analysis of Likelihood Over-optimisation in DPO" (2024), Sec. 4, use the
-top-k entropy and top-k mass as early signs of likelihood over-optimisation.
+Shi et al., "Understanding Likelihood Over-optimisation in Direct Alignment Algorithms" (2024,
+arXiv:2410.11677) use the top-k entropy and top-k mass as early signs of likelihood over-optimisation.
 """
 
 from __future__ import annotations

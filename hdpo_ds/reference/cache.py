@@ -5,8 +5,9 @@ Layout of a cache directory (one per data split):
     manifest.json          written last, atomically: the fingerprint, the pair count, and every shard
                            with its row count and sha256. No manifest = no cache (an interrupted
                            precompute leaves shards but no manifest, and is resumed, never read).
-    shard-00000.arrow      Arrow IPC files of `SHARD_PAIRS` consecutive pairs each, written atomically
-    shard-00001.arrow      (temporary name, fsync, rename); the fingerprint is in their schema metadata.
+    shard-00000.arrow      Arrow IPC files of `reference.shard_pairs` consecutive pairs each, written
+    shard-00001.arrow      atomically (temporary name, fsync, rename); the fingerprint is in their
+                           schema metadata.
 
 Columns: `id` (string), `ref_chosen_logps`, `ref_rejected_logps` (float64: sums over the response
 tokens, accumulated in float64), `chosen_tokens`, `rejected_tokens` (int64).

@@ -39,7 +39,7 @@ def _free_port() -> int:
 def fill_single_process_env() -> bool:
     """Give a launcher-less `python script.py` the rendezvous variables of a world of one.
 
-    DeepSpeed's init otherwise looks for MPI (shared/notes/deepspeed-on-cpu.md). Returns True when it
+    DeepSpeed's init otherwise looks for MPI (and fails without it). Returns True when it
     filled them, False when a launcher (deepspeed, torchrun, srun wrapper) already set them.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
