@@ -34,7 +34,8 @@ import time
 import numpy as np
 
 BEGIN, END = "<!-- toy-reproduce:begin -->", "<!-- toy-reproduce:end -->"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository: this file is hdpo_ds/examples/toy/reproduce.py.
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
 
 @dataclasses.dataclass
