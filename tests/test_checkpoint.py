@@ -141,6 +141,27 @@ def test_offline_export_equals_in_run_export(ck_full, tmp_path):
     assert AutoConfig.from_pretrained(out).use_cache is True  # the checkpoint's hf_config has it too
 
 
+def test_offline_multi_shard_export_is_hf_hubs_split_and_loads_the_same_weights(ck_full, tmp_path):
+    from huggingface_hub import constants, split_torch_state_dict_into_shards
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "offline_sharded"
+    subprocess.run([sys.executable, "-m", "hdpo_ds.runtime.export", str(ck_full["dir"] / "checkpoints"), str(out),
+                    "--max-shard-gib", repr(16384 / 2**30)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    # the in-run export as transformers loads it: the module's state dict order, which the split follows
+    in_run = AutoModelForCausalLM.from_pretrained(ck_full["dir"] / "hf").state_dict()
+    assert sorted(in_run) == sorted(_weights(ck_full["dir"]))  # untied: every name is a saved tensor
+    expected = split_torch_state_dict_into_shards(in_run, max_shard_size=16384)
+    index = json.loads((out / constants.SAFETENSORS_INDEX_FILE).read_text())
+    assert len(expected.filename_to_tensors) == 8  # as on ZeRO-3 in test_export.py
+    assert index == {"metadata": expected.metadata, "weight_map": expected.tensor_to_filename}
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(expected.filename_to_tensors)
+    loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert sorted(loaded) == sorted(in_run)
+    for name, value in in_run.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
+
+
 def test_resume_with_changed_alpha_is_refused(assets, ck_full):
     refused = launch(
         assets, "ck_full", "python", CK_STEPS + 2, extra=[*CK_ARGS, "loss.alpha=0.8"], expect_success=False
