@@ -146,8 +146,9 @@ def test_offline_multi_shard_export_is_hf_hubs_split_and_loads_the_same_weights(
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "offline_sharded"
-    subprocess.run([sys.executable, "-m", "hdpo_ds.runtime.export", str(ck_full["dir"] / "checkpoints"), str(out),
-                    "--max-shard-gib", repr(16384 / 2**30)], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    command = [sys.executable, "-m", "hdpo_ds.runtime.export", str(ck_full["dir"] / "checkpoints"), str(out)]
+    command += ["--max-shard-gib", repr(16384 / 2**30)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     # the in-run export as transformers loads it: the module's state dict order, which the split follows
     in_run = AutoModelForCausalLM.from_pretrained(ck_full["dir"] / "hf").state_dict()
     assert sorted(in_run) == sorted(_weights(ck_full["dir"]))  # untied: every name is a saved tensor
