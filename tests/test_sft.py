@@ -369,8 +369,8 @@ def test_sft_sigusr1_to_one_rank_stops_both_at_the_same_step(sft_assets, sft_one
     run = _signal_during_startup(sft_assets, "stop_two", "deepspeed", signal.SIGUSR1, 1, marker)
     assert run["returncode"] == stop.EXIT_STOPPED, run["stderr"][-4000:]
     out = run["stdout"] + run["stderr"]
-    assert "[rank0] WARNING hdpo_ds.recipes.preference: stop requested on 1 of 2 ranks (here: none)" in out
-    assert "[rank1] WARNING hdpo_ds.recipes.preference: stop requested on 1 of 2 ranks (here: SIGUSR1)" in out
+    assert "[rank0] WARNING hdpo_ds.recipes.session: stop requested on 1 of 2 ranks (here: none)" in out
+    assert "[rank1] WARNING hdpo_ds.recipes.session: stop requested on 1 of 2 ranks (here: SIGUSR1)" in out
     folder = sft_assets["root"] / "stop_two" / "checkpoints" / "step00000001"
     complete = json.loads((folder / "COMPLETE.json").read_text())
     assert complete["world_size"] == 2 and complete["step"] == 1

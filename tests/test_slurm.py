@@ -178,7 +178,7 @@ def _assert_same_as_full(run: dict, full: dict) -> None:
 def _stop_lines(text: str) -> dict[int, str]:
     """{rank: 'step tag'} from each rank's 'stop requested' line."""
     found = re.findall(
-        r"\[rank(\d)\] WARNING hdpo_ds.recipes.preference: stop requested on 2 of 2 ranks .*?(step\d{8})",
+        r"\[rank(\d)\] WARNING hdpo_ds.recipes.session: stop requested on 2 of 2 ranks .*?(step\d{8})",
         text,
     )
     return {int(rank): tag for rank, tag in found}
@@ -385,7 +385,7 @@ def test_ci_requires_slurm():
 def test_stop_signals_only_set_a_flag():
     """In a child process (pytest keeps its own handlers): two signals, the process lives on."""
     code = (
-        "import os, signal\nfrom hdpo_ds import stop\nstop.install()\n"
+        "import os, signal\nfrom hdpo_ds.runtime import stop\nstop.install()\n"
         "os.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGTERM)\n"
         "print(','.join(stop.received()))\n"
     )
