@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from hdpo_ds.objectives.logprobs import segment_sums, token_kl
-from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES, preference_loss, tdpo_loss
+from hdpo_ds.objectives.losses import DISCOPOP_DEFAULT_TAU, TDPO_LOSS_TYPES, preference_loss, tdpo_loss
 
 __all__ = ["Objective", "PairLoss", "PairTerms", "SequenceObjective", "TokenKLObjective", "make_objective"]
 
@@ -29,14 +29,15 @@ __all__ = ["Objective", "PairLoss", "PairTerms", "SequenceObjective", "TokenKLOb
 @dataclass
 class PairTerms:
     """Per-pair inputs of a loss, each (num_pairs,) in pair order: summed policy and reference log-probs
-    of the chosen and rejected responses, the chosen response's token count, and (TDPO) the summed
-    token-level KL of each response."""
+    of the chosen and rejected responses, each response's token count (the NLL term and sigmoid_norm
+    read them), and (TDPO) the summed token-level KL of each response."""
 
     policy_chosen: torch.Tensor
     policy_rejected: torch.Tensor
     reference_chosen: torch.Tensor
     reference_rejected: torch.Tensor
     chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
     kl_chosen: torch.Tensor | None = None
     kl_rejected: torch.Tensor | None = None
 
@@ -73,14 +74,16 @@ class Objective(Protocol):
 
 @dataclass(frozen=True)
 class SequenceObjective:
-    """H-DPO, DPO, cDPO, IPO, hinge and f-DPO on summed sequence log-probs (objectives/losses.py,
-    `preference_loss`); alpha is H-DPO's and may change from step to step (the adaptive controller)."""
+    """The sequence-level losses (objectives/losses.py `preference_loss`, `LOSS_TYPES`: H-DPO, DPO, cDPO,
+    IPO, hinge, f-DPO, rDPO, EXO, NCA, SPPO, APO, DiscoPOP, length-normalised DPO) on summed sequence
+    log-probs; alpha is H-DPO's and may change from step to step (the adaptive controller)."""
 
     loss_type: str
     beta: float
     label_smoothing: float = 0.0
     f_alpha: float = 0.5
     nll_weight: float = 0.0
+    discopop_tau: float = DISCOPOP_DEFAULT_TAU
     needs_reference_logits: bool = False
     has_kl: bool = False
 
@@ -102,7 +105,9 @@ class SequenceObjective:
             label_smoothing=self.label_smoothing,
             f_alpha=self.f_alpha,
             chosen_token_counts=terms.chosen_tokens,
+            rejected_token_counts=terms.rejected_tokens,
             nll_weight=self.nll_weight,
+            discopop_tau=self.discopop_tau,
         )
         return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
 
@@ -146,7 +151,10 @@ class TokenKLObjective:
 
 def make_objective(loss: Any, *, chunk_size: int) -> Objective:
     """The objective of a `loss` config section (duck-typed: type, beta, label_smoothing, f_alpha,
-    nll_weight, tdpo_alpha); `chunk_size` bounds the (chunk, V) buffers of the token-level KL."""
+    nll_weight, discopop_tau, tdpo_alpha); `chunk_size` bounds the (chunk, V) buffers of the token-level
+    KL."""
     if loss.type in TDPO_LOSS_TYPES:
         return TokenKLObjective(loss.type, loss.beta, loss.tdpo_alpha, chunk_size)
-    return SequenceObjective(loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight)
+    return SequenceObjective(
+        loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight, loss.discopop_tau
+    )

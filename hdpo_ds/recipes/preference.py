@@ -348,6 +348,7 @@ class PreferenceRecipe:
             ref_seq[chosen],
             ref_seq[rejected],
             chosen_tokens=seq.counts[chosen],
+            rejected_tokens=seq.counts[rejected],
             kl_chosen=None if seq_kl is None else seq_kl[chosen],
             kl_rejected=None if seq_kl is None else seq_kl[rejected],
         )
