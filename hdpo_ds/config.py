@@ -29,6 +29,7 @@ from hdpo_ds.objectives.losses import (
     alpha_does_not_apply,
     canonical_loss_type,
 )
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 
 __all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
 
@@ -106,6 +107,7 @@ class LossConfig:
     nll_weight: float = 0.0
     tdpo_alpha: float = 0.5  # TDPO2's weight of the sequential-KL margin (the paper code's default)
     discopop_tau: float = DISCOPOP_DEFAULT_TAU  # DiscoPOP's mixing temperature (the paper's 0.05)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma, in reward units (TRL's default)
 
 
 @dataclass
@@ -325,14 +327,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
-    if cfg.loss.type in TDPO_LOSS_TYPES:
+    if cfg.loss.type in REFERENCE_FREE_LOSS_TYPES:
+        _validate_reference_free(cfg)
+        name = cfg.loss.type
+    elif cfg.loss.type in TDPO_LOSS_TYPES:
         _validate_tdpo(cfg)
         name = cfg.loss.type
     else:
         try:
             name = canonical_loss_type(cfg.loss.type)
         except ValueError as e:
-            raise ConfigError(f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)})") from None
+            raise ConfigError(
+                f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)}, or the reference-free "
+                f"{', '.join(REFERENCE_FREE_LOSS_TYPES)})"
+            ) from None
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
     if name == "exo_pair" and cfg.loss.label_smoothing == 0.0:
@@ -439,6 +447,7 @@ def _refuse_inert_loss_keys(cfg: Config, loss_name: str) -> None:
         "f_alpha": loss_name == "fdpo_alpha",
         "tdpo_alpha": cfg.loss.type == "tdpo2",
         "discopop_tau": loss_name == "discopop",
+        "simpo_gamma": cfg.loss.type == "simpo",
     }
     for key, applies in used.items():
         value = getattr(cfg.loss, key)
@@ -526,6 +535,36 @@ def _validate_tdpo(cfg: Config) -> None:
     ):
         if value != default:
             raise ConfigError(f"{key}: does not apply to loss.type={cfg.loss.type}; leave it at {default}")
+
+
+def _validate_reference_free(cfg: Config) -> None:
+    """SimPO, CPO, ORPO read no reference: every reference.* key keeps its default (the run builds no
+    reference, so a changed one would be silently ignored), and so do the loss keys they never read."""
+    loss = cfg.loss
+    if loss.alpha != 1.0:
+        raise ConfigError(
+            f"loss.alpha: {loss.alpha} has no effect with the reference-free loss.type={loss.type}: H-DPO's "
+            f"alpha weighs the policy against the reference, and without one it would only rescale "
+            f"loss.beta; leave it at 1.0 (and tune loss.beta)"
+        )
+    if not loss.simpo_gamma >= 0:
+        raise ConfigError(f"loss.simpo_gamma: must be >= 0, got {loss.simpo_gamma}")
+    for key, value, default in (
+        ("loss.label_smoothing", loss.label_smoothing, 0.0),
+        ("loss.nll_weight", loss.nll_weight, 0.0),
+    ):
+        if value != default:
+            raise ConfigError(
+                f"{key}: does not apply to the reference-free loss.type={loss.type} (CPO and ORPO carry "
+                f"their own NLL term); leave it at {default}"
+            )
+    defaults = dataclasses.asdict(ReferenceConfig())
+    for name, value in dataclasses.asdict(cfg.reference).items():
+        if value != defaults[name]:
+            raise ConfigError(
+                f"reference.{name}: {value!r} has no effect with the reference-free loss.type={loss.type} "
+                f"(the run builds no reference: no engine, no cache); leave it at {defaults[name]!r}"
+            )
 
 
 def to_dict(cfg: Config) -> dict:
