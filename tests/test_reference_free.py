@@ -4,13 +4,13 @@ tests/test_losses_reference_free.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hdpo_ds.config import ConfigError, load_config
+from hdpo_ds.config import ConfigError, LossConfig, load_config
 from hdpo_ds.objectives.objective import PairTerms, ReferenceFreeObjective, make_objective
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES, simpo_loss
 from hdpo_ds.tracking.metrics import PAIR_METRICS, REFERENCE_METRICS, STEP_METRICS, StepAccumulator
@@ -20,8 +20,8 @@ BASE = ["model.name_or_path=configs/models/tiny-demo", "data.train_files=[a.json
 
 
 def _loss_section(**overrides):
-    defaults = {"type": "simpo", "beta": 2.0, "simpo_gamma": 0.5, "label_smoothing": 0.0, "f_alpha": 0.5}
-    return SimpleNamespace(**{**defaults, "nll_weight": 0.0, "tdpo_alpha": 0.5, **overrides})
+    """The run config's loss section (every key at its default) with SimPO's beta and `overrides`."""
+    return dataclasses.replace(LossConfig(), **{"type": "simpo", "beta": 2.0, **overrides})
 
 
 @pytest.mark.parametrize("loss_type", REFERENCE_FREE_LOSS_TYPES)
