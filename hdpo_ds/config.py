@@ -20,7 +20,16 @@ import yaml
 
 from hdpo_ds.data.records import parse_rows
 from hdpo_ds.monitoring.detectors import DETECTORS
-from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES, canonical_loss_type
+from hdpo_ds.objectives.losses import (
+    ALPHA_LOSS_TYPES,
+    DISCOPOP_DEFAULT_TAU,
+    EXO_DEFAULT_EPSILON,
+    LABEL_SMOOTHING_LOSS_TYPES,
+    TDPO_LOSS_TYPES,
+    alpha_does_not_apply,
+    canonical_loss_type,
+)
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 
 __all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
 
@@ -91,10 +100,14 @@ class LossConfig:
     alpha_max_change: float = 0.03  # the most log(alpha) moves in one update
     alpha_ema: float = 0.8  # smoothing of the entropy the controller reads
     alpha_update: Literal["step", "eval"] = "step"  # read each step's entropy, or each evaluation's
+    # cDPO's eps (hdpo, f-DPO, sigmoid_norm), rDPO's flip rate (robust) or EXO's eps (exo_pair, where 0
+    # reads as EXO_DEFAULT_EPSILON = 1e-3: eps = 0 makes that loss infinite)
     label_smoothing: float = 0.0
     f_alpha: float = 0.5
     nll_weight: float = 0.0
     tdpo_alpha: float = 0.5  # TDPO2's weight of the sequential-KL margin (the paper code's default)
+    discopop_tau: float = DISCOPOP_DEFAULT_TAU  # DiscoPOP's mixing temperature (the paper's 0.05)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma, in reward units (TRL's default)
 
 
 @dataclass
@@ -314,16 +327,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
-    if cfg.loss.type in TDPO_LOSS_TYPES:
+    if cfg.loss.type in REFERENCE_FREE_LOSS_TYPES:
+        _validate_reference_free(cfg)
+        name = cfg.loss.type
+    elif cfg.loss.type in TDPO_LOSS_TYPES:
         _validate_tdpo(cfg)
         name = cfg.loss.type
     else:
         try:
             name = canonical_loss_type(cfg.loss.type)
         except ValueError as e:
-            raise ConfigError(f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)})") from None
+            raise ConfigError(
+                f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)}, or the reference-free "
+                f"{', '.join(REFERENCE_FREE_LOSS_TYPES)})"
+            ) from None
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
+    if name == "exo_pair" and cfg.loss.label_smoothing == 0.0:
+        # the key's general default 0 would make EXO's loss infinite: it reads as EXO's usual eps, and the
+        # run's saved config and MLflow params show the value trained with
+        cfg.loss.label_smoothing = EXO_DEFAULT_EPSILON
     if cfg.loss.alpha == "auto":
         _validate_adaptive_alpha(cfg, name)
     elif not cfg.loss.alpha > 0:
@@ -336,8 +359,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.f_alpha: must lie in (0, 1), got {cfg.loss.f_alpha}")
     if not 0 <= cfg.loss.label_smoothing < 0.5:
         raise ConfigError(f"loss.label_smoothing: must lie in [0, 0.5), got {cfg.loss.label_smoothing}")
-    if cfg.loss.label_smoothing > 0 and name in ("ipo", "hinge"):
-        raise ConfigError(f"loss.label_smoothing: does not apply to loss.type={cfg.loss.type}")
+    if not cfg.loss.discopop_tau > 0:
+        raise ConfigError(f"loss.discopop_tau: must be > 0, got {cfg.loss.discopop_tau}")
     if cfg.loss.nll_weight < 0:
         raise ConfigError(f"loss.nll_weight: must be >= 0, got {cfg.loss.nll_weight}")
     if not cfg.model.name_or_path:
@@ -415,27 +438,33 @@ def validate(cfg: Config) -> None:
 
 def _refuse_inert_loss_keys(cfg: Config, loss_name: str) -> None:
     """A loss key the chosen loss type never reads must stay at its default, or the run would silently
-    train something other than what the config says (e.g. loss.type=ipo with loss.alpha=0.5)."""
+    train something other than what the config says (e.g. loss.type=ipo with loss.alpha=0.5). For alpha
+    the message says why it has no meaning there (objectives/losses.py `alpha_does_not_apply`)."""
     defaults = LossConfig()
     used = {
-        "alpha": loss_name == "hdpo",
+        "alpha": loss_name in ALPHA_LOSS_TYPES,
+        "label_smoothing": loss_name in LABEL_SMOOTHING_LOSS_TYPES,
         "f_alpha": loss_name == "fdpo_alpha",
         "tdpo_alpha": cfg.loss.type == "tdpo2",
+        "discopop_tau": loss_name == "discopop",
+        "simpo_gamma": cfg.loss.type == "simpo",
     }
     for key, applies in used.items():
         value = getattr(cfg.loss, key)
         if not applies and value != getattr(defaults, key):
+            why = f": {alpha_does_not_apply(loss_name)}" if key == "alpha" else ""
             raise ConfigError(
-                f"loss.{key}: {value} has no effect with loss.type={cfg.loss.type}; "
+                f"loss.{key}: {value} has no effect with loss.type={cfg.loss.type}{why}; "
                 f"leave it at {getattr(defaults, key)}"
             )
 
 
 def _validate_adaptive_alpha(cfg: Config, loss_name: str) -> None:
     loss = cfg.loss
-    if loss_name != "hdpo" or cfg.loss.type != "hdpo":
+    if loss_name not in ALPHA_LOSS_TYPES or cfg.loss.type != loss_name:
         raise ConfigError(
-            f"loss.alpha: auto steers H-DPO's alpha; it needs loss.type=hdpo, got {cfg.loss.type}"
+            f"loss.alpha: auto steers H-DPO's alpha; it needs a loss.type where alpha applies "
+            f"({', '.join(sorted(ALPHA_LOSS_TYPES))}), got {cfg.loss.type}"
         )
     if not loss.target_entropy > 0:
         raise ConfigError(
@@ -506,6 +535,36 @@ def _validate_tdpo(cfg: Config) -> None:
     ):
         if value != default:
             raise ConfigError(f"{key}: does not apply to loss.type={cfg.loss.type}; leave it at {default}")
+
+
+def _validate_reference_free(cfg: Config) -> None:
+    """SimPO, CPO, ORPO read no reference: every reference.* key keeps its default (the run builds no
+    reference, so a changed one would be silently ignored), and so do the loss keys they never read."""
+    loss = cfg.loss
+    if loss.alpha != 1.0:
+        raise ConfigError(
+            f"loss.alpha: {loss.alpha} has no effect with the reference-free loss.type={loss.type}: H-DPO's "
+            f"alpha weighs the policy against the reference, and without one it would only rescale "
+            f"loss.beta; leave it at 1.0 (and tune loss.beta)"
+        )
+    if not loss.simpo_gamma >= 0:
+        raise ConfigError(f"loss.simpo_gamma: must be >= 0, got {loss.simpo_gamma}")
+    for key, value, default in (
+        ("loss.label_smoothing", loss.label_smoothing, 0.0),
+        ("loss.nll_weight", loss.nll_weight, 0.0),
+    ):
+        if value != default:
+            raise ConfigError(
+                f"{key}: does not apply to the reference-free loss.type={loss.type} (CPO and ORPO carry "
+                f"their own NLL term); leave it at {default}"
+            )
+    defaults = dataclasses.asdict(ReferenceConfig())
+    for name, value in dataclasses.asdict(cfg.reference).items():
+        if value != defaults[name]:
+            raise ConfigError(
+                f"reference.{name}: {value!r} has no effect with the reference-free loss.type={loss.type} "
+                f"(the run builds no reference: no engine, no cache); leave it at {defaults[name]!r}"
+            )
 
 
 def to_dict(cfg: Config) -> dict:

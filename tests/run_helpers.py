@@ -135,6 +135,18 @@ def make_assets(root):
     }
 
 
+def assert_grads_close(got: dict, expected: dict):
+    """rtol 1e-5 per element, with an absolute floor of 1e-5 x the tensor's largest entry: float32 sums
+    in another order leave ~1e-8 noise on entries near zero, where a relative test means nothing."""
+    assert set(got) == set(expected), set(got) ^ set(expected)
+    for name, g in expected.items():
+        scale = g.abs().max().item()
+        assert scale > 0, f"{name}: an all-zero gradient would match anything"
+        torch.testing.assert_close(
+            got[name], g, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
 def overrides(assets, name: str, steps: int) -> list[str]:
     root = assets["root"]
     return [

@@ -211,3 +211,101 @@ def test_torch_adamw_unless_the_ds_config_asks_for_deepspeeds_own(device_type):
     offload_ds = load_ds_config("ds_configs/zero3_offload.json")
     offload = fill_ds_config(offload_ds, cfg, world_size=2, device_type=device_type, hidden_size=64)
     assert "torch_adam" not in offload["optimizer"]["params"]
+
+
+# ---------------------------------------------------------------- the loss types and the keys each reads
+
+# Which loss.* hyper-parameters each sequence-level type reads (beyond beta and nll_weight), written out
+# here rather than read from the package, so that a wrong table there fails here.
+LOSS_KEYS_READ = {
+    "hdpo": {"alpha", "label_smoothing"},
+    "ipo": set(),
+    "hinge": set(),
+    "fdpo_js": {"label_smoothing"},
+    "fdpo_alpha": {"label_smoothing", "f_alpha"},
+    "robust": {"alpha", "label_smoothing"},
+    "exo_pair": {"label_smoothing"},
+    "nca_pair": set(),
+    "sppo_hard": set(),
+    "apo_zero": set(),
+    "apo_down": set(),
+    "discopop": {"discopop_tau"},
+    "sigmoid_norm": {"alpha", "label_smoothing"},
+}
+NON_DEFAULT = {"alpha": 0.9, "label_smoothing": 0.1, "f_alpha": 0.3, "tdpo_alpha": 0.3, "discopop_tau": 0.1}
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSS_KEYS_READ))
+@pytest.mark.parametrize("key", sorted(NON_DEFAULT))
+def test_each_loss_type_takes_the_keys_it_reads_and_refuses_the_others_by_name(loss_type, key):
+    override = f"loss.{key}={NON_DEFAULT[key]}"
+    if key in LOSS_KEYS_READ[loss_type]:
+        cfg = _cfg(f"loss.type={loss_type}", override)
+        assert getattr(cfg.loss, key) == NON_DEFAULT[key]
+    else:
+        with pytest.raises(ConfigError) as info:
+            _cfg(f"loss.type={loss_type}", override)
+        assert str(info.value).startswith(
+            f"loss.{key}: {NON_DEFAULT[key]} has no effect with loss.type={loss_type}"
+        ), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "reason"),
+    [
+        ("ipo", "IPO regresses the log-ratio margin"),
+        ("fdpo_js", "an f-divergence does not split into entropy and cross-entropy"),
+        ("exo_pair", "EXO matches the pair distribution of the plain log-ratio"),
+        ("nca_pair", "NCA scores each response by its plain log-ratio"),
+        ("sppo_hard", "SPPO regresses each log-ratio"),
+        ("apo_zero", "APO anchors each plain log-ratio"),
+        ("discopop", "DiscoPOP was discovered and tuned on the plain DPO margin"),
+    ],
+)
+def test_alpha_where_it_has_no_meaning_is_refused_saying_why(loss_type, reason):
+    with pytest.raises(ConfigError) as info:
+        _cfg(f"loss.type={loss_type}", "loss.alpha=0.95")
+    message = str(info.value)
+    assert message.startswith(
+        f"loss.alpha: 0.95 has no effect with loss.type={loss_type}: alpha is H-DPO's entropy weight, the "
+        "factor on the policy's log-prob in the reward alpha*beta*lp - beta*ref that only hdpo, robust, "
+        "sigmoid_norm build; "
+    ), message
+    assert reason in message and message.endswith("; leave it at 1.0")
+
+
+@pytest.mark.parametrize("loss_type", ["hdpo", "robust", "sigmoid_norm"])
+def test_adaptive_alpha_for_the_types_alpha_applies_to(loss_type):
+    cfg = _cfg(f"loss.type={loss_type}", "loss.alpha=auto", "loss.target_entropy=2.5")
+    assert cfg.loss.alpha == "auto"
+
+
+@pytest.mark.parametrize("loss_type", ["nca_pair", "discopop", "ipo", "dpo"])
+def test_adaptive_alpha_is_refused_where_alpha_does_not_apply(loss_type):
+    with pytest.raises(
+        ConfigError, match=r"^loss.alpha: auto steers H-DPO's alpha; it needs a loss.type where"
+    ):
+        _cfg(f"loss.type={loss_type}", "loss.alpha=auto", "loss.target_entropy=2.5")
+
+
+def test_exo_pair_label_smoothing_defaults_to_exos_epsilon():
+    """0, the key's general default, would make EXO's loss infinite: it reads as 1e-3 (and is saved so)."""
+    cfg = _cfg("loss.type=exo_pair")
+    assert cfg.loss.label_smoothing == 1e-3
+    assert flatten(to_dict(cfg))["loss.label_smoothing"] == 1e-3
+    assert _cfg("loss.type=exo_pair", "loss.label_smoothing=0.05").loss.label_smoothing == 0.05
+    assert _cfg("loss.type=hdpo").loss.label_smoothing == 0.0  # the others keep 0
+    with pytest.raises(ConfigError, match=r"^loss.label_smoothing: must lie in \[0, 0.5\)"):
+        _cfg("loss.type=exo_pair", "loss.label_smoothing=0.5")
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1"])
+def test_discopop_tau_must_be_positive(value):
+    with pytest.raises(ConfigError, match=rf"^loss.discopop_tau: must be > 0, got {value}"):
+        _cfg("loss.type=discopop", f"loss.discopop_tau={value}")
+
+
+def test_robust_flip_rate_must_stay_below_one_half():
+    assert _cfg("loss.type=robust", "loss.label_smoothing=0.4").loss.label_smoothing == 0.4
+    with pytest.raises(ConfigError, match=r"^loss.label_smoothing: must lie in \[0, 0.5\)"):
+        _cfg("loss.type=robust", "loss.label_smoothing=0.5")

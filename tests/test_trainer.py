@@ -30,6 +30,7 @@ from tests.run_helpers import (
     overrides,
     restored_environ,
 )
+from tests.run_helpers import assert_grads_close as _assert_grads_close
 from tests.run_helpers import launch as _launch
 
 
@@ -90,18 +91,6 @@ def _single_process_step0(assets):
     loss = sum(losses) / len(losses)
     loss.backward()
     return loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
-
-
-def _assert_grads_close(got: dict, expected: dict):
-    """rtol 1e-5 per element, with an absolute floor of 1e-5 x the tensor's largest entry: float32 sums
-    in another order leave ~1e-8 noise on entries near zero, where a relative test means nothing."""
-    assert set(got) == set(expected), set(got) ^ set(expected)
-    for name, g in expected.items():
-        scale = g.abs().max().item()
-        assert scale > 0, f"{name}: an all-zero gradient would match anything"
-        torch.testing.assert_close(
-            got[name], g, rtol=1e-5, atol=1e-5 * scale, msg=lambda m, n=name: f"{n}: {m}"
-        )
 
 
 @pytest.mark.distributed
@@ -238,6 +227,7 @@ def test_mlflow_holds_every_metric_for_every_step(py1):
         assert sorted(metrics[key]) == [2, 4, STEPS], key
     params = py1["params"]
     assert params["config.loss.alpha"] == "0.9" and params["run.attn_implementation"] == "sdpa_packed"
+    assert params["run.reference_source"] == "online" and params["run.reference_mode"] == "online"
     assert params["ds_config.train_batch_size"] == "1" and "versions.deepspeed" in params
     # step 0: policy == reference, so the log-ratios are exactly 0
     assert metrics["logratio/chosen"][0] == 0.0 and metrics["logratio/rejected"][0] == 0.0
@@ -359,6 +349,7 @@ def py1_cached(assets):
 
 def test_cached_training_follows_the_online_trajectory(py1, py1_cached):
     assert py1_cached["params"]["run.reference_mode"] == "auto"
+    assert py1_cached["params"]["run.reference_source"] == "cached"
     assert py1_cached["params"]["run.reference_cache.train"] == "computed"
     assert py1_cached["params"]["run.reference_cache.eval"] == "computed"
     for step in range(STEPS):

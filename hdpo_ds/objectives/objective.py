@@ -2,6 +2,8 @@
 
 An objective says what it needs from the reference and turns per-sequence values into per-pair losses:
 
+- `needs_reference`: False for the reference-free losses (SimPO, CPO, ORPO): the recipe then builds no
+  reference at all (no engine, no cache, no reference pass) and never calls `reference_values`.
 - `needs_reference_logits`: False for the sequence-level losses (H-DPO and its siblings), which need
   only the reference's summed log-prob per sequence (so an Arrow reference cache can serve them); True
   for TDPO, which needs the reference's whole next-token distribution at every response position.
@@ -21,22 +23,32 @@ from typing import Any, Protocol
 import torch
 
 from hdpo_ds.objectives.logprobs import segment_sums, token_kl
-from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES, preference_loss, tdpo_loss
+from hdpo_ds.objectives.losses import DISCOPOP_DEFAULT_TAU, TDPO_LOSS_TYPES, preference_loss, tdpo_loss
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES, reference_free_loss
 
-__all__ = ["Objective", "PairLoss", "PairTerms", "SequenceObjective", "TokenKLObjective", "make_objective"]
+__all__ = [
+    "Objective",
+    "PairLoss",
+    "PairTerms",
+    "ReferenceFreeObjective",
+    "SequenceObjective",
+    "TokenKLObjective",
+    "make_objective",
+]
 
 
 @dataclass
 class PairTerms:
     """Per-pair inputs of a loss, each (num_pairs,) in pair order: summed policy and reference log-probs
-    of the chosen and rejected responses, the chosen response's token count, and (TDPO) the summed
-    token-level KL of each response."""
+    of the chosen and rejected responses, each response's token count (the NLL term and sigmoid_norm
+    read them), and (TDPO) the summed token-level KL of each response."""
 
     policy_chosen: torch.Tensor
     policy_rejected: torch.Tensor
-    reference_chosen: torch.Tensor
-    reference_rejected: torch.Tensor
+    reference_chosen: torch.Tensor | None  # None for a reference-free objective (needs_reference False)
+    reference_rejected: torch.Tensor | None
     chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
     kl_chosen: torch.Tensor | None = None
     kl_rejected: torch.Tensor | None = None
 
@@ -53,6 +65,7 @@ class PairLoss:
 
 
 class Objective(Protocol):
+    needs_reference: bool
     needs_reference_logits: bool
     has_kl: bool
 
@@ -73,14 +86,17 @@ class Objective(Protocol):
 
 @dataclass(frozen=True)
 class SequenceObjective:
-    """H-DPO, DPO, cDPO, IPO, hinge and f-DPO on summed sequence log-probs (objectives/losses.py,
-    `preference_loss`); alpha is H-DPO's and may change from step to step (the adaptive controller)."""
+    """The sequence-level losses (objectives/losses.py `preference_loss`, `LOSS_TYPES`: H-DPO, DPO, cDPO,
+    IPO, hinge, f-DPO, rDPO, EXO, NCA, SPPO, APO, DiscoPOP, length-normalised DPO) on summed sequence
+    log-probs; alpha is H-DPO's and may change from step to step (the adaptive controller)."""
 
     loss_type: str
     beta: float
     label_smoothing: float = 0.0
     f_alpha: float = 0.5
     nll_weight: float = 0.0
+    discopop_tau: float = DISCOPOP_DEFAULT_TAU
+    needs_reference: bool = True
     needs_reference_logits: bool = False
     has_kl: bool = False
 
@@ -102,7 +118,9 @@ class SequenceObjective:
             label_smoothing=self.label_smoothing,
             f_alpha=self.f_alpha,
             chosen_token_counts=terms.chosen_tokens,
+            rejected_token_counts=terms.rejected_tokens,
             nll_weight=self.nll_weight,
+            discopop_tau=self.discopop_tau,
         )
         return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
 
@@ -116,6 +134,7 @@ class TokenKLObjective:
     beta: float
     tdpo_alpha: float
     chunk_size: int
+    needs_reference: bool = True
     needs_reference_logits: bool = True
     has_kl: bool = True
 
@@ -144,9 +163,46 @@ class TokenKLObjective:
         )
 
 
+@dataclass(frozen=True)
+class ReferenceFreeObjective:
+    """SimPO, CPO and ORPO (objectives/reference_free.py): losses of the policy's own log-probs and
+    response lengths. No reference: the recipe builds none, `reference_values` is never called, and
+    PairTerms' reference fields are None. H-DPO's alpha does not apply (config refuses loss.alpha)."""
+
+    loss_type: str
+    beta: float
+    simpo_gamma: float = 0.5
+    needs_reference: bool = False
+    needs_reference_logits: bool = False
+    has_kl: bool = False
+
+    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
+        raise RuntimeError(f"loss.type={self.loss_type} is reference-free: no reference values to ask for")
+
+    def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> None:
+        return None
+
+    def pair_loss(self, terms: PairTerms, alpha: float) -> PairLoss:
+        out = reference_free_loss(
+            self.loss_type,
+            terms.policy_chosen,
+            terms.policy_rejected,
+            terms.chosen_tokens,
+            terms.rejected_tokens,
+            beta=self.beta,
+            simpo_gamma=self.simpo_gamma,
+        )
+        return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
+
+
 def make_objective(loss: Any, *, chunk_size: int) -> Objective:
     """The objective of a `loss` config section (duck-typed: type, beta, label_smoothing, f_alpha,
-    nll_weight, tdpo_alpha); `chunk_size` bounds the (chunk, V) buffers of the token-level KL."""
+    nll_weight, discopop_tau, tdpo_alpha, simpo_gamma); `chunk_size` bounds the (chunk, V) buffers
+    of the token-level KL."""
+    if loss.type in REFERENCE_FREE_LOSS_TYPES:
+        return ReferenceFreeObjective(loss.type, loss.beta, loss.simpo_gamma)
     if loss.type in TDPO_LOSS_TYPES:
         return TokenKLObjective(loss.type, loss.beta, loss.tdpo_alpha, chunk_size)
-    return SequenceObjective(loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight)
+    return SequenceObjective(
+        loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight, loss.discopop_tau
+    )

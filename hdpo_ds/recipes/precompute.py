@@ -22,8 +22,9 @@ import shutil
 import numpy as np
 import torch
 
-from hdpo_ds.config import Config
+from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import IndexedPairs, collate, pack_step
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.splits import Split, load_split_records, tokenize_split
 from hdpo_ds.reference.cache import (
     RefCache,
@@ -325,6 +326,11 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
     """The whole offline pass (launch/precompute_ref.py): data, reference engine, caches of every split.
     Its dtype is resolved from the --ds (inference) config; the cache fingerprint records it, so a training
     run in another dtype finds the cache stale rather than using it."""
+    if cfg.loss.type in REFERENCE_FREE_LOSS_TYPES:
+        raise ConfigError(
+            f"loss.type: {cfg.loss.type} is reference-free: its training reads no reference, so there is "
+            "no reference cache to precompute"
+        )
     infer_ds = engine.load_ds_config(ds_config_path)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)

@@ -4,7 +4,8 @@ save, finish (docs/design.md §6). It composes the layers; `train` runs it end t
 One optimizer step = `train.pairs_per_step` pairs (global), packed into token-budget micro-batches,
 the same number on every rank (fillers with weight 0 where a rank is short). Each micro-batch:
 policy forward -> token_stats -> per-sequence sums -> the reference's values (what the objective needs:
-sequence sums, or TDPO's logits) -> the objective's per-pair losses; its summed loss is scaled by
+sequence sums, or TDPO's logits; nothing for the reference-free SimPO, CPO, ORPO, whose runs build no
+reference at all) -> the objective's per-pair losses; its summed loss is scaled by
 world_size / global_pairs so that, after DeepSpeed averages gradients over ranks, the step's gradient
 is that of the mean over all pairs (docs/design.md §5). The accumulation boundary is each rank's last
 micro-batch. Before the optimizer update one collective agrees whether any rank saw a non-finite loss
@@ -63,7 +64,7 @@ class _BatchResult:
 
     loss: PairLoss
     lp: tuple[torch.Tensor, torch.Tensor]
-    ref: tuple[torch.Tensor, torch.Tensor]
+    ref: tuple[torch.Tensor, torch.Tensor] | None  # None: a reference-free objective
     tokens: tuple[torch.Tensor, torch.Tensor]
     token_sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -135,7 +136,8 @@ class PreferenceRecipe:
         """Collective. What can fail fast fails before any engine exists; then the data, the policy and
         reference engines (built inside zero.Init under ZeRO-3), resume, and the MLflow run."""
         cfg, s = self.cfg, self.session
-        infer_ds_config = engine.load_ds_config(cfg.reference.ds_config)
+        needs_reference = self.objective.needs_reference
+        infer_ds_config = engine.load_ds_config(cfg.reference.ds_config) if needs_reference else None
         check_before_engines(cfg)
         s.load_tokenizer()
         records = load_split_records(cfg)
@@ -156,7 +158,9 @@ class PreferenceRecipe:
         )
         s.find_resume_point()
         s.resolve_dtype()
-        self.ref_ds = s.fill_ds_config(infer_ds_config, training=False, dtype=s.dtype)
+        self.ref_ds = (
+            s.fill_ds_config(infer_ds_config, training=False, dtype=s.dtype) if needs_reference else None
+        )
         s.build_policy()
         self._setup_reference()
         self._resume()
@@ -165,13 +169,24 @@ class PreferenceRecipe:
         self._ready = True
 
     def _setup_reference(self) -> None:
-        """The reference: its own engine (online), or cached values and no engine at all (cached / auto)."""
+        """The reference: its own engine (online), cached values and no engine at all (cached / auto), or
+        nothing whatever for a reference-free objective (`reference_source`: online, cached, none)."""
         cfg, s = self.cfg, self.session
         self.cache_actions: dict[str, str] = {}
+        if not self.objective.needs_reference:
+            self.reference_source = "none"
+            self.references = dict.fromkeys(self.splits, None)
+            if dist.is_main_process():
+                logger.info("reference: none (loss.type=%s is reference-free)", cfg.loss.type)
+            return
         if cfg.reference.mode == "online":
+            self.reference_source = "online"
             online = load_reference_engine(cfg, self.ref_ds, s.dtype, s.device_type)
             self.references = dict.fromkeys(self.splits, online)
+            if dist.is_main_process():
+                logger.info("reference: online (a ZeRO-3 inference engine)")
             return
+        self.reference_source = "cached"
         caches, self.cache_actions = ensure_reference_caches(
             cfg,
             self.splits,
@@ -183,6 +198,8 @@ class PreferenceRecipe:
             compute_missing=cfg.reference.mode == "auto",
         )
         self.references = {name: CachedReference(cache, s.device) for name, cache in caches.items()}
+        if dist.is_main_process():
+            logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
@@ -211,9 +228,13 @@ class PreferenceRecipe:
         )
         for name, count in {**train_split.records.skipped, **self.train_data.stats}.items():
             params[f"data.{name}"] = count
-        params["run.reference_mode"] = cfg.reference.mode
+        params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
+        if self.reference_source != "none":
+            params["run.reference_mode"] = cfg.reference.mode
         params.update({f"run.reference_cache.{name}": action for name, action in self.cache_actions.items()})
-        artifacts = {"ds_config.json": s.policy_ds, "ds_config_reference.json": self.ref_ds}
+        artifacts = {"ds_config.json": s.policy_ds}
+        if self.ref_ds is not None:
+            artifacts["ds_config_reference.json"] = self.ref_ds
         artifacts["config.json"] = to_dict(cfg)
         s.open_logger(params, artifacts)
         if dist.is_main_process() and not s.resume_state:
@@ -242,7 +263,9 @@ class PreferenceRecipe:
         started = time.perf_counter()
         lr = policy.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         policy.train()
-        acc = StepAccumulator(device, with_kl=self.objective.has_kl)
+        acc = StepAccumulator(
+            device, with_kl=self.objective.has_kl, with_reference=self.objective.needs_reference
+        )
         micro_batches = assignment.micro_batches
         scale = s.world_size / assignment.num_pairs
         real_tokens = 0
@@ -321,12 +344,15 @@ class PreferenceRecipe:
 
     def _run_batch(self, reference, batch: PackedBatch, *, track_grad: bool, alpha: float) -> _BatchResult:
         """Forward the policy on one micro-batch, get the reference's values the objective needs (engine
-        or cache), and compute the per-pair losses at this step's `alpha`."""
+        or cache; none for a reference-free objective), and compute the per-pair losses at this step's
+        `alpha`."""
         cfg, objective = self.cfg, self.objective
         inputs = batch.model_inputs()
         mask = batch.labels != -100
         num_seqs = batch.num_seqs
-        ref_seq, ref_logits = objective.reference_values(reference, batch)
+        ref_seq, ref_logits = (
+            objective.reference_values(reference, batch) if objective.needs_reference else (None, None)
+        )
         with torch.set_grad_enabled(track_grad):
             logits = self.session.policy(**inputs).logits
             stats = token_stats(
@@ -342,19 +368,21 @@ class PreferenceRecipe:
             for name in ("entropy", "topk_mass", "topk_entropy")
         }
         chosen, rejected = pair_sequence_indices(batch)
+        ref = None if ref_seq is None else (ref_seq[chosen], ref_seq[rejected])
         terms = PairTerms(
             seq.sums[chosen],
             seq.sums[rejected],
-            ref_seq[chosen],
-            ref_seq[rejected],
+            None if ref is None else ref[0],
+            None if ref is None else ref[1],
             chosen_tokens=seq.counts[chosen],
+            rejected_tokens=seq.counts[rejected],
             kl_chosen=None if seq_kl is None else seq_kl[chosen],
             kl_rejected=None if seq_kl is None else seq_kl[rejected],
         )
         return _BatchResult(
             loss=objective.pair_loss(terms, alpha),
             lp=(seq.sums[chosen].detach(), seq.sums[rejected].detach()),
-            ref=(ref_seq[chosen], ref_seq[rejected]),
+            ref=ref,
             tokens=(seq.counts[chosen], seq.counts[rejected]),
             token_sums=(
                 {k: v[chosen] for k, v in monitor_sums.items()},
@@ -391,7 +419,9 @@ class PreferenceRecipe:
         lengths = eval_data.pairs.lengths
         count = len(lengths) if not cfg.train.eval_pairs else min(cfg.train.eval_pairs, len(lengths))
         positions = np.arange(count)
-        acc = StepAccumulator(s.device, with_kl=self.objective.has_kl)
+        acc = StepAccumulator(
+            s.device, with_kl=self.objective.has_kl, with_reference=self.objective.needs_reference
+        )
         # Chunks of pairs_per_step pairs keep each packing (and its fillers) to the training step's size.
         for start in range(0, count, cfg.train.pairs_per_step):
             chunk = positions[start : start + cfg.train.pairs_per_step]
@@ -525,8 +555,8 @@ def _accumulate(acc: StepAccumulator, result: _BatchResult) -> None:
         rejected_rewards=loss.rejected_rewards,
         chosen_logps=result.lp[0],
         rejected_logps=result.lp[1],
-        chosen_ref_logps=result.ref[0],
-        rejected_ref_logps=result.ref[1],
+        chosen_ref_logps=None if result.ref is None else result.ref[0],
+        rejected_ref_logps=None if result.ref is None else result.ref[1],
         chosen_tokens=result.tokens[0],
         rejected_tokens=result.tokens[1],
         chosen_token_sums=result.token_sums[0],

@@ -26,6 +26,7 @@ import torch
 
 from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
 from hdpo_ds.recipes.splits import load_split_records, tokenize_options
 from hdpo_ds.reference.cache import RefCache, RefCacheError, cache_status
@@ -122,7 +123,9 @@ def dry_run(
 
     # ---- configs: the run config was validated by load_config; the ds_configs are filled for this world size
     ds_config = _load_ds(ds_config_path, "--ds")
-    infer_ds_config = _load_ds(cfg.reference.ds_config, "reference.ds_config")
+    # A reference-free loss builds no reference: its config (validated at its default) is not read.
+    reference_free = cfg.loss.type in REFERENCE_FREE_LOSS_TYPES
+    infer_ds_config = None if reference_free else _load_ds(cfg.reference.ds_config, "reference.ds_config")
     check_model_source(cfg.model)
     hf_config = load_hf_config(
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path"
@@ -147,15 +150,16 @@ def dry_run(
     policy_ds = engine.fill_ds_config(
         ds_config, cfg, world_size=world_size, device_type=device_type, hidden_size=shape.hidden_size
     )
-    engine.fill_ds_config(
-        infer_ds_config,
-        cfg,
-        world_size=world_size,
-        device_type=device_type,
-        hidden_size=shape.hidden_size,
-        training=False,
-        dtype=dtype,
-    )
+    if not reference_free:
+        engine.fill_ds_config(
+            infer_ds_config,
+            cfg,
+            world_size=world_size,
+            device_type=device_type,
+            hidden_size=shape.hidden_size,
+            training=False,
+            dtype=dtype,
+        )
     ok(
         f"ds_configs filled for {world_size} ranks ({str(dtype).removeprefix('torch.')}, ZeRO stage "
         f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})"
@@ -203,7 +207,9 @@ def dry_run(
     )
 
     # ---- the reference cache: its fingerprint against this run's (what precompute would write)
-    if cfg.reference.mode in ("cached", "auto"):
+    if reference_free:
+        ok(f"reference: none (loss.type={cfg.loss.type} is reference-free: no engine, no cache)")
+    elif cfg.reference.mode in ("cached", "auto"):
         root = cache_root(cfg)
         template = cfg.data.chat_template or None
         identity = model_identity(cfg)  # the weight files, hashed once for every split
@@ -240,7 +246,7 @@ def dry_run(
     settings = settings_from_ds_config(
         policy_ds,
         micro_batch_tokens=cfg.data.max_tokens_per_micro_batch,
-        reference="online" if cfg.reference.mode == "online" else "cached",
+        reference="none" if reference_free else "online" if cfg.reference.mode == "online" else "cached",
         reference_offload=cfg.reference.offload,
         grad_checkpointing=cfg.model.gradient_checkpointing,
         logits_chunk_size=cfg.train.logits_chunk_size,

@@ -2,7 +2,7 @@
 
     python -m hdpo_ds.tools.plan --model configs/models/command-r-35b --nodes 2 --gpus-per-node 8 \
         --gpu-mem-gib 80 --micro-batch-tokens 8192 [--ds ds_configs/zero3_35b.json] \
-        [--reference online|cached] [--grad-checkpointing] [--json]
+        [--reference online|cached|none] [--grad-checkpointing] [--json]
 
 It prints a per-GPU memory breakdown (what ZeRO-3 keeps per rank, what it gathers, activations,
 logits, the reference), a verdict with headroom, the smallest change that fits when it does not, and
@@ -191,7 +191,7 @@ class Hardware:
 @dataclass(frozen=True)
 class Settings:
     micro_batch_tokens: int
-    reference: str = "online"  # online | cached
+    reference: str = "online"  # online | cached | none (a reference-free loss: SimPO, CPO, ORPO)
     reference_offload: bool = False
     grad_checkpointing: bool = False
     offload_optimizer: bool = False
@@ -459,9 +459,9 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
             "reference model (shard)",
             ref_shard,
             ref_where,
-            "cached reference: no model"
-            if settings.reference != "online"
-            else "ZeRO-3 inference engine, no optimizer",
+            {"cached": "cached reference: no model", "none": "reference-free loss: no reference"}.get(
+                settings.reference, "ZeRO-3 inference engine, no optimizer"
+            ),
         ),
     ]
 
@@ -672,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         help="smallest micro-batch to recommend: 2 × data.max_length, so that one pair fits",
     )
     parser.add_argument("--ds", default=None, help="DeepSpeed JSON: offload, precision and bucket sizes")
-    parser.add_argument("--reference", choices=["online", "cached"], default="online")
+    parser.add_argument("--reference", choices=["online", "cached", "none"], default="online")
     parser.add_argument("--reference-offload", action="store_true", help="reference.offload=true")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--offload-optimizer", action="store_true", help="as if the ds_config offloaded it")

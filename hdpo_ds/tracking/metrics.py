@@ -19,14 +19,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "REFERENCE_METRICS",
     "STEP_METRICS",
     "StepAccumulator",
     "peak_memory_mib",
 ]
 
 # The keys the trainer logs at every optimizer step (tests/test_trainer.py checks the set is exact); with
-# loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*.
-# Evaluations log the first block under "eval/".
+# loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*;
+# without a reference (SimPO, CPO, ORPO) no REFERENCE_METRICS. Evaluations log the first block under "eval/".
 PAIR_METRICS = (
     "loss",
     "rewards/chosen",
@@ -46,6 +47,8 @@ PAIR_METRICS = (
     "topk_entropy/chosen",
     "topk_entropy/rejected",
 )
+# The metrics that compare the policy with a reference: absent from a reference-free run.
+REFERENCE_METRICS = ("logratio/chosen", "logratio/rejected")
 STEP_METRICS = (
     *PAIR_METRICS,
     "alpha",
@@ -65,6 +68,8 @@ class StepAccumulator:
 
     Pair sums are divided by the global pair count; token sums by the global count of chosen or
     rejected response tokens, so `entropy/chosen` is a mean over tokens, not over sequences.
+    `with_reference=False` (a reference-free objective): `add_pairs` takes no reference log-probs and
+    `metrics` has no REFERENCE_METRICS; their sums stay 0, so every rank still reduces the same vector.
     """
 
     # Fixed names in a fixed order: every rank reduces the same vector, even one that ran only fillers.
@@ -93,9 +98,12 @@ class StepAccumulator:
         "stop_requests",
     )
 
-    def __init__(self, device: torch.device | str, with_kl: bool = False) -> None:
+    def __init__(
+        self, device: torch.device | str, with_kl: bool = False, with_reference: bool = True
+    ) -> None:
         self.device = device
         self.with_kl = with_kl
+        self.with_reference = with_reference
         self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(self.SUM_KEYS, 0.0)
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
@@ -112,14 +120,21 @@ class StepAccumulator:
         rejected_rewards: torch.Tensor,
         chosen_logps: torch.Tensor,
         rejected_logps: torch.Tensor,
-        chosen_ref_logps: torch.Tensor,
-        rejected_ref_logps: torch.Tensor,
+        chosen_ref_logps: torch.Tensor | None,
+        rejected_ref_logps: torch.Tensor | None,
         chosen_tokens: torch.Tensor,
         rejected_tokens: torch.Tensor,
         chosen_token_sums: dict[str, torch.Tensor],
         rejected_token_sums: dict[str, torch.Tensor],
     ) -> None:
-        """Per-pair tensors of shape (num_pairs,); token sums are per pair sums of per-token values."""
+        """Per-pair tensors of shape (num_pairs,); token sums are per pair sums of per-token values. The
+        reference log-probs are given exactly when the accumulator was made `with_reference`."""
+        given = (chosen_ref_logps is not None, rejected_ref_logps is not None)
+        if given != (self.with_reference, self.with_reference):
+            raise ValueError(
+                f"StepAccumulator(with_reference={self.with_reference}): chosen_ref_logps and "
+                f"rejected_ref_logps must {'both be given' if self.with_reference else 'be None'}"
+            )
         self.add("pairs", losses.numel())
         self.add("loss", losses.sum())
         self.add("rewards/chosen", chosen_rewards.sum())
@@ -129,15 +144,17 @@ class StepAccumulator:
         self.add("logps/rejected", rejected_logps.sum())
         self.add("tokens/chosen", chosen_tokens.sum())
         self.add("tokens/rejected", rejected_tokens.sum())
-        self.add("logratio/chosen", (chosen_logps - chosen_ref_logps).sum())
-        self.add("logratio/rejected", (rejected_logps - rejected_ref_logps).sum())
+        if self.with_reference:
+            self.add("logratio/chosen", (chosen_logps - chosen_ref_logps).sum())
+            self.add("logratio/rejected", (rejected_logps - rejected_ref_logps).sum())
         for name, value in chosen_token_sums.items():
             self.add(f"{name}/chosen", value.sum())
         for name, value in rejected_token_sums.items():
             self.add(f"{name}/rejected", value.sum())
 
     def metrics(self, global_sums: dict[str, float], prefix: str = "") -> dict[str, float]:
-        """Turn globally reduced sums into the pair metrics (PAIR_METRICS)."""
+        """Turn globally reduced sums into the pair metrics (PAIR_METRICS; less REFERENCE_METRICS
+        without a reference)."""
         pairs = max(global_sums.get("pairs", 0.0), 1.0)
         tokens = {side: max(global_sums.get(f"tokens/{side}", 0.0), 1.0) for side in ("chosen", "rejected")}
         out = {
@@ -154,7 +171,8 @@ class StepAccumulator:
         for side in ("chosen", "rejected"):
             out[f"logps/{side}"] = global_sums[f"logps/{side}"] / pairs
             out[f"logps/{side}_mean"] = global_sums[f"logps/{side}"] / tokens[side]
-            out[f"logratio/{side}"] = global_sums[f"logratio/{side}"] / tokens[side]
+            if self.with_reference:
+                out[f"logratio/{side}"] = global_sums[f"logratio/{side}"] / tokens[side]
             for name in ("entropy", "topk_mass", "topk_entropy"):
                 out[f"{name}/{side}"] = global_sums[f"{name}/{side}"] / tokens[side]
         return {f"{prefix}{k}": v for k, v in out.items()}
