@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from hdpo_ds.config import ConfigError, flatten, load_config, to_dict
+from hdpo_ds.config import Config, ConfigError, flatten, load_config, to_dict
 from hdpo_ds.runtime import checkpoint
 from hdpo_ds.runtime.engine import fill_ds_config, load_ds_config
 from tests.data_helpers import tiny_llama
@@ -82,6 +82,24 @@ def test_resume_refuses_keys_that_change_the_math(override):
     now = flatten(to_dict(load_config(None, [*BASE, override])))
     key = override.split("=")[0]
     assert [line.split(":")[0] for line in checkpoint.math_differences(saved, now)] == [key]
+
+
+def test_a_key_added_after_the_checkpoint_compares_against_its_default():
+    """A checkpoint written before loss.label_smoothing existed behaved as its default (0): resuming at
+    the default is no change, resuming at another value is one."""
+    defaults = flatten(to_dict(Config()))
+    saved = flatten(to_dict(load_config(None, BASE)))
+    del saved["loss.label_smoothing"]
+    at_default = flatten(to_dict(load_config(None, BASE)))
+    assert checkpoint.math_differences(saved, at_default, defaults=defaults) == []
+    changed = flatten(to_dict(load_config(None, [*BASE, "loss.label_smoothing=0.1"])))
+    assert checkpoint.math_differences(saved, changed, defaults=defaults) == [
+        "loss.label_smoothing: 0.0 in the checkpoint, 0.1 now"
+    ]
+    # without the defaults (the old rule) the missing key itself counted as a change
+    assert checkpoint.math_differences(saved, at_default) == [
+        "loss.label_smoothing: None in the checkpoint, 0.0 now"
+    ]
 
 
 @pytest.mark.parametrize("override", ["optim.schedule=linear", "optim.warmup_steps=3", "train.max_steps=500"])

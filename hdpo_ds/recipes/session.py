@@ -71,7 +71,9 @@ def resume_point(cfg: Config, world_size: int) -> tuple[str | None, dict | None]
     if folder is None:
         return None, None
     state = checkpoint.read_client_state(folder)
-    differences = checkpoint.math_differences(flatten(state["config"]), flatten(to_dict(cfg)))
+    differences = checkpoint.math_differences(
+        flatten(state["config"]), flatten(to_dict(cfg)), defaults=flatten(to_dict(Config()))
+    )
     if differences and not cfg.train.resume_force:
         raise ConfigError(
             f"train.resume: {folder} was trained with a different configuration, and resuming would "

@@ -260,12 +260,17 @@ def read_client_state(folder: str) -> dict:
         return json.load(f)
 
 
-def math_differences(saved: dict, current: dict) -> list[str]:
-    """Flattened config keys (MATH_KEYS) whose values differ, as 'key: saved -> now' lines."""
+def math_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """Flattened config keys (MATH_KEYS) whose values differ, as 'key: saved -> now' lines.
+
+    A key the checkpoint lacks was added to the config after it was written; the code that wrote it
+    behaved as the key's default does, so with `defaults` it is compared against that default."""
+    defaults = defaults or {}
     lines = []
     for key in sorted(set(saved) | set(current)):
-        if key.startswith(MATH_KEYS) and saved.get(key) != current.get(key):
-            lines.append(f"{key}: {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now")
+        before = saved[key] if key in saved else defaults.get(key)
+        if key.startswith(MATH_KEYS) and before != current.get(key):
+            lines.append(f"{key}: {before!r} in the checkpoint, {current.get(key)!r} now")
     return lines
 
 
