@@ -20,6 +20,7 @@ import yaml
 
 from hdpo_ds.data.records import parse_rows
 from hdpo_ds.monitoring.detectors import DETECTORS
+from hdpo_ds.objectives.coupled import COUPLED_LOSS_TYPES
 from hdpo_ds.objectives.losses import (
     ALPHA_LOSS_TYPES,
     DISCOPOP_DEFAULT_TAU,
@@ -333,13 +334,16 @@ def validate(cfg: Config) -> None:
     elif cfg.loss.type in TDPO_LOSS_TYPES:
         _validate_tdpo(cfg)
         name = cfg.loss.type
+    elif cfg.loss.type in COUPLED_LOSS_TYPES:  # coupled across the step; keys checked as for the others
+        name = cfg.loss.type
     else:
         try:
             name = canonical_loss_type(cfg.loss.type)
         except ValueError as e:
             raise ConfigError(
-                f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)}, or the reference-free "
-                f"{', '.join(REFERENCE_FREE_LOSS_TYPES)})"
+                f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)}, the reference-free "
+                f"{', '.join(REFERENCE_FREE_LOSS_TYPES)}, or the step-coupled "
+                f"{', '.join(COUPLED_LOSS_TYPES)})"
             ) from None
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")

@@ -86,6 +86,7 @@ ALPHA_LOSS_TYPES = frozenset({"hdpo", "robust", "sigmoid_norm"})
 # rDPO's flip rate for robust, EXO's target mass on the rejected response for exo_pair.
 LABEL_SMOOTHING_LOSS_TYPES = frozenset(
     {"hdpo", "fdpo_forward_kl", "fdpo_js", "fdpo_alpha", "sigmoid_norm", "robust", "exo_pair"}
+    | {"aot", "aot_unpaired"}  # cDPO's smoothing of AOT's logistic (objectives/coupled.py)
 )
 EXO_DEFAULT_EPSILON = 1e-3  # EXO's eps when none is given (TRL's default); eps = 0 makes the loss infinite
 DISCOPOP_DEFAULT_TAU = 0.05  # the temperature of DiscoPOP's mixing weight, as the paper sets it
@@ -105,6 +106,12 @@ _NO_ALPHA = {
     **dict.fromkeys(
         ("fdpo_forward_kl", "fdpo_js", "fdpo_alpha"),
         "an f-divergence does not split into entropy and cross-entropy as the reverse KL does",
+    ),
+    # the losses coupled across the step (objectives/coupled.py)
+    "bco_pair": "BCO classifies each plain reward beta*(lp - ref) against the running mean of the rewards",
+    **dict.fromkeys(
+        ("aot", "aot_unpaired"),
+        "AOT compares the sorted distributions of the plain log-ratios, derived without an entropy weight",
     ),
     **dict.fromkeys(
         ("tdpo1", "tdpo2"),

@@ -22,11 +22,18 @@ from typing import Any, Protocol
 
 import torch
 
+from hdpo_ds.objectives.coupled import (
+    AOT_LOSS_TYPES,
+    COUPLED_LOSS_TYPES,
+    aot_loss,
+    bco_pair_loss,
+)
 from hdpo_ds.objectives.logprobs import segment_sums, token_kl
 from hdpo_ds.objectives.losses import DISCOPOP_DEFAULT_TAU, TDPO_LOSS_TYPES, preference_loss, tdpo_loss
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES, reference_free_loss
 
 __all__ = [
+    "CoupledObjective",
     "Objective",
     "PairLoss",
     "PairTerms",
@@ -51,6 +58,10 @@ class PairTerms:
     rejected_tokens: torch.Tensor
     kl_chosen: torch.Tensor | None = None
     kl_rejected: torch.Tensor | None = None
+    # What couples the pairs of a step (CoupledObjective), constants: BCO's reward baseline, or each
+    # pair's partners in AOT's sorted pairing, (num_pairs, 2) (objectives/coupled.py `aot_partners`).
+    reward_baseline: float | None = None
+    partners: torch.Tensor | None = None
 
 
 @dataclass
@@ -66,6 +77,7 @@ class PairLoss:
 
 class Objective(Protocol):
     needs_reference: bool
+    coupling: str | None  # None, "baseline" (bco_pair) or "sort" (aot, aot_unpaired): CoupledObjective
     needs_reference_logits: bool
     has_kl: bool
 
@@ -99,6 +111,7 @@ class SequenceObjective:
     needs_reference: bool = True
     needs_reference_logits: bool = False
     has_kl: bool = False
+    coupling: str | None = None
 
     def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
         return reference.sequence_logps(batch), None
@@ -137,6 +150,7 @@ class TokenKLObjective:
     needs_reference: bool = True
     needs_reference_logits: bool = True
     has_kl: bool = True
+    coupling: str | None = None
 
     def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         logits = reference.logits(batch)
@@ -175,6 +189,7 @@ class ReferenceFreeObjective:
     needs_reference: bool = False
     needs_reference_logits: bool = False
     has_kl: bool = False
+    coupling: str | None = None
 
     def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
         raise RuntimeError(f"loss.type={self.loss_type} is reference-free: no reference values to ask for")
@@ -195,6 +210,54 @@ class ReferenceFreeObjective:
         return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
 
 
+# ------------------------------------------------------------ losses coupled across the step (issue 21)
+@dataclass(frozen=True)
+class CoupledObjective:
+    """bco_pair, aot, aot_unpaired (objectives/coupled.py): sequence-level losses whose pairs are coupled
+    across the optimizer step. The recipe supplies the coupling as constants in PairTerms: the reward
+    baseline (`coupling` "baseline") or each pair's sorted partners ("sort", after a no-grad pre-pass
+    over the step). H-DPO's alpha does not apply (config refuses it)."""
+
+    loss_type: str
+    beta: float
+    label_smoothing: float = 0.0
+    nll_weight: float = 0.0
+    needs_reference: bool = True
+    needs_reference_logits: bool = False
+    has_kl: bool = False
+
+    @property
+    def coupling(self) -> str:
+        return "sort" if self.loss_type in AOT_LOSS_TYPES else "baseline"
+
+    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
+        return reference.sequence_logps(batch), None
+
+    def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> None:
+        return None
+
+    def pair_loss(self, terms: PairTerms, alpha: float) -> PairLoss:
+        args = (terms.policy_chosen, terms.policy_rejected, terms.reference_chosen, terms.reference_rejected)
+        if self.coupling == "baseline":
+            if terms.reward_baseline is None:
+                raise ValueError("loss.type=bco_pair needs PairTerms.reward_baseline (the running mean)")
+            losses, chosen, rejected = bco_pair_loss(*args, beta=self.beta, baseline=terms.reward_baseline)
+        else:
+            if terms.partners is None:
+                raise ValueError(f"loss.type={self.loss_type} needs PairTerms.partners (the sorted pairing)")
+            losses, chosen, rejected = aot_loss(
+                *args,
+                terms.partners,
+                beta=self.beta,
+                label_smoothing=self.label_smoothing,
+                unpaired=self.loss_type == "aot_unpaired",
+            )
+        if self.nll_weight > 0:  # the NLL regulariser of the other sequence losses (docs/design.md §4)
+            counts = terms.chosen_tokens.to(losses.dtype).clamp(min=1)
+            losses = losses + self.nll_weight * (-terms.policy_chosen.to(losses.dtype) / counts)
+        return PairLoss(losses, chosen, rejected)
+
+
 def make_objective(loss: Any, *, chunk_size: int) -> Objective:
     """The objective of a `loss` config section (duck-typed: type, beta, label_smoothing, f_alpha,
     nll_weight, discopop_tau, tdpo_alpha, simpo_gamma); `chunk_size` bounds the (chunk, V) buffers
@@ -203,6 +266,8 @@ def make_objective(loss: Any, *, chunk_size: int) -> Objective:
         return ReferenceFreeObjective(loss.type, loss.beta, loss.simpo_gamma)
     if loss.type in TDPO_LOSS_TYPES:
         return TokenKLObjective(loss.type, loss.beta, loss.tdpo_alpha, chunk_size)
+    if loss.type in COUPLED_LOSS_TYPES:
+        return CoupledObjective(loss.type, loss.beta, loss.label_smoothing, loss.nll_weight)
     return SequenceObjective(
         loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight, loss.discopop_tau
     )

@@ -43,6 +43,7 @@ from hdpo_ds.data import (
 )
 from hdpo_ds.monitoring.alpha import AlphaController
 from hdpo_ds.monitoring.detectors import MonitorSuite
+from hdpo_ds.objectives.coupled import RewardBaseline, aot_partners, aot_sort_values
 from hdpo_ds.objectives.logprobs import segment_sums, token_stats
 from hdpo_ds.objectives.objective import PairLoss, PairTerms, make_objective
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
@@ -117,6 +118,9 @@ class PreferenceRecipe:
         self.objective = make_objective(cfg.loss, chunk_size=cfg.train.logits_chunk_size)
         self.monitors = MonitorSuite(cfg.monitors)
         self.controller = _alpha_controller(cfg)
+        # bco_pair: the running reward mean of the steps before the current one (objectives/coupled.py)
+        self.reward_baseline = RewardBaseline() if self.objective.coupling == "baseline" else None
+        self._prepass_s: float | None = None  # aot: the last step's pre-pass wall time
         self.stopped_by_alert = False
         self.last_alpha = self.alpha  # the alpha the last step trained at; evaluations use it
         self._epoch = iter(())
@@ -212,6 +216,8 @@ class PreferenceRecipe:
                 _write_alerts(self.cfg.output_dir, self.monitors.alerts)
         if self.controller is not None and state.get("alpha_controller"):
             self.controller.load_state_dict(state["alpha_controller"])
+        if self.reward_baseline is not None and state.get("reward_baseline"):  # bco_pair's delta
+            self.reward_baseline.load_state_dict(state["reward_baseline"])
 
     def _open_logger(self) -> None:
         cfg, s = self.cfg, self.session
@@ -269,6 +275,9 @@ class PreferenceRecipe:
         micro_batches = assignment.micro_batches
         scale = s.world_size / assignment.num_pairs
         real_tokens = 0
+        coupled = self._coupling(
+            self.references["train"], assignment.pairs(self.train_data.pairs), assignment
+        )
         bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient here
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
@@ -280,7 +289,7 @@ class PreferenceRecipe:
             ).to(device)
             policy.set_gradient_accumulation_boundary(last)
             planted = s.faults.plant_nan_gradient(step, i, policy)
-            out = self._run_batch(self.references["train"], batch, track_grad=True, alpha=alpha)
+            out = self._run_batch(self.references["train"], batch, track_grad=True, alpha=alpha, **coupled[i])
             out.loss.losses = s.faults.plant_nan(step, i, out.loss.losses)
             losses = out.loss.losses
             finite = torch.isfinite(losses).all()
@@ -321,6 +330,7 @@ class PreferenceRecipe:
                 "step_time_s": elapsed,
             }
         )
+        metrics.update(self._coupling_metrics(sums, skip_step))
         if self.controller is not None and cfg.loss.alpha_update == "step":
             # identical inputs on every rank (globally reduced), so every rank computes the same next alpha
             self.controller.update(metrics["entropy/chosen"])
@@ -342,17 +352,93 @@ class PreferenceRecipe:
         s.policy.step()
         return False
 
-    def _run_batch(self, reference, batch: PackedBatch, *, track_grad: bool, alpha: float) -> _BatchResult:
+    # ---------------------------------------------- losses coupled across the step (bco_pair, aot; §4)
+    def _coupling(self, reference, pairs, packing) -> list[dict]:
+        """Per micro-batch of `packing` (this rank's), the keyword arguments of `_run_batch` that couple
+        the step's pairs: bco_pair's baseline (the steps before this one), or AOT's sorted partners from
+        a no-grad pre-pass over the whole step on all ranks (`_sort_partners`); nothing otherwise."""
+        micro_batches = packing.micro_batches
+        self._prepass_s = None
+        if self.objective.coupling == "baseline":
+            return [{"baseline": self.reward_baseline.value}] * len(micro_batches)
+        if self.objective.coupling == "sort":
+            started = time.perf_counter()
+            coupled = self._sort_partners(reference, pairs, micro_batches, packing.num_pairs)
+            self._prepass_s = time.perf_counter() - started
+            return coupled
+        return [{}] * len(micro_batches)
+
+    @torch.no_grad()
+    def _sort_partners(self, reference, pairs, micro_batches, num_pairs: int) -> list[dict]:
+        """AOT's pre-pass: forward every micro-batch without a graph (the same number on every rank:
+        ZeRO-3 gathers parameters collectively), gather the values AOT sorts from all ranks by step
+        position (`dist.gather_rows`, one collective), sort, and hand each micro-batch its pairs'
+        partners. The reference values are kept for the gradient pass, which reads them again."""
+        s, device = self.session, self.session.device
+        rows, positions, kept = [], [], []
+        for mb in micro_batches:
+            batch = collate(pairs, mb, pad_token_id=s.tokenizer.pad_token_id, packing=self.cfg.data.packing)
+            batch = batch.to(device)
+            ref_values = self.objective.reference_values(reference, batch)
+            zeros = torch.zeros((len(mb.pairs), 2), device=device)  # a placeholder pairing: loss unused
+            out = self._run_batch(
+                None, batch, track_grad=False, alpha=1.0, partners=zeros, ref_values=ref_values
+            )
+            kept.append(ref_values)
+            if not mb.filler:  # a filler repeats a real pair: it must not enter the sort twice
+                unpaired = self.objective.loss_type == "aot_unpaired"
+                rows.append(aot_sort_values(*out.lp, *out.ref, unpaired=unpaired))
+                positions.append(torch.as_tensor(mb.pairs, dtype=torch.long, device=device))
+        mine = torch.cat(rows) if rows else torch.zeros((0, 2), device=device)
+        where = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.long, device=device)
+        partners = aot_partners(dist.gather_rows(mine, where, num_pairs))
+        return [
+            {
+                "partners": torch.zeros((len(mb.pairs), 2), device=device)  # weight 0: any finite value
+                if mb.filler
+                else partners[torch.as_tensor(mb.pairs, dtype=torch.long, device=device)],
+                "ref_values": ref_values,
+            }
+            for mb, ref_values in zip(micro_batches, kept, strict=True)
+        ]
+
+    def _coupling_metrics(self, sums: dict[str, float], skipped: bool) -> dict[str, float]:
+        """bco/baseline (the delta this step trained against; then the step's rewards join the running
+        mean, unless the update was skipped), aot/prepass_s (the pre-pass's wall time on this rank)."""
+        if self.reward_baseline is not None:
+            used = self.reward_baseline.value
+            if not skipped:  # the reduced sums: the same on every rank, no collective of its own
+                self.reward_baseline.update(
+                    sums["rewards/chosen"] + sums["rewards/rejected"], 2 * sums["pairs"]
+                )
+            return {"bco/baseline": used}
+        if self._prepass_s is not None:
+            return {"aot/prepass_s": self._prepass_s}
+        return {}
+
+    # -------------------------------------------------------------------------------------------------
+    def _run_batch(
+        self,
+        reference,
+        batch: PackedBatch,
+        *,
+        track_grad: bool,
+        alpha: float,
+        baseline: float | None = None,
+        partners: torch.Tensor | None = None,
+        ref_values: tuple | None = None,
+    ) -> _BatchResult:
         """Forward the policy on one micro-batch, get the reference's values the objective needs (engine
-        or cache; none for a reference-free objective), and compute the per-pair losses at this step's
-        `alpha`."""
+        or cache; none for a reference-free objective; `ref_values` when a pre-pass already read them),
+        and compute the per-pair losses at this step's `alpha` (with the step's coupling constants,
+        `baseline` or `partners`, for the objectives coupled across the step)."""
         cfg, objective = self.cfg, self.objective
         inputs = batch.model_inputs()
         mask = batch.labels != -100
         num_seqs = batch.num_seqs
-        ref_seq, ref_logits = (
-            objective.reference_values(reference, batch) if objective.needs_reference else (None, None)
-        )
+        if ref_values is None and objective.needs_reference:
+            ref_values = objective.reference_values(reference, batch)
+        ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
         with torch.set_grad_enabled(track_grad):
             logits = self.session.policy(**inputs).logits
             stats = token_stats(
@@ -378,6 +464,8 @@ class PreferenceRecipe:
             rejected_tokens=seq.counts[rejected],
             kl_chosen=None if seq_kl is None else seq_kl[chosen],
             kl_rejected=None if seq_kl is None else seq_kl[rejected],
+            reward_baseline=baseline,
+            partners=partners,
         )
         return _BatchResult(
             loss=objective.pair_loss(terms, alpha),
@@ -432,15 +520,28 @@ class PreferenceRecipe:
                 packing=cfg.data.packing,
             )
             view = IndexedPairs(eval_data.pairs, chunk)  # this rank reads only its own micro-batches' pairs
-            for mb in packed.for_rank(s.rank):
+            micro_batches = packed.for_rank(s.rank)
+            coupled = self._eval_coupling(view, micro_batches, len(chunk))
+            for i, mb in enumerate(micro_batches):
                 batch = collate(view, mb, pad_token_id=s.tokenizer.pad_token_id, packing=cfg.data.packing).to(
                     s.device
                 )
-                out = self._run_batch(self.references["eval"], batch, track_grad=False, alpha=self.last_alpha)
+                out = self._run_batch(
+                    self.references["eval"], batch, track_grad=False, alpha=self.last_alpha, **coupled[i]
+                )
                 if not mb.filler:
                     _accumulate(acc, out)
         s.policy.train()
         return acc.metrics(dist.reduce_sums(acc.sums, device=s.device), prefix="eval/")
+
+    def _eval_coupling(self, view, micro_batches, num_pairs: int) -> list[dict]:
+        """Evaluation's coupling: bco_pair's current baseline; for AOT the sort within each evaluation
+        chunk (a pre-pass over the chunk, as a training step has)."""
+        if self.objective.coupling == "baseline":
+            return [{"baseline": self.reward_baseline.value}] * len(micro_batches)
+        if self.objective.coupling == "sort":
+            return self._sort_partners(self.references["eval"], view, micro_batches, num_pairs)
+        return [{}] * len(micro_batches)
 
     def evaluate_and_watch(self) -> bool:
         """Evaluate, feed the detectors (and the controller, with alpha_update=eval); True: stop here."""
@@ -466,6 +567,8 @@ class PreferenceRecipe:
             "monitors": self.monitors.state_dict(),
             "alpha_controller": self.controller.state_dict() if self.controller else None,
         }
+        if self.reward_baseline is not None:  # bco_pair's running reward mean (restored in _resume)
+            extra["reward_baseline"] = self.reward_baseline.state_dict()
         best = self.monitors.best(
             cfg.monitors.best_metric,
             cfg.monitors.best_mode,

@@ -20,6 +20,7 @@ __all__ = [
     "fill_single_process_env",
     "fill_slurm_env",
     "gather_objects",
+    "gather_rows",
     "is_initialized",
     "is_main_process",
     "local_rank",
@@ -166,6 +167,18 @@ def gather_objects(obj) -> list:
         return [obj]
     out = [None] * world_size()
     tdist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(rows: torch.Tensor, positions: torch.Tensor, total: int) -> torch.Tensor:
+    """Every rank's `rows` (n, k), placed at their `positions` (n,) in a (total, k) tensor that every rank
+    then holds whole: an all-gather by position, in one collective and without a host sync. The
+    positions of all ranks must be disjoint (each row's owner writes it, the others add 0, which is
+    exact); unowned rows stay 0. Used by AOT's sort over the whole step (recipes/preference.py)."""
+    out = torch.zeros((total, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    out[positions] = rows.detach()
+    if is_initialized() and world_size() > 1:
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
     return out
 
 

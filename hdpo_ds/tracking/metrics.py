@@ -27,7 +27,9 @@ __all__ = [
 
 # The keys the trainer logs at every optimizer step (tests/test_trainer.py checks the set is exact); with
 # loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*;
-# without a reference (SimPO, CPO, ORPO) no REFERENCE_METRICS. Evaluations log the first block under "eval/".
+# without a reference (SimPO, CPO, ORPO) no REFERENCE_METRICS; bco_pair adds bco/baseline, aot and
+# aot_unpaired aot/prepass_s (recipes/preference.py `_coupling_metrics`). Evaluations log the first
+# block under "eval/".
 PAIR_METRICS = (
     "loss",
     "rewards/chosen",
