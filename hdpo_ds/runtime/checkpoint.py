@@ -49,13 +49,14 @@ __all__ = [
     "math_differences",
     "read_best",
     "save",
+    "save_reference",
 ]
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 BEST = "best.json"
 CLIENT_STATE = "client_state.json"
-REFERENCE = "reference"  # the subfolder of a moving reference's engine files (reference.sync)
+REFERENCE = "reference"  # the subfolder of a moving reference's per-rank shares (reference.sync)
 FAULT_KILL_DURING_SAVE = "HDPO_FAULT_KILL_DURING_SAVE"
 _TAG = re.compile(r"^step(\d{8})$")
 # Config keys whose change alters what a resumed run computes (docs/design.md §3: resume refuses them).
