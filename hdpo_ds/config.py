@@ -66,6 +66,12 @@ class ReferenceConfig:
     rebuild_stale: bool = False  # auto: rebuild a stale cache (logged) instead of stopping
     shard_pairs: int = 4096  # pairs per cache shard: the unit a killed precompute resumes from
     offload: bool = False  # ZeRO-3 parameter offload to CPU for the reference engine
+    # A moving reference (TR-DPO, Gorbatovski et al. 2024): after every `sync_every` applied optimizer
+    # updates the online reference becomes sync_alpha * policy + (1 - sync_alpha) * reference (soft) or a
+    # copy of the policy (hard). Defaults as TRL's DPOConfig (ref_model_mixup_alpha, ref_model_sync_steps).
+    sync: Literal["none", "soft", "hard"] = "none"
+    sync_alpha: float = 0.6
+    sync_every: int = 512
 
 
 @dataclass
@@ -378,6 +384,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {e}") from None
     if not cfg.train.dist_timeout_minutes > 0:
         raise ConfigError(f"train.dist_timeout_minutes: must be > 0, got {cfg.train.dist_timeout_minutes}")
+    _validate_reference_sync(cfg)
     if cfg.reference.mode == "cached" and not cfg.reference.cache_path:
         raise ConfigError("reference.cache_path: required with reference.mode=cached (the precomputed cache)")
     positive = {
@@ -521,6 +528,35 @@ def _validate_monitors(cfg: Config) -> None:
         raise ConfigError(f"monitors.accuracy_saturation: must lie in (0, 1], got {m.accuracy_saturation}")
     if not m.best_metric.startswith("eval/"):
         raise ConfigError(f"monitors.best_metric: an evaluation metric (eval/...), got {m.best_metric!r}")
+
+
+def _validate_reference_sync(cfg: Config) -> None:
+    """reference.sync moves the online reference engine; a key that would have no effect is refused.
+    (The reference-free losses refuse any non-default reference.* key earlier, sync included.)"""
+    ref, defaults = cfg.reference, ReferenceConfig()
+    if ref.sync == "none":
+        for key in ("sync_alpha", "sync_every"):
+            if getattr(ref, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"reference.{key}: {getattr(ref, key)} has no effect with reference.sync=none (the "
+                    f"reference never moves); set reference.sync=soft or hard, or leave it at "
+                    f"{getattr(defaults, key)}"
+                )
+        return
+    if ref.mode != "online":
+        raise ConfigError(
+            f"reference.sync: {ref.sync} moves the reference during training, but reference.mode={ref.mode} "
+            "reads cached values of the initial reference; use reference.mode=online"
+        )
+    if ref.sync == "hard" and ref.sync_alpha != defaults.sync_alpha:
+        raise ConfigError(
+            f"reference.sync_alpha: {ref.sync_alpha} has no effect with reference.sync=hard (the reference "
+            f"becomes a copy of the policy); use reference.sync=soft, or leave it at {defaults.sync_alpha}"
+        )
+    if not 0 < ref.sync_alpha <= 1:
+        raise ConfigError(f"reference.sync_alpha: must lie in (0, 1], got {ref.sync_alpha}")
+    if ref.sync_every < 1:
+        raise ConfigError(f"reference.sync_every: must be >= 1 optimizer update, got {ref.sync_every}")
 
 
 def _validate_tdpo(cfg: Config) -> None:

@@ -125,6 +125,7 @@ class PreferenceRecipe:
         self.last_alpha = self.alpha  # the alpha the last step trained at; evaluations use it
         self._epoch = iter(())
         self._ready = False
+        self.moving_reference = None  # the reference engine that reference.sync updates, else None
 
     @property
     def step(self) -> int:
@@ -187,8 +188,11 @@ class PreferenceRecipe:
             self.reference_source = "online"
             online = load_reference_engine(cfg, self.ref_ds, s.dtype, s.device_type)
             self.references = dict.fromkeys(self.splits, online)
+            if cfg.reference.sync != "none":
+                engine.paired_parameters(s.policy.module, online.engine.module)  # names, shapes: fail now
+                self.moving_reference = online.engine
             if dist.is_main_process():
-                logger.info("reference: online (a ZeRO-3 inference engine)")
+                logger.info("reference: online (a ZeRO-3 inference engine), sync %s", cfg.reference.sync)
             return
         self.reference_source = "cached"
         caches, self.cache_actions = ensure_reference_caches(
@@ -209,6 +213,8 @@ class PreferenceRecipe:
         state = self.session.load_checkpoint()
         if state is None:
             return
+        if self.moving_reference is not None:  # the synced reference is state, saved with the policy
+            checkpoint.load_reference(self.moving_reference, self.session.resume_folder)
         self.sampler.load_state_dict(state["sampler"])
         if state.get("monitors"):  # absent in checkpoints written before the monitors existed
             self.monitors.load_state_dict(state["monitors"], resume_step=self.step)
@@ -317,6 +323,8 @@ class PreferenceRecipe:
         metrics = acc.metrics(sums)
         stats = packing_stats(assignment.packed)
         s.count_update(skip_step)
+        if self.moving_reference is not None:
+            metrics["reference/syncs"] = self._sync_reference(skip_step)
         metrics.update(
             {
                 "nonfinite/skipped_steps": s.nonfinite["skipped_total"],
@@ -415,6 +423,19 @@ class PreferenceRecipe:
         if self._prepass_s is not None:
             return {"aot/prepass_s": self._prepass_s}
         return {}
+
+    # ------------------------------------------------------------------- the moving reference (TR-DPO)
+    def _sync_reference(self, skipped: bool) -> int:
+        """reference.sync (TR-DPO, docs/design.md §4): after the update that makes the count of applied
+        updates (steps so far, this one included, less the skipped ones: identical on every rank) a
+        multiple of reference.sync_every, move the reference (a collective). Returns the syncs so far."""
+        ref, s = self.cfg.reference, self.session
+        applied = s.step + 1 - s.nonfinite["skipped_total"]
+        if not skipped and applied % ref.sync_every == 0:
+            engine.sync_reference(
+                s.policy, self.moving_reference, 1.0 if ref.sync == "hard" else ref.sync_alpha
+            )
+        return applied // ref.sync_every
 
     # -------------------------------------------------------------------------------------------------
     def _run_batch(
@@ -574,7 +595,11 @@ class PreferenceRecipe:
             cfg.monitors.best_mode,
             candidates={*checkpoint.complete_steps(cfg.output_dir), s.step},
         )
-        s.save(extra, protected={checkpoint.tag_for(best[0])} if best else set())
+        s.save(
+            extra,
+            protected={checkpoint.tag_for(best[0])} if best else set(),
+            reference_engine=self.moving_reference,
+        )
         if best and dist.is_main_process():
             checkpoint.mark_best(cfg.output_dir, best[0], cfg.monitors.best_metric, best[1])
 

@@ -274,9 +274,10 @@ class TrainingSession:
         return self.resume_state is not None and self.resume_state["step"] >= self.cfg.train.max_steps
 
     # ---- during training
-    def save(self, extra_state: dict, protected: set[str] = frozenset()) -> None:
+    def save(self, extra_state: dict, protected: set[str] = frozenset(), reference_engine=None) -> None:
         """A checkpoint of this step: weights checked finite on every rank first, then the engine's files
-        and the client state (the session's counters plus the recipe's `extra_state`)."""
+        and the client state (the session's counters plus the recipe's `extra_state`); a moving
+        reference's weights (`reference_engine`, reference.sync) inside too."""
         self.refuse_nonfinite_weights()
         state = {
             "step": self.step,
@@ -296,6 +297,7 @@ class TrainingSession:
             keep=self.cfg.train.keep_checkpoints,
             tokenizer=self.tokenizer,
             protected=set(protected),
+            reference_engine=reference_engine,
         )
         self.last_saved = self.step
 

@@ -5,6 +5,7 @@ Layout under `<output_dir>/checkpoints/`:
     step00000040/            DeepSpeed's files (every rank's ZeRO-3 shards), plus ours:
         rng_rank<R>.pt       each rank's python / numpy / torch (and CUDA) RNG states
         client_state.json    step, sampler position, MLflow run id, the resolved config, world size
+        reference/rank<R>.pt with reference.sync on: each rank's share of the moving reference's weights
         COMPLETE.json        written by rank 0 last, after every rank's files are on disk (fsync)
     latest                   the tag of the newest complete checkpoint; written by us, atomically
     best.json                the best evaluated checkpoint by monitors.best_metric (tag, step, value)
@@ -43,16 +44,19 @@ __all__ = [
     "complete_steps",
     "find_resume_checkpoint",
     "load",
+    "load_reference",
     "mark_best",
     "math_differences",
     "read_best",
     "save",
+    "save_reference",
 ]
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
 BEST = "best.json"
 CLIENT_STATE = "client_state.json"
+REFERENCE = "reference"  # the subfolder of a moving reference's per-rank shares (reference.sync)
 FAULT_KILL_DURING_SAVE = "HDPO_FAULT_KILL_DURING_SAVE"
 _TAG = re.compile(r"^step(\d{8})$")
 # Config keys whose change alters what a resumed run computes (docs/design.md §3: resume refuses them).
@@ -64,6 +68,9 @@ MATH_KEYS = (
     "model.dtype",
     "model.disable_dropout",
     "reference.name_or_path",
+    "reference.sync",
+    "reference.sync_alpha",
+    "reference.sync_every",
     "data.train_files",
     "data.split",
     "data.rows",
@@ -138,9 +145,11 @@ def save(
     keep: int,
     tokenizer=None,
     protected: set[str] | None = None,
+    reference_engine=None,
 ) -> str:
     """Write a complete checkpoint of `step` (collective); returns its tag. The tokenizer and the model
-    config go inside, so that `python -m hdpo_ds.runtime.export` needs nothing else."""
+    config go inside, so that `python -m hdpo_ds.runtime.export` needs nothing else. A moving reference
+    (`reference_engine`, reference.sync) is saved in the `reference/` subfolder before the commit."""
     root = checkpoint_root(output_dir)
     tag = tag_for(step)
     folder = os.path.join(root, tag)
@@ -148,6 +157,8 @@ def save(
         shutil.rmtree(folder)  # a leftover incomplete folder of the same step (an earlier kill)
     dist.barrier()
     engine.save_checkpoint(root, tag=tag, client_state={}, save_latest=False)
+    if reference_engine is not None:  # its weights are state: the synced reference is not the initial one
+        save_reference(reference_engine, folder)
     _save_torch_atomically(_rng_state(), os.path.join(folder, f"rng_rank{dist.rank()}.pt"))
     if dist.is_main_process():
         write_json(os.path.join(folder, CLIENT_STATE), client_state)
@@ -291,3 +302,46 @@ def load(engine, folder: str) -> dict:
         raise CheckpointError(f"DeepSpeed could not load {folder}")
     _set_rng_state(torch.load(os.path.join(folder, f"rng_rank{dist.rank()}.pt"), weights_only=False))
     return state
+
+
+def _reference_shares(module):
+    """(name, parameter, this rank's share): the ZeRO-3 partition (ds_tensor, the values DeepSpeed
+    gathers from, persisted parameters included) or, without ZeRO-3, the whole tensor."""
+    for name, param in module.named_parameters():
+        yield name, param, (param.ds_tensor if hasattr(param, "ds_id") else param.data)
+
+
+def save_reference(reference_engine, folder: str) -> None:
+    """Every rank writes its share of the moving reference's weights to reference/rank<R>.pt (an
+    optimizer-free DeepSpeed engine cannot save_checkpoint; nothing is gathered)."""
+    os.makedirs(os.path.join(folder, REFERENCE), exist_ok=True)
+    shares = {
+        name: share.detach().cpu().clone() for name, _, share in _reference_shares(reference_engine.module)
+    }
+    path = os.path.join(folder, REFERENCE, f"rank{dist.rank()}.pt")
+    _save_torch_atomically({"world_size": dist.world_size(), "shares": shares}, path)
+
+
+def load_reference(reference_engine, folder: str) -> None:
+    """Restore a moving reference's weights (reference.sync) from the `reference/` subfolder of a
+    complete checkpoint; a checkpoint without one raises CheckpointError naming the folder."""
+    if not os.path.isdir(os.path.join(folder, REFERENCE)):
+        raise CheckpointError(
+            f"train.resume: {folder} holds no {REFERENCE}/ folder (it was written without reference.sync), "
+            "so the moving reference's weights cannot be restored; resume from a checkpoint of a run with "
+            "reference.sync on, or start a fresh run (train.resume=never)"
+        )
+    path = os.path.join(folder, REFERENCE, f"rank{dist.rank()}.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["shares"]
+    module = reference_engine.module
+    for name, param, share in _reference_shares(module):
+        if name not in saved or saved[name].shape != share.shape:
+            raise CheckpointError(
+                f"train.resume: {path} does not hold this reference's share of {name} (another model or "
+                "ZeRO-3 partitioning: reference.name_or_path, reference.ds_config)"
+            )
+        share.copy_(saved[name])
+        if hasattr(param, "ds_id") and param.data.numel():
+            # a persisted or still-gathered parameter holds stale whole values: drop them, and the next
+            # forward gathers the restored partitions
+            param.partition(has_been_updated=False)

@@ -32,7 +32,9 @@ __all__ = [
     "init_distributed",
     "load_ds_config",
     "local_all_finite",
+    "paired_parameters",
     "resolve_dtype",
+    "sync_reference",
     "zero3_auto_sizes",
     "zero3_loading",
 ]
@@ -364,3 +366,64 @@ def discard_gradients(policy) -> None:
         policy.optimizer.zero_grad()
     else:
         policy.zero_grad()
+
+
+def paired_parameters(policy: torch.nn.Module, reference: torch.nn.Module):
+    """The reference's parameters grouped by the module that owns them, each paired with the policy's
+    parameter of the same name: [[(name, policy_param, reference_param), ...] per module]. A name or a
+    whole shape (ZeRO-3's ds_shape, as a partitioned parameter's own shape is empty) that differs raises
+    ConfigError: a moving reference needs the policy's architecture (reference.name_or_path)."""
+    theirs = dict(policy.named_parameters())
+    ours = dict(reference.named_parameters())
+    if set(theirs) != set(ours):
+        only_policy, only_ref = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        raise ConfigError(
+            f"reference.sync: the reference's parameters are not the policy's (only in the policy: "
+            f"{only_policy[:5]}, only in the reference: {only_ref[:5]}); a moving reference needs a "
+            "reference.name_or_path of the policy's architecture"
+        )
+    groups = []
+    for prefix, module in reference.named_modules():
+        group = []
+        for local, ref_param in module.named_parameters(prefix=prefix, recurse=False):
+            if local not in ours or ours[local] is not ref_param:
+                continue  # a tied weight: named_parameters lists it once, under its first name
+            pol_param = theirs[local]
+            shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in (pol_param, ref_param)]
+            if shapes[0] != shapes[1]:
+                raise ConfigError(
+                    f"reference.sync: parameter {local} has shape {shapes[0]} in the policy and "
+                    f"{shapes[1]} in the reference (reference.name_or_path); they cannot be mixed"
+                )
+            group.append((local, pol_param, ref_param))
+        if group:
+            groups.append(group)
+    return groups
+
+
+@torch.no_grad()
+def sync_reference(policy_engine, reference_engine, alpha: float) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, arXiv:2404.09656, Sec. 3): every reference
+    parameter becomes alpha * policy + (1 - alpha) * reference, computed in float32 and cast back to the
+    reference's dtype; alpha = 1 (hard update) copies the policy's values exactly. Collective: every rank
+    calls it at the same step (docs/design.md §5).
+
+    One module's parameters are gathered at a time on each side (never a whole model): the policy's
+    read-only, the reference's with modifier_rank=0, whose values DeepSpeed broadcasts and re-partitions on
+    exit. The two engines need not partition alike (other persistence thresholds, offload, or no ZeRO-3:
+    GatheredParameters passes plain tensors through, and every rank computes the same values for them)."""
+    import deepspeed
+
+    for group in paired_parameters(policy_engine.module, reference_engine.module):
+        pol = [p for _, p, _ in group]
+        ref = [r for _, _, r in group]
+        with (
+            deepspeed.zero.GatheredParameters(pol, modifier_rank=None),
+            deepspeed.zero.GatheredParameters(ref, modifier_rank=0),
+        ):
+            for p, r in zip(pol, ref, strict=True):
+                if alpha == 1.0:
+                    r.data.copy_(p.data)
+                else:
+                    mixed = alpha * p.data.float() + (1.0 - alpha) * r.data.float()
+                    r.data.copy_(mixed.to(r.dtype))

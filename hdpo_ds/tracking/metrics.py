@@ -21,15 +21,16 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "REFERENCE_METRICS",
     "STEP_METRICS",
+    "SYNC_METRICS",
     "StepAccumulator",
     "peak_memory_mib",
 ]
 
 # The keys the trainer logs at every optimizer step (tests/test_trainer.py checks the set is exact); with
-# loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*;
-# without a reference (SimPO, CPO, ORPO) no REFERENCE_METRICS; bco_pair adds bco/baseline, aot and
-# aot_unpaired aot/prepass_s (recipes/preference.py `_coupling_metrics`). Evaluations log the first
-# block under "eval/".
+# loss.alpha=auto also alpha/next, alpha/entropy_smoothed, alpha/target_entropy, and for TDPO kl/*; with
+# reference.sync on, reference/syncs (SYNC_METRICS: the reference updates so far); without a reference
+# (SimPO, CPO, ORPO) no REFERENCE_METRICS; bco_pair adds bco/baseline, aot and aot_unpaired
+# aot/prepass_s (recipes/preference.py `_coupling_metrics`). Evaluations log the first block under "eval/".
 PAIR_METRICS = (
     "loss",
     "rewards/chosen",
@@ -51,6 +52,7 @@ PAIR_METRICS = (
 )
 # The metrics that compare the policy with a reference: absent from a reference-free run.
 REFERENCE_METRICS = ("logratio/chosen", "logratio/rejected")
+SYNC_METRICS = ("reference/syncs",)
 STEP_METRICS = (
     *PAIR_METRICS,
     "alpha",
