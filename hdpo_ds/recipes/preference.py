@@ -112,9 +112,7 @@ class PreferenceRecipe:
 
     def __init__(self, cfg: Config, ds_config_path: str) -> None:
         self.cfg = cfg
-        self.session = TrainingSession(
-            cfg, ds_config_path, mode="preference", what_is_checked="loss or gradient"
-        )
+        self.session = TrainingSession(cfg, ds_config_path, what_is_checked="loss or gradient")
         self.objective = make_objective(cfg.loss, chunk_size=cfg.train.logits_chunk_size)
         self.monitors = MonitorSuite(cfg.monitors)
         self.controller = _alpha_controller(cfg)

@@ -148,8 +148,8 @@ class TrainingSession:
     consecutive), `last_saved` (the step of the newest checkpoint this process wrote), `losses` (one per
     step trained here). `what_is_checked` names what the non-finite guard looks at, for its messages."""
 
-    def __init__(self, cfg: Config, ds_config_path: str, *, mode: str, what_is_checked: str) -> None:
-        self.cfg, self.ds_config_path, self.mode = cfg, ds_config_path, mode
+    def __init__(self, cfg: Config, ds_config_path: str, *, what_is_checked: str) -> None:
+        self.cfg, self.ds_config_path = cfg, ds_config_path
         self.what_is_checked = what_is_checked
         self.ds_config = engine.load_ds_config(ds_config_path)
         self.step = 0

@@ -112,7 +112,7 @@ class SFTRecipe:
 
     def __init__(self, cfg: Config, ds_config_path: str) -> None:
         self.cfg = cfg
-        self.session = TrainingSession(cfg, ds_config_path, mode="sft", what_is_checked="loss")
+        self.session = TrainingSession(cfg, ds_config_path, what_is_checked="loss")
         self._ready = False
 
     @property
