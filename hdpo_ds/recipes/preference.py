@@ -11,7 +11,9 @@ is that of the mean over all pairs (docs/design.md §5). The accumulation bounda
 micro-batch. Before the optimizer update one collective agrees whether any rank saw a non-finite loss
 or gradient partition (then every rank skips the update); after it, one all-reduce carries all of the
 step's metrics (the gradient norm too), and whether any rank got a stop signal (runtime/stop.py: then
-every rank checkpoints after that step and leaves with stop.EXIT_STOPPED). Checkpoints every
+every rank checkpoints after that step and leaves with stop.EXIT_STOPPED). aot / aot_unpaired add one
+collective before the first micro-batch (the step's sort, after a no-grad pre-pass), and reference.sync
+one after the update (the moving reference); docs/design.md §5 lists them. Checkpoints every
 `train.save_every` steps and at the end; resume from the latest complete one (runtime/checkpoint.py).
 Each evaluation feeds the over-optimisation detectors (monitoring/detectors.py: alerts, an optional
 clean stop, the best checkpoint); with loss.alpha=auto each step's (or each evaluation's) reduced
