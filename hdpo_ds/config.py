@@ -10,6 +10,7 @@ the package rely on are listed in docs/design.md §3 and keep their names.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -26,13 +27,15 @@ from hdpo_ds.objectives.losses import (
     DISCOPOP_DEFAULT_TAU,
     EXO_DEFAULT_EPSILON,
     LABEL_SMOOTHING_LOSS_TYPES,
+    LOSS_TYPES,
     TDPO_LOSS_TYPES,
     alpha_does_not_apply,
     canonical_loss_type,
 )
+from hdpo_ds.objectives.modifiers import SFT_TERM
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 
-__all__ = ["Config", "ConfigError", "flatten", "load_config", "to_dict"]
+__all__ = ["Config", "ConfigError", "flatten", "load_config", "loss_label", "loss_terms", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -93,7 +96,9 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "hdpo"
+    # One loss type, or a list of terms summed with `weights` (objectives/objective.py CombinedObjective)
+    type: str | list[str] = "hdpo"
+    weights: list[float] | None = None  # one per term of a list-valued type; default 1 each
     beta: float = 0.1
     # A number, or "auto": the AlphaController (hdpo_ds/monitoring/alpha.py) steers alpha so that the
     # per-token entropy of chosen responses approaches target_entropy, starting at alpha_init.
@@ -115,6 +120,10 @@ class LossConfig:
     tdpo_alpha: float = 0.5  # TDPO2's weight of the sequential-KL margin (the paper code's default)
     discopop_tau: float = DISCOPOP_DEFAULT_TAU  # DiscoPOP's mixing temperature (the paper's 0.05)
     simpo_gamma: float = 0.5  # SimPO's target reward margin gamma, in reward units (TRL's default)
+    # WPO: weigh each pair by the policy's probability of it (objectives/modifiers.py wpo_weights)
+    weighting: Literal["none", "wpo"] = "none"
+    # LD-DPO: the weight of the longer response's tokens past the shorter one's length (null: off)
+    ld_alpha: float | None = None
 
 
 @dataclass
@@ -332,38 +341,49 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+def loss_terms(loss: LossConfig) -> tuple[str, ...]:
+    """The loss type's terms as configured: one name, or the names of a weighted combination."""
+    return tuple(loss.type) if isinstance(loss.type, list) else (loss.type,)
+
+
+def loss_label(loss: LossConfig) -> str:
+    """The loss as the progress bar and the logs name it: `hdpo`, or `0.8*hdpo + 0.2*bco_pair + 1*sft`."""
+    if not isinstance(loss.type, list):
+        return "H-DPO" if loss.type == "hdpo" else loss.type
+    weights = loss.weights or [1.0] * len(loss.type)
+    return " + ".join(f"{w:g}*{name}" for name, w in zip(loss.type, weights, strict=True))
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
-    if cfg.loss.type in REFERENCE_FREE_LOSS_TYPES:
-        _validate_reference_free(cfg)
-        name = cfg.loss.type
-    elif cfg.loss.type in TDPO_LOSS_TYPES:
-        _validate_tdpo(cfg)
-        name = cfg.loss.type
-    elif cfg.loss.type in COUPLED_LOSS_TYPES:  # coupled across the step; keys checked as for the others
-        name = cfg.loss.type
+    if isinstance(cfg.loss.type, list):
+        names = _validate_combination(cfg)
     else:
-        try:
-            name = canonical_loss_type(cfg.loss.type)
-        except ValueError as e:
+        if cfg.loss.weights is not None:
             raise ConfigError(
-                f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)}, the reference-free "
-                f"{', '.join(REFERENCE_FREE_LOSS_TYPES)}, or the step-coupled "
-                f"{', '.join(COUPLED_LOSS_TYPES)})"
-            ) from None
+                f"loss.weights: {cfg.loss.weights} weigh the terms of a list-valued loss.type; with the "
+                f"single loss.type={cfg.loss.type} leave it null"
+            )
+        names = (_validate_single_type(cfg),)
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
-    if name == "exo_pair" and cfg.loss.label_smoothing == 0.0:
+    if "exo_pair" in names and cfg.loss.label_smoothing == 0.0:
+        if len(names) > 1:  # the key is shared with the other terms: no silent rewrite
+            raise ConfigError(
+                "loss.label_smoothing: the exo_pair term needs EXO's eps > 0 (0 makes its loss infinite), "
+                f"e.g. {EXO_DEFAULT_EPSILON}; in a combination it also reaches the other terms that read it"
+            )
         # the key's general default 0 would make EXO's loss infinite: it reads as EXO's usual eps, and the
         # run's saved config and MLflow params show the value trained with
         cfg.loss.label_smoothing = EXO_DEFAULT_EPSILON
     if cfg.loss.alpha == "auto":
-        _validate_adaptive_alpha(cfg, name)
+        _validate_adaptive_alpha(cfg)
     elif not cfg.loss.alpha > 0:
         raise ConfigError(f"loss.alpha: must be > 0, got {cfg.loss.alpha}")
     if cfg.loss.type in ("dpo", "sigmoid") and cfg.loss.alpha != 1.0:
         raise ConfigError(f"loss.alpha: loss.type={cfg.loss.type} means alpha=1; use loss.type=hdpo")
-    _refuse_inert_loss_keys(cfg, name)
+    _refuse_inert_loss_keys(cfg, names)
+    _validate_modifiers(cfg, names)
     _validate_monitors(cfg)
     if not 0 < cfg.loss.f_alpha < 1:
         raise ConfigError(f"loss.f_alpha: must lie in (0, 1), got {cfg.loss.f_alpha}")
@@ -447,32 +467,137 @@ def validate(cfg: Config) -> None:
         )
 
 
-def _refuse_inert_loss_keys(cfg: Config, loss_name: str) -> None:
+def _validate_single_type(cfg: Config) -> str:
+    """The canonical name of a single loss.type (TDPO and reference-free types checked here too)."""
+    if cfg.loss.type in REFERENCE_FREE_LOSS_TYPES:
+        _validate_reference_free(cfg)
+        return cfg.loss.type
+    if cfg.loss.type in TDPO_LOSS_TYPES:
+        _validate_tdpo(cfg)
+        return cfg.loss.type
+    if cfg.loss.type in COUPLED_LOSS_TYPES:  # coupled across the step; keys checked as for the others
+        return cfg.loss.type
+    try:
+        return canonical_loss_type(cfg.loss.type)
+    except ValueError as e:
+        raise ConfigError(
+            f"loss.type: {e} (or the token-level {', '.join(TDPO_LOSS_TYPES)}, the reference-free "
+            f"{', '.join(REFERENCE_FREE_LOSS_TYPES)}, or the step-coupled "
+            f"{', '.join(COUPLED_LOSS_TYPES)})"
+        ) from None
+
+
+def _validate_combination(cfg: Config) -> tuple[str, ...]:
+    """A list-valued loss.type: a weighted sum of sequence-level terms, at most one step-coupled term,
+    and `sft`. The canonical names of its terms (sft kept as such)."""
+    loss = cfg.loss
+    types = loss.type
+    if len(types) < 2:
+        raise ConfigError(f"loss.type: a list names two or more terms, got {types}; write a single type")
+    if len(set(types)) != len(types):
+        raise ConfigError(f"loss.type: {types} names a term twice; give it a larger loss.weights entry")
+    names = []
+    for i, term in enumerate(types):
+        if term == SFT_TERM or term in COUPLED_LOSS_TYPES:
+            names.append(term)
+        elif term in TDPO_LOSS_TYPES or term in REFERENCE_FREE_LOSS_TYPES:
+            kind = (
+                "token-level (its KL needs the reference logits)"
+                if term in TDPO_LOSS_TYPES
+                else ("reference-free (the other terms read a reference, which it would not)")
+            )
+            raise ConfigError(
+                f"loss.type[{i}]: {term} is {kind}; it is not combined with other terms, use it alone"
+            )
+        else:
+            try:
+                names.append(canonical_loss_type(term))
+            except ValueError:
+                valid = ", ".join([*LOSS_TYPES, "dpo", "sigmoid", *COUPLED_LOSS_TYPES, SFT_TERM])
+                raise ConfigError(f"loss.type[{i}]: unknown term {term!r}; valid terms: {valid}") from None
+    if len(set(names)) != len(names):
+        raise ConfigError(f"loss.type: {types} names the same loss twice (an alias of another term)")
+    coupled = [n for n in names if n in COUPLED_LOSS_TYPES]
+    if len(coupled) > 1:
+        raise ConfigError(
+            f"loss.type: {coupled} each couple the step's pairs (a reward baseline, a sorted pairing); a "
+            "combination takes at most one of them"
+        )
+    if SFT_TERM in names and loss.nll_weight != 0.0:
+        raise ConfigError(
+            f"loss.nll_weight: {loss.nll_weight} adds the chosen-response NLL that the sft term of "
+            f"loss.type={types} already is; set one of them (the sft term's weight in loss.weights)"
+        )
+    if loss.weights is not None:
+        if len(loss.weights) != len(types):
+            raise ConfigError(
+                f"loss.weights: {len(loss.weights)} weights for the {len(types)} terms of loss.type={types}"
+            )
+        for i, w in enumerate(loss.weights):
+            if not (w > 0 and math.isfinite(w)):
+                raise ConfigError(f"loss.weights[{i}]: must be a finite number > 0, got {w}")
+    return tuple(names)
+
+
+def _validate_modifiers(cfg: Config, names: tuple[str, ...]) -> None:
+    """loss.weighting (WPO) applies to every type; loss.ld_alpha (LD-DPO) to the losses that compare
+    sequence log-probs with a reference computed online (the cache holds plain sums)."""
+    loss = cfg.loss
+    if loss.ld_alpha is None:
+        return
+    if not 0 <= loss.ld_alpha <= 1:
+        raise ConfigError(f"loss.ld_alpha: must lie in [0, 1] (1 is plain DPO), got {loss.ld_alpha}")
+    for name in names:
+        if name in TDPO_LOSS_TYPES or name in REFERENCE_FREE_LOSS_TYPES:
+            raise ConfigError(
+                f"loss.ld_alpha: LD-DPO desensitises the policy's and the reference's sequence log-probs; "
+                f"loss.type={name} has "
+                + ("a token-level KL term" if name in TDPO_LOSS_TYPES else "no reference")
+                + " (leave loss.ld_alpha null)"
+            )
+    if cfg.reference.mode != "online":
+        raise ConfigError(
+            f"reference.mode: loss.ld_alpha needs the reference's per-token log-probs (each pair's "
+            f"shorter length decides their weights), which the cache (one sum per sequence) does not "
+            f"hold; use reference.mode=online, got {cfg.reference.mode}"
+        )
+
+
+def _refuse_inert_loss_keys(cfg: Config, names: tuple[str, ...]) -> None:
     """A loss key the chosen loss type never reads must stay at its default, or the run would silently
     train something other than what the config says (e.g. loss.type=ipo with loss.alpha=0.5). For alpha
     the message says why it has no meaning there (objectives/losses.py `alpha_does_not_apply`)."""
     defaults = LossConfig()
     used = {
-        "alpha": loss_name in ALPHA_LOSS_TYPES,
-        "label_smoothing": loss_name in LABEL_SMOOTHING_LOSS_TYPES,
-        "f_alpha": loss_name == "fdpo_alpha",
-        "tdpo_alpha": cfg.loss.type == "tdpo2",
-        "discopop_tau": loss_name == "discopop",
-        "simpo_gamma": cfg.loss.type == "simpo",
+        # as written: an alias (dpo, sigmoid) means alpha 1, in a combination too
+        "alpha": any(n in ALPHA_LOSS_TYPES for n in loss_terms(cfg.loss)),
+        "label_smoothing": any(n in LABEL_SMOOTHING_LOSS_TYPES for n in names),
+        "f_alpha": "fdpo_alpha" in names,
+        "tdpo_alpha": "tdpo2" in names,
+        "discopop_tau": "discopop" in names,
+        "simpo_gamma": "simpo" in names,
     }
     for key, applies in used.items():
         value = getattr(cfg.loss, key)
         if not applies and value != getattr(defaults, key):
-            why = f": {alpha_does_not_apply(loss_name)}" if key == "alpha" else ""
+            why = ""
+            if key == "alpha":
+                terms = [n for n in names if n != SFT_TERM]
+                why = (
+                    f": {alpha_does_not_apply(terms[0])}"
+                    if len(terms) == 1
+                    else (f": no term of the combination is one of {', '.join(sorted(ALPHA_LOSS_TYPES))}")
+                )
             raise ConfigError(
                 f"loss.{key}: {value} has no effect with loss.type={cfg.loss.type}{why}; "
                 f"leave it at {getattr(defaults, key)}"
             )
 
 
-def _validate_adaptive_alpha(cfg: Config, loss_name: str) -> None:
+def _validate_adaptive_alpha(cfg: Config) -> None:
     loss = cfg.loss
-    if loss_name not in ALPHA_LOSS_TYPES or cfg.loss.type != loss_name:
+    # the types as written (an alias such as dpo means alpha 1): one, or a combination's alpha term
+    if not any(n in ALPHA_LOSS_TYPES for n in loss_terms(loss)):
         raise ConfigError(
             f"loss.alpha: auto steers H-DPO's alpha; it needs a loss.type where alpha applies "
             f"({', '.join(sorted(ALPHA_LOSS_TYPES))}), got {cfg.loss.type}"

@@ -26,8 +26,9 @@ def naive_stats(logits: torch.Tensor, labels: torch.Tensor, top_k: int):
     mass = top_p.sum(-1)
     q = top_p / mass.unsqueeze(-1)
     topk_entropy = -(q * torch.log2(q)).sum(-1)
+    log_sum_p2 = (p * p).sum(-1).log()
     zero = torch.zeros((), dtype=torch.float64)
-    return [torch.where(valid, s, zero) for s in (lp, entropy, mass, topk_entropy)]
+    return [torch.where(valid, s, zero) for s in (lp, entropy, mass, topk_entropy, log_sum_p2)]
 
 
 def _random_case(t, v, seed, scale=3.0, batch=2, masked_fraction=0.3):
@@ -45,9 +46,12 @@ CASES = [(v, chunk) for v in (1, 2, 17, 50, 257) for chunk in (1, 4, 5, 7, 12, 1
 @pytest.mark.parametrize(("vocab", "chunk"), CASES)
 def test_float64_matches_naive(vocab, chunk):
     logits, labels = _random_case(12, vocab, seed=vocab * 31 + chunk)
-    got = token_stats(logits, labels, top_k=10, chunk_size=chunk)
+    got = token_stats(logits, labels, top_k=10, chunk_size=chunk, collision=True)
     for name, g, e in zip(
-        ("logps", "entropy", "topk_mass", "topk_entropy"), got, naive_stats(logits, labels, 10), strict=True
+        ("logps", "entropy", "topk_mass", "topk_entropy", "log_sum_p2"),
+        got,
+        naive_stats(logits, labels, 10),
+        strict=True,
     ):
         assert g.dtype == torch.float64 and g.shape == labels.shape
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
@@ -57,7 +61,7 @@ def test_float64_matches_naive(vocab, chunk):
 def test_float32_matches_naive(vocab, chunk):
     logits, labels = _random_case(20, vocab, seed=vocab + chunk, scale=5.0)
     x = logits.float()
-    got = token_stats(x, labels, top_k=10, chunk_size=chunk)
+    got = token_stats(x, labels, top_k=10, chunk_size=chunk, collision=True)
     for g, e in zip(got, naive_stats(x, labels, 10), strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
@@ -69,7 +73,7 @@ def test_low_precision_matches_naive_on_rounded_logits(dtype):
     the input's; the computation itself is float32, so only float32 arithmetic error remains."""
     logits, labels = _random_case(20, 300, seed=7, scale=4.0)
     x = logits.to(dtype)
-    got = token_stats(x, labels, top_k=10, chunk_size=6)
+    got = token_stats(x, labels, top_k=10, chunk_size=6, collision=True)
     for g, e in zip(got, naive_stats(x, labels, 10), strict=True):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
@@ -77,7 +81,7 @@ def test_low_precision_matches_naive_on_rounded_logits(dtype):
 
 def test_masked_positions_are_zero_and_topk_entropy_in_range():
     logits, labels = _random_case(16, 64, seed=3, masked_fraction=0.5)
-    got = token_stats(logits, labels, top_k=8, chunk_size=5)
+    got = token_stats(logits, labels, top_k=8, chunk_size=5, collision=True)
     masked = labels == IGNORE
     assert masked.any() and (~masked).any()
     for s in got:
@@ -90,28 +94,39 @@ def test_masked_positions_are_zero_and_topk_entropy_in_range():
 
 def test_uniform_distribution_hand_worked():
     """Uniform logits over V=16: logp = -ln 16 = -2.7725887, H = ln 16, top-4 mass = 4/16 = 0.25,
-    top-4 entropy = log2 4 = 2 bits."""
+    top-4 entropy = log2 4 = 2 bits, log sum p^2 = log(16 / 16^2) = -ln 16."""
     logits = torch.zeros(1, 3, 16, dtype=torch.float64)
     labels = torch.tensor([[0, 5, IGNORE]])
-    got = token_stats(logits, labels, top_k=4, chunk_size=2)
+    got = token_stats(logits, labels, top_k=4, chunk_size=2, collision=True)
     expected = [
         [-math.log(16), -math.log(16), 0.0],
         [math.log(16), math.log(16), 0.0],
         [0.25, 0.25, 0.0],
         [2.0, 2.0, 0.0],
+        [-math.log(16), -math.log(16), 0.0],
     ]
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, torch.tensor([e], dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def test_the_collision_term_is_computed_only_when_asked_and_changes_nothing_else():
+    logits, labels = _random_case(10, 33, seed=9)
+    with_p2 = token_stats(logits, labels, chunk_size=3, collision=True)
+    without = token_stats(logits, labels, chunk_size=3)
+    assert without.log_sum_p2 is None and with_p2.log_sum_p2 is not None
+    for a, b in zip(with_p2[:4], without[:4], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_only_logps_carry_gradient():
     logits, labels = _random_case(6, 9, seed=4)
     logits.requires_grad_()
-    got = token_stats(logits, labels, chunk_size=4)
+    got = token_stats(logits, labels, chunk_size=4, collision=True)
     assert got.logps.requires_grad
     assert not got.entropy.requires_grad
     assert not got.topk_mass.requires_grad
     assert not got.topk_entropy.requires_grad
+    assert not got.log_sum_p2.requires_grad
 
 
 @pytest.mark.parametrize(("t", "v", "chunk"), [(5, 17, 2), (4, 3, 3), (5, 1, 4), (3, 17, 10)])
@@ -145,8 +160,8 @@ def test_non_contiguous_shifted_view_equals_contiguous_copy():
     b = logits[:, :-1].contiguous().requires_grad_()
     view = a[:, :-1]
     assert not view.is_contiguous()
-    got_view = token_stats(view, labels[:, 1:], chunk_size=3)
-    got_copy = token_stats(b, labels[:, 1:], chunk_size=3)
+    got_view = token_stats(view, labels[:, 1:], chunk_size=3, collision=True)
+    got_copy = token_stats(b, labels[:, 1:], chunk_size=3, collision=True)
     for g, e in zip(got_view, got_copy, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
     got_view.logps.sum().backward()

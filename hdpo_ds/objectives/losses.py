@@ -361,6 +361,7 @@ def preference_loss(
     rejected_token_counts: torch.Tensor | None = None,
     nll_weight: float = 0.0,
     discopop_tau: float = DISCOPOP_DEFAULT_TAU,
+    nll_logps: torch.Tensor | None = None,
 ) -> PreferenceLossOutput:
     """Per-pair preference loss of the DPO family.
 
@@ -383,6 +384,8 @@ def preference_loss(
             for nll_weight > 0 and sigmoid_norm, the rejected ones for sigmoid_norm.
         nll_weight: lambda of the NLL regulariser lambda * (-lp_w / n_w), added per pair.
         discopop_tau: DiscoPOP's temperature, > 0 (default 0.05), for "discopop".
+        nll_logps: (num_pairs,) the chosen log-probs the NLL term reads, when they differ from
+            `policy_chosen_logps` (LD-DPO's desensitised sums feed the loss, the plain ones the NLL).
 
     Returns:
         PreferenceLossOutput(losses, chosen_rewards, rejected_rewards), each (num_pairs,), computed in
@@ -452,7 +455,8 @@ def preference_loss(
 
     if nll_weight > 0:
         counts = _token_counts(chosen_token_counts, "chosen_token_counts", shape, dtype, "nll_weight > 0")
-        losses = losses + nll_weight * (-lp_w / counts)
+        nll_lp = lp_w if nll_logps is None else nll_logps.to(dtype)
+        losses = losses + nll_weight * (-nll_lp / counts)
 
     return PreferenceLossOutput(losses, chosen_rewards.detach(), rejected_rewards.detach())
 

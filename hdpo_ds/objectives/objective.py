@@ -29,10 +29,18 @@ from hdpo_ds.objectives.coupled import (
     bco_pair_loss,
 )
 from hdpo_ds.objectives.logprobs import segment_sums, token_kl
-from hdpo_ds.objectives.losses import DISCOPOP_DEFAULT_TAU, TDPO_LOSS_TYPES, preference_loss, tdpo_loss
+from hdpo_ds.objectives.losses import (
+    ALPHA_LOSS_TYPES,
+    DISCOPOP_DEFAULT_TAU,
+    TDPO_LOSS_TYPES,
+    preference_loss,
+    tdpo_loss,
+)
+from hdpo_ds.objectives.modifiers import SFT_TERM, sft_loss
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES, reference_free_loss
 
 __all__ = [
+    "CombinedObjective",
     "CoupledObjective",
     "Objective",
     "PairLoss",
@@ -62,6 +70,13 @@ class PairTerms:
     # pair's partners in AOT's sorted pairing, (num_pairs, 2) (objectives/coupled.py `aot_partners`).
     reward_baseline: float | None = None
     partners: torch.Tensor | None = None
+    # With loss.ld_alpha (LD-DPO) the log-prob fields above are the length-desensitised sums; the NLL
+    # terms (nll_weight, a combination's sft) read the chosen response's plain sum from here.
+    nll_chosen: torch.Tensor | None = None
+
+    @property
+    def chosen_for_nll(self) -> torch.Tensor:
+        return self.policy_chosen if self.nll_chosen is None else self.nll_chosen
 
 
 @dataclass
@@ -73,15 +88,21 @@ class PairLoss:
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
     kl: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Per-pair values logged as their mean over the step's pairs (names in the objective's
+    # `pair_metrics`), e.g. each term of a weighted combination, unweighted: "loss/sft".
+    extras: dict[str, torch.Tensor] | None = None
 
 
 class Objective(Protocol):
+    pair_metrics: tuple[str, ...]  # the PairLoss.extras names, the same on every rank and step
     needs_reference: bool
     coupling: str | None  # None, "baseline" (bco_pair) or "sort" (aot, aot_unpaired): CoupledObjective
     needs_reference_logits: bool
     has_kl: bool
 
-    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def reference_values(
+        self, reference: Any, batch: Any, token_weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def sequence_kl(
         self,
@@ -112,9 +133,10 @@ class SequenceObjective:
     needs_reference_logits: bool = False
     has_kl: bool = False
     coupling: str | None = None
+    pair_metrics: tuple[str, ...] = ()
 
-    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
-        return reference.sequence_logps(batch), None
+    def reference_values(self, reference: Any, batch: Any, token_weights=None) -> tuple[torch.Tensor, None]:
+        return reference.sequence_logps(batch, token_weights), None
 
     def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> None:
         return None
@@ -134,6 +156,7 @@ class SequenceObjective:
             rejected_token_counts=terms.rejected_tokens,
             nll_weight=self.nll_weight,
             discopop_tau=self.discopop_tau,
+            nll_logps=terms.nll_chosen,
         )
         return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
 
@@ -151,8 +174,13 @@ class TokenKLObjective:
     needs_reference_logits: bool = True
     has_kl: bool = True
     coupling: str | None = None
+    pair_metrics: tuple[str, ...] = ()
 
-    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_values(
+        self, reference: Any, batch: Any, token_weights=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if token_weights is not None:  # config refuses loss.ld_alpha with TDPO
+            raise ValueError(f"loss.type={self.loss_type} takes no per-token weights (loss.ld_alpha)")
         logits = reference.logits(batch)
         return reference.sums_from_logits(logits, batch).sums, logits
 
@@ -190,8 +218,9 @@ class ReferenceFreeObjective:
     needs_reference_logits: bool = False
     has_kl: bool = False
     coupling: str | None = None
+    pair_metrics: tuple[str, ...] = ()
 
-    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
+    def reference_values(self, reference: Any, batch: Any, token_weights=None) -> tuple[torch.Tensor, None]:
         raise RuntimeError(f"loss.type={self.loss_type} is reference-free: no reference values to ask for")
 
     def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> None:
@@ -225,13 +254,18 @@ class CoupledObjective:
     needs_reference: bool = True
     needs_reference_logits: bool = False
     has_kl: bool = False
+    pair_metrics: tuple[str, ...] = ()
 
     @property
     def coupling(self) -> str:
         return "sort" if self.loss_type in AOT_LOSS_TYPES else "baseline"
 
-    def reference_values(self, reference: Any, batch: Any) -> tuple[torch.Tensor, None]:
-        return reference.sequence_logps(batch), None
+    @property
+    def coupled_type(self) -> str:
+        return self.loss_type
+
+    def reference_values(self, reference: Any, batch: Any, token_weights=None) -> tuple[torch.Tensor, None]:
+        return reference.sequence_logps(batch, token_weights), None
 
     def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask) -> None:
         return None
@@ -253,21 +287,103 @@ class CoupledObjective:
                 unpaired=self.loss_type == "aot_unpaired",
             )
         if self.nll_weight > 0:  # the NLL regulariser of the other sequence losses (docs/design.md §4)
-            counts = terms.chosen_tokens.to(losses.dtype).clamp(min=1)
-            losses = losses + self.nll_weight * (-terms.policy_chosen.to(losses.dtype) / counts)
+            losses = losses + self.nll_weight * sft_loss(
+                terms.chosen_for_nll.to(losses.dtype), terms.chosen_tokens
+            )
         return PairLoss(losses, chosen, rejected)
 
 
+# ------------------------------------------------------------------ weighted combinations (issue 21)
+@dataclass(frozen=True)
+class CombinedObjective:
+    """A weighted sum of losses, `loss.type: [hdpo, bco_pair, sft]` with `loss.weights` (MPO, Wang et al.
+    2024, Sec. 3.2; objectives/modifiers.py). Each term is one of the objectives above, or None for the
+    `sft` term (the chosen-response NLL, `sft_loss`). The loss of a pair is sum_i w_i * loss_i; alpha
+    reaches only the terms where it applies (ALPHA_LOSS_TYPES), the others compute at alpha 1. The
+    logged rewards are those of the step-coupled term when there is one (bco_pair's running baseline is
+    their mean), else of the first term that has rewards; each term's unweighted loss is logged as
+    `loss/<name>`. At most one term couples the step (config.py refuses more)."""
+
+    names: tuple[str, ...]
+    terms: tuple[Any, ...]  # an Objective per name, None for sft
+    weights: tuple[float, ...]
+
+    @property
+    def pair_metrics(self) -> tuple[str, ...]:
+        return tuple(f"loss/{name}" for name in self.names)
+
+    def _present(self) -> list[Any]:
+        return [t for t in self.terms if t is not None]
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(t.needs_reference for t in self._present())
+
+    @property
+    def needs_reference_logits(self) -> bool:
+        return any(t.needs_reference_logits for t in self._present())
+
+    @property
+    def has_kl(self) -> bool:
+        return any(t.has_kl for t in self._present())
+
+    @property
+    def coupling(self) -> str | None:
+        return next((t.coupling for t in self._present() if t.coupling is not None), None)
+
+    @property
+    def coupled_type(self) -> str | None:
+        return next((t.loss_type for t in self._present() if t.coupling is not None), None)
+
+    def _first(self, attribute: str) -> Any:
+        return next(t for t in self._present() if getattr(t, attribute))
+
+    def reference_values(self, reference: Any, batch: Any, token_weights=None):
+        if self.needs_reference_logits:  # TDPO's logits; its sums serve the other terms
+            return self._first("needs_reference_logits").reference_values(reference, batch, token_weights)
+        return self._first("needs_reference").reference_values(reference, batch, token_weights)
+
+    def sequence_kl(self, policy_logits, reference_logits, labels, seq_index, num_seqs, mask):
+        if not self.has_kl:
+            return None
+        return self._first("has_kl").sequence_kl(
+            policy_logits, reference_logits, labels, seq_index, num_seqs, mask
+        )
+
+    def pair_loss(self, terms: PairTerms, alpha: float) -> PairLoss:
+        total, extras, rewards, kl = None, {}, None, None
+        for name, term, weight in zip(self.names, self.terms, self.weights, strict=True):
+            if term is None:
+                losses = sft_loss(terms.chosen_for_nll, terms.chosen_tokens)
+            else:
+                out = term.pair_loss(terms, alpha if term.loss_type in ALPHA_LOSS_TYPES else 1.0)
+                losses = out.losses
+                if rewards is None or term.coupling is not None:
+                    rewards = (out.chosen_rewards, out.rejected_rewards)
+                kl = kl if out.kl is None else out.kl
+            extras[f"loss/{name}"] = losses.detach()
+            total = weight * losses if total is None else total + weight * losses
+        return PairLoss(total, rewards[0], rewards[1], kl, extras)
+
+
 def make_objective(loss: Any, *, chunk_size: int) -> Objective:
-    """The objective of a `loss` config section (duck-typed: type, beta, label_smoothing, f_alpha,
-    nll_weight, discopop_tau, tdpo_alpha, simpo_gamma); `chunk_size` bounds the (chunk, V) buffers
-    of the token-level KL."""
-    if loss.type in REFERENCE_FREE_LOSS_TYPES:
-        return ReferenceFreeObjective(loss.type, loss.beta, loss.simpo_gamma)
-    if loss.type in TDPO_LOSS_TYPES:
-        return TokenKLObjective(loss.type, loss.beta, loss.tdpo_alpha, chunk_size)
-    if loss.type in COUPLED_LOSS_TYPES:
-        return CoupledObjective(loss.type, loss.beta, loss.label_smoothing, loss.nll_weight)
+    """The objective of a `loss` config section (duck-typed: type (a name or a list of names), weights,
+    beta, label_smoothing, f_alpha, nll_weight, discopop_tau, tdpo_alpha, simpo_gamma); `chunk_size`
+    bounds the (chunk, V) buffers of the token-level KL. config.py has validated the combination."""
+    if isinstance(loss.type, (list, tuple)):
+        weights = loss.weights or [1.0] * len(loss.type)
+        terms = tuple(None if name == SFT_TERM else _single(loss, name, chunk_size) for name in loss.type)
+        return CombinedObjective(tuple(loss.type), terms, tuple(float(w) for w in weights))
+    return _single(loss, loss.type, chunk_size)
+
+
+def _single(loss: Any, loss_type: str, chunk_size: int) -> Objective:
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        return ReferenceFreeObjective(loss_type, loss.beta, loss.simpo_gamma)
+    if loss_type in TDPO_LOSS_TYPES:
+        return TokenKLObjective(loss_type, loss.beta, loss.tdpo_alpha, chunk_size)
+    if loss_type in COUPLED_LOSS_TYPES:
+        return CoupledObjective(loss_type, loss.beta, loss.label_smoothing, loss.nll_weight)
     return SequenceObjective(
-        loss.type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight, loss.discopop_tau
+        loss_type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight, loss.discopop_tau
     )

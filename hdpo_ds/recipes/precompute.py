@@ -331,6 +331,11 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
             f"loss.type: {cfg.loss.type} is reference-free: its training reads no reference, so there is "
             "no reference cache to precompute"
         )
+    if cfg.loss.ld_alpha is not None:
+        raise ConfigError(
+            "loss.ld_alpha: LD-DPO weighs the reference's per-token log-probs by each pair's shorter "
+            "length, and the cache holds one plain sum per sequence; its training runs the reference online"
+        )
     infer_ds = engine.load_ds_config(ds_config_path)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)

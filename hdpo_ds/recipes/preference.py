@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hdpo_ds.common.atomic import write_text
-from hdpo_ds.config import Config, ConfigError, flatten, to_dict
+from hdpo_ds.config import Config, ConfigError, flatten, loss_label, to_dict
 from hdpo_ds.data import (
     IndexedPairs,
     PackedBatch,
@@ -47,6 +47,7 @@ from hdpo_ds.monitoring.alpha import AlphaController
 from hdpo_ds.monitoring.detectors import MonitorSuite
 from hdpo_ds.objectives.coupled import RewardBaseline, aot_partners, aot_sort_values
 from hdpo_ds.objectives.logprobs import segment_sums, token_stats
+from hdpo_ds.objectives.modifiers import ld_token_weights, wpo_weights
 from hdpo_ds.objectives.objective import PairLoss, PairTerms, make_objective
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
@@ -170,7 +171,15 @@ class PreferenceRecipe:
         self._setup_reference()
         self._resume()
         self._open_logger()
-        s.open_progress("H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)
+        modifiers = "".join(
+            (
+                f", weighting {cfg.loss.weighting}" if cfg.loss.weighting != "none" else "",
+                f", ld_alpha {cfg.loss.ld_alpha:g}" if cfg.loss.ld_alpha is not None else "",
+            )
+        )
+        if s.rank == 0:
+            logger.info("loss: %s%s", loss_label(cfg.loss), modifiers)
+        s.open_progress(loss_label(cfg.loss))
         self._ready = True
 
     def _setup_reference(self) -> None:
@@ -182,7 +191,7 @@ class PreferenceRecipe:
             self.reference_source = "none"
             self.references = dict.fromkeys(self.splits, None)
             if dist.is_main_process():
-                logger.info("reference: none (loss.type=%s is reference-free)", cfg.loss.type)
+                logger.info("reference: none (loss.type=%s is reference-free)", loss_label(cfg.loss))
             return
         if cfg.reference.mode == "online":
             self.reference_source = "online"
@@ -275,9 +284,7 @@ class PreferenceRecipe:
         started = time.perf_counter()
         lr = policy.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         policy.train()
-        acc = StepAccumulator(
-            device, with_kl=self.objective.has_kl, with_reference=self.objective.needs_reference
-        )
+        acc = self._accumulator(device)
         micro_batches = assignment.micro_batches
         scale = s.world_size / assignment.num_pairs
         real_tokens = 0
@@ -387,14 +394,14 @@ class PreferenceRecipe:
         for mb in micro_batches:
             batch = collate(pairs, mb, pad_token_id=s.tokenizer.pad_token_id, packing=self.cfg.data.packing)
             batch = batch.to(device)
-            ref_values = self.objective.reference_values(reference, batch)
+            ref_values = self._reference_values(reference, batch)
             zeros = torch.zeros((len(mb.pairs), 2), device=device)  # a placeholder pairing: loss unused
             out = self._run_batch(
                 None, batch, track_grad=False, alpha=1.0, partners=zeros, ref_values=ref_values
             )
             kept.append(ref_values)
             if not mb.filler:  # a filler repeats a real pair: it must not enter the sort twice
-                unpaired = self.objective.loss_type == "aot_unpaired"
+                unpaired = self.objective.coupled_type == "aot_unpaired"
                 rows.append(aot_sort_values(*out.lp, *out.ref, unpaired=unpaired))
                 positions.append(torch.as_tensor(mb.pairs, dtype=torch.long, device=device))
         mine = torch.cat(rows) if rows else torch.zeros((0, 2), device=device)
@@ -438,6 +445,26 @@ class PreferenceRecipe:
         return applied // ref.sync_every
 
     # -------------------------------------------------------------------------------------------------
+    def _accumulator(self, device) -> StepAccumulator:
+        extra = ("wpo/weight",) if self.cfg.loss.weighting == "wpo" else ()
+        return StepAccumulator(
+            device,
+            with_kl=self.objective.has_kl,
+            with_reference=self.objective.needs_reference,
+            pair_means=(*self.objective.pair_metrics, *extra),
+        )
+
+    def _ld_weights(self, batch: PackedBatch) -> torch.Tensor | None:
+        """LD-DPO's per-token weights of this micro-batch (loss.ld_alpha), or None when it is off."""
+        if self.cfg.loss.ld_alpha is None:
+            return None
+        return ld_token_weights(
+            batch.labels, batch.seq_index, batch.pair_index, batch.num_pairs, self.cfg.loss.ld_alpha
+        )
+
+    def _reference_values(self, reference, batch: PackedBatch):
+        return self.objective.reference_values(reference, batch, self._ld_weights(batch))
+
     def _run_batch(
         self,
         reference,
@@ -457,15 +484,25 @@ class PreferenceRecipe:
         inputs = batch.model_inputs()
         mask = batch.labels != -100
         num_seqs = batch.num_seqs
+        ld_weights = self._ld_weights(batch)
         if ref_values is None and objective.needs_reference:
-            ref_values = objective.reference_values(reference, batch)
+            ref_values = objective.reference_values(reference, batch, ld_weights)
         ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
         with torch.set_grad_enabled(track_grad):
             logits = self.session.policy(**inputs).logits
             stats = token_stats(
-                logits, batch.labels, top_k=cfg.train.top_k, chunk_size=cfg.train.logits_chunk_size
+                logits,
+                batch.labels,
+                top_k=cfg.train.top_k,
+                chunk_size=cfg.train.logits_chunk_size,
+                collision=cfg.loss.weighting == "wpo",
             )
-            seq = segment_sums(stats.logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32)
+            plain = segment_sums(stats.logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32)
+            seq = plain
+            if ld_weights is not None:  # LD-DPO: the loss sees the desensitised sums, the NLL the plain
+                seq = segment_sums(
+                    stats.logps * ld_weights, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
+                )
             seq_kl = objective.sequence_kl(logits, ref_logits, batch.labels, batch.seq_index, num_seqs, mask)
             del ref_logits
         monitor_sums = {
@@ -487,9 +524,13 @@ class PreferenceRecipe:
             kl_rejected=None if seq_kl is None else seq_kl[rejected],
             reward_baseline=baseline,
             partners=partners,
+            nll_chosen=None if ld_weights is None else plain.sums[chosen],
         )
+        loss = objective.pair_loss(terms, alpha)
+        if cfg.loss.weighting == "wpo":
+            loss = _wpo_weighted(loss, stats, batch, mask, chosen, rejected, seq.counts)
         return _BatchResult(
-            loss=objective.pair_loss(terms, alpha),
+            loss=loss,
             lp=(seq.sums[chosen].detach(), seq.sums[rejected].detach()),
             ref=ref,
             tokens=(seq.counts[chosen], seq.counts[rejected]),
@@ -528,9 +569,7 @@ class PreferenceRecipe:
         lengths = eval_data.pairs.lengths
         count = len(lengths) if not cfg.train.eval_pairs else min(cfg.train.eval_pairs, len(lengths))
         positions = np.arange(count)
-        acc = StepAccumulator(
-            s.device, with_kl=self.objective.has_kl, with_reference=self.objective.needs_reference
-        )
+        acc = self._accumulator(s.device)
         # Chunks of pairs_per_step pairs keep each packing (and its fillers) to the training step's size.
         for start in range(0, count, cfg.train.pairs_per_step):
             chunk = positions[start : start + cfg.train.pairs_per_step]
@@ -693,6 +732,23 @@ def _accumulate(acc: StepAccumulator, result: _BatchResult) -> None:
     if loss.kl is not None:
         acc.add("kl/chosen", loss.kl[0].sum())
         acc.add("kl/rejected", loss.kl[1].sum())
+    for name, values in (loss.extras or {}).items():
+        acc.add(name, values.sum())
+
+
+def _wpo_weighted(loss: PairLoss, stats, batch: PackedBatch, mask, chosen, rejected, counts) -> PairLoss:
+    """WPO (objectives/modifiers.py): each pair's loss times the policy's weight of the pair, from the
+    response tokens' log p_t - log sum_v p_v^2 (this forward's token statistics, no gradient)."""
+    adjusted = segment_sums(
+        (stats.logps - stats.log_sum_p2).detach(),
+        batch.seq_index,
+        batch.num_seqs,
+        mask=mask,
+        dtype=torch.float32,
+    ).sums
+    weights = wpo_weights(adjusted[chosen], adjusted[rejected], counts[chosen], counts[rejected])
+    extras = {**(loss.extras or {}), "wpo/weight": weights}
+    return dataclasses.replace(loss, losses=loss.losses * weights.to(loss.losses.dtype), extras=extras)
 
 
 def _grad_norm(policy) -> torch.Tensor | float:

@@ -54,15 +54,21 @@ class OnlineReference:
         return self.engine(**batch.model_inputs()).logits
 
     @torch.no_grad()
-    def sums_from_logits(self, logits: torch.Tensor, batch: PackedBatch, dtype=torch.float32) -> SegmentSums:
+    def sums_from_logits(
+        self, logits: torch.Tensor, batch: PackedBatch, dtype=torch.float32, token_weights=None
+    ) -> SegmentSums:
+        """Per-sequence sums of the response tokens' log-probs; `token_weights` (shaped like the labels,
+        e.g. LD-DPO's, objectives/modifiers.py) weigh each token's log-prob in its sum."""
         tokens = token_logps(logits, batch.labels, chunk_size=self.chunk_size)
+        if token_weights is not None:
+            tokens = tokens * token_weights
         return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
 
     def sequence_sums(self, batch: PackedBatch, dtype: torch.dtype = torch.float32) -> SegmentSums:
         return self.sums_from_logits(self.logits(batch), batch, dtype=dtype)
 
-    def sequence_logps(self, batch: PackedBatch) -> torch.Tensor:
-        return self.sequence_sums(batch).sums
+    def sequence_logps(self, batch: PackedBatch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sums_from_logits(self.logits(batch), batch, token_weights=token_weights).sums
 
 
 @dataclass
@@ -72,10 +78,13 @@ class CachedReference:
     cache: RefCache
     device: torch.device
 
-    def sequence_logps(self, batch: PackedBatch) -> torch.Tensor:
+    def sequence_logps(self, batch: PackedBatch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         """(num_seqs,) float32 on self.device. The cache's response token counts are checked against the
         batch's first (a mismatch raises RefCacheError naming the pair): the values are never used for
-        other sequences than the ones they were computed on."""
+        other sequences than the ones they were computed on. The cache holds plain sums only: per-token
+        weights (loss.ld_alpha, refused with a cached reference at config load) cannot apply."""
+        if token_weights is not None:
+            raise RefCacheError("the reference cache holds plain sequence sums: it cannot weigh tokens")
         rows = np.array([self.cache.ids[i] for i in batch.pair_ids], dtype=np.int64)
         chosen, rejected = (idx.cpu() for idx in pair_sequence_indices(batch))
         labelled = batch.labels.cpu() != IGNORE_INDEX  # host sync: one per micro-batch

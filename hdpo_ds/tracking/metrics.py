@@ -103,16 +103,27 @@ class StepAccumulator:
     )
 
     def __init__(
-        self, device: torch.device | str, with_kl: bool = False, with_reference: bool = True
+        self,
+        device: torch.device | str,
+        with_kl: bool = False,
+        with_reference: bool = True,
+        pair_means: tuple[str, ...] = (),
     ) -> None:
+        """`pair_means`: more per-pair sums that become means over the step's pairs (the objective's
+        `pair_metrics`, e.g. loss/<term> of a combination, wpo/weight): fixed per run, so every rank
+        still reduces the same vector."""
         self.device = device
         self.with_kl = with_kl
         self.with_reference = with_reference
-        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys(self.SUM_KEYS, 0.0)
+        self.pair_means = tuple(pair_means)
+        clash = set(self.pair_means) & set(self.SUM_KEYS)
+        if clash:
+            raise ValueError(f"pair_means {sorted(clash)} are StepAccumulator.SUM_KEYS already")
+        self.sums: dict[str, torch.Tensor | float] = dict.fromkeys((*self.SUM_KEYS, *self.pair_means), 0.0)
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
         if name not in self.sums:
-            raise KeyError(f"{name!r} is not one of StepAccumulator.SUM_KEYS")
+            raise KeyError(f"{name!r} is not one of StepAccumulator.SUM_KEYS or its pair_means")
         value = value.detach().to(self.device, torch.float64) if torch.is_tensor(value) else float(value)
         self.sums[name] = self.sums[name] + value
 
@@ -179,6 +190,8 @@ class StepAccumulator:
                 out[f"logratio/{side}"] = global_sums[f"logratio/{side}"] / tokens[side]
             for name in ("entropy", "topk_mass", "topk_entropy"):
                 out[f"{name}/{side}"] = global_sums[f"{name}/{side}"] / tokens[side]
+        for name in self.pair_means:
+            out[name] = global_sums[name] / pairs
         return {f"{prefix}{k}": v for k, v in out.items()}
 
 
