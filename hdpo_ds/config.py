@@ -144,6 +144,9 @@ class TrainConfig:
     eval_pairs: int = 0  # 0: the whole eval set
     top_k: int = 10
     logits_chunk_size: int = 1024
+    # auto | true | false: the policy's log-probs and monitors from hidden states in chunks, never the
+    # full logits (runtime/fused_head.py; auto: from a vocabulary of FUSED_HEAD_MIN_VOCAB on)
+    fused_head: Literal["auto", True, False] = "auto"
     # Diagnostics: write the full gathered gradient of these steps to output_dir/diagnostics/.
     dump_gradients_at: list[int] = field(default_factory=list)
     # How long a collective may wait for the slowest rank: rank-0-only work (hashing weight files,
@@ -334,6 +337,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
+    _validate_fused_head(cfg)
     if cfg.loss.type in REFERENCE_FREE_LOSS_TYPES:
         _validate_reference_free(cfg)
         name = cfg.loss.type
@@ -557,6 +561,24 @@ def _validate_reference_sync(cfg: Config) -> None:
         raise ConfigError(f"reference.sync_alpha: must lie in (0, 1], got {ref.sync_alpha}")
     if ref.sync_every < 1:
         raise ConfigError(f"reference.sync_every: must be >= 1 optimizer update, got {ref.sync_every}")
+
+
+def _validate_fused_head(cfg: Config) -> None:
+    """train.fused_head is wired into the policy's forward only (recipes/preference.py): true is refused
+    where another model forward of the run would still build the full logits."""
+    if cfg.train.fused_head is not True:
+        return
+    if cfg.loss.type in TDPO_LOSS_TYPES:
+        raise ConfigError(
+            f"train.fused_head: true is not available with loss.type={cfg.loss.type} (TDPO's KL needs both "
+            "models' full distributions; the fused head does not chunk two heads together yet)"
+        )
+    if cfg.loss.type not in REFERENCE_FREE_LOSS_TYPES and cfg.reference.mode != "cached":
+        raise ConfigError(
+            f"train.fused_head: true needs reference.mode=cached or a reference-free loss.type (got "
+            f"reference.mode={cfg.reference.mode}): the reference engine and the precompute pass still "
+            "build the full logits"
+        )
 
 
 def _validate_tdpo(cfg: Config) -> None:

@@ -53,7 +53,8 @@ from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, Tra
 from hdpo_ds.recipes.splits import load_split_records, tokenize_split
 from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
 from hdpo_ds.runtime import checkpoint, dist, engine, stop
-from hdpo_ds.runtime.models import check_model_source
+from hdpo_ds.runtime.fused_head import FUSED_HEAD_MIN_VOCAB, head_transform, policy_token_stats
+from hdpo_ds.runtime.models import check_model_source, load_model_config
 from hdpo_ds.tracking.metrics import StepAccumulator, peak_memory_mib
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ def check_before_engines(cfg: Config) -> None:
             "reference.rebuild_stale=true"
         )
     check_model_source(cfg.model)
+    if cfg.train.fused_head is True and head_transform(load_model_config(cfg.model)) is None:
+        raise ConfigError(
+            f"train.fused_head: true: the fused head does not reproduce the logits of model_type "
+            f"{load_model_config(cfg.model).model_type!r} (runtime/fused_head.py FUSED_HEAD_MODEL_TYPES)"
+        )
     if cfg.reference.name_or_path:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
@@ -168,6 +174,7 @@ class PreferenceRecipe:
         )
         s.build_policy()
         self._setup_reference()
+        self.fused_head = self._use_fused_head()
         self._resume()
         self._open_logger()
         s.open_progress("H-DPO" if cfg.loss.type == "hdpo" else cfg.loss.type)
@@ -209,6 +216,19 @@ class PreferenceRecipe:
         if dist.is_main_process():
             logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
+    def _use_fused_head(self) -> bool:
+        """train.fused_head: true (config.py refused what is not wired), false, or auto: on from a
+        vocabulary of FUSED_HEAD_MIN_VOCAB for a known model type where `true` would be accepted."""
+        cfg, model_config = self.cfg, self.session.policy.module.config
+        if cfg.train.fused_head != "auto":
+            return cfg.train.fused_head
+        return (
+            model_config.vocab_size >= FUSED_HEAD_MIN_VOCAB
+            and head_transform(model_config) is not None
+            and not self.objective.has_kl
+            and self.reference_source in ("cached", "none")
+        )
+
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
         if state is None:
@@ -240,6 +260,7 @@ class PreferenceRecipe:
         )
         for name, count in {**train_split.records.skipped, **self.train_data.stats}.items():
             params[f"data.{name}"] = count
+        params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
         params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode
@@ -461,10 +482,22 @@ class PreferenceRecipe:
             ref_values = objective.reference_values(reference, batch)
         ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
         with torch.set_grad_enabled(track_grad):
-            logits = self.session.policy(**inputs).logits
-            stats = token_stats(
-                logits, batch.labels, top_k=cfg.train.top_k, chunk_size=cfg.train.logits_chunk_size
-            )
+            if self.fused_head:  # never the full logits (runtime/fused_head.py); no TDPO here (config.py)
+                logits = None
+                policy = self.session.policy
+                stats = policy_token_stats(
+                    policy,
+                    policy.module,
+                    inputs,
+                    batch.labels,
+                    top_k=cfg.train.top_k,
+                    chunk_size=cfg.train.logits_chunk_size,
+                )
+            else:
+                logits = self.session.policy(**inputs).logits
+                stats = token_stats(
+                    logits, batch.labels, top_k=cfg.train.top_k, chunk_size=cfg.train.logits_chunk_size
+                )
             seq = segment_sums(stats.logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32)
             seq_kl = objective.sequence_kl(logits, ref_logits, batch.labels, batch.seq_index, num_seqs, mask)
             del ref_logits
