@@ -564,20 +564,15 @@ def _validate_reference_sync(cfg: Config) -> None:
 
 
 def _validate_fused_head(cfg: Config) -> None:
-    """train.fused_head is wired into the policy's forward only (recipes/preference.py): true is refused
-    where another model forward of the run would still build the full logits."""
+    """train.fused_head is wired into the policy's forward (recipes/preference.py), the online reference
+    and the precompute pass (reference/sources.py): true is refused where a forward would still build the
+    full logits."""
     if cfg.train.fused_head is not True:
         return
     if cfg.loss.type in TDPO_LOSS_TYPES:
         raise ConfigError(
             f"train.fused_head: true is not available with loss.type={cfg.loss.type} (TDPO's KL needs both "
             "models' full distributions; the fused head does not chunk two heads together yet)"
-        )
-    if cfg.loss.type not in REFERENCE_FREE_LOSS_TYPES and cfg.reference.mode != "cached":
-        raise ConfigError(
-            f"train.fused_head: true needs reference.mode=cached or a reference-free loss.type (got "
-            f"reference.mode={cfg.reference.mode}): the reference engine and the precompute pass still "
-            "build the full logits"
         )
 
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from hdpo_ds.config import ConfigError, load_config
-from hdpo_ds.objectives.logprobs import token_stats
-from hdpo_ds.runtime.fused_head import FUSED_HEAD_MODEL_TYPES, head_transform, policy_token_stats
+from hdpo_ds.objectives.logprobs import token_logps, token_stats
+from hdpo_ds.runtime.fused_head import (
+    FUSED_HEAD_MODEL_TYPES,
+    head_transform,
+    policy_token_stats,
+    reference_token_logps,
+)
 from tests.run_helpers import assert_grads_close, launch
 
 SMALL = {
@@ -74,6 +79,20 @@ def test_policy_token_stats_equal_the_logits_path(name):
     assert "forward" not in vars(_model(name).get_output_embeddings())  # the class's forward is back
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_reference_token_logps_equal_the_logits_path(name):
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 11), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    labels[:, :2] = -100
+    model = _model(name).eval()
+    got = reference_token_logps(model, {"input_ids": ids}, labels, chunk_size=3)
+    with torch.no_grad():
+        want = token_logps(model(input_ids=ids).logits, labels, chunk_size=3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (got[labels == -100] == 0).all() and (got[labels != -100] < 0).all()
+
+
 def test_head_transform_reads_the_model_configs():
     assert head_transform(_model("cohere").config) == (0.0625, None)
     assert head_transform(_model("gemma2").config) == (1.0, 3.0)
@@ -88,8 +107,6 @@ def test_head_transform_reads_the_model_configs():
     ("overrides", "message"),
     [
         (["train.fused_head=maybe"], "train.fused_head"),
-        (["train.fused_head=true"], "reference.mode=cached"),
-        (["train.fused_head=true", "reference.mode=auto"], "reference.mode=cached"),
         (["train.fused_head=true", "loss.type=tdpo2", "reference.mode=online"], "tdpo2"),
     ],
 )
@@ -107,13 +124,30 @@ def test_config_accepts_the_wired_paths():
         is True
     )
     assert load_config(None, [*base, "train.fused_head=true", "loss.type=simpo"]).train.fused_head is True
+    assert load_config(None, [*base, "train.fused_head=true"]).train.fused_head is True  # online reference
     assert load_config(None, base).train.fused_head == "auto"
 
 
 @pytest.mark.distributed
+def test_two_rank_zero3_fused_online_step0_equals_single_process_logits_path(assets):
+    """hdpo with the online reference, 2 ranks of ZeRO-3 (persistence threshold 0: lm_head is
+    partitioned), both models through the fused head: step-0 loss and full gathered gradient equal the
+    plain-transformers logits math."""
+    from tests.test_trainer import _single_process_step0
+
+    run = launch(assets, "fused2_online", "deepspeed", 1, extra=["train.fused_head=true"])
+    assert run["params"]["run.fused_head"] == "True" and run["params"]["run.fused_head_reference"] == "True"
+    assert run["params"]["run.world_size"] == "2"
+    expected_loss, expected_grads = _single_process_step0(assets)
+    assert run["metrics"]["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+    assert_grads_close(torch.load(run["dir"] / "diagnostics" / "grads_step0.pt"), expected_grads)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_rank_zero3_fused_step0_equals_single_process_logits_path(assets):
-    """hdpo from a cached reference, 2 ranks of ZeRO-3 (persistence threshold 0: lm_head is partitioned)
-    with the fused head: step-0 loss and full gathered gradient equal the plain-transformers logits math."""
+    """The precompute pass (one process) through the fused head, then hdpo from that cached reference on
+    2 ranks of ZeRO-3 with the fused head: step-0 loss and full gathered gradient equal the logits math."""
     from tests.test_trainer import _single_process_step0
 
     cache = assets["root"] / "fused_cache"
@@ -122,10 +156,10 @@ def test_two_rank_zero3_fused_step0_equals_single_process_logits_path(assets):
         "fused_pre",
         "python",
         1,
-        extra=[f"reference.cache_path={cache}"],
+        extra=[f"reference.cache_path={cache}", "train.fused_head=true"],
         script="launch/precompute_ref.py",
     )
-    assert pre["returncode"] == 0
+    assert pre["returncode"] == 0 and "through the fused head" in pre["stderr"]
     run = launch(
         assets,
         "fused2",

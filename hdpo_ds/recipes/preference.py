@@ -48,12 +48,13 @@ from hdpo_ds.monitoring.detectors import MonitorSuite
 from hdpo_ds.objectives.coupled import RewardBaseline, aot_partners, aot_sort_values
 from hdpo_ds.objectives.logprobs import segment_sums, token_stats
 from hdpo_ds.objectives.objective import PairLoss, PairTerms, make_objective
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
 from hdpo_ds.recipes.splits import load_split_records, tokenize_split
 from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
 from hdpo_ds.runtime import checkpoint, dist, engine, stop
-from hdpo_ds.runtime.fused_head import FUSED_HEAD_MIN_VOCAB, head_transform, policy_token_stats
+from hdpo_ds.runtime.fused_head import head_transform, policy_token_stats, use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_model_config
 from hdpo_ds.tracking.metrics import StepAccumulator, peak_memory_mib
 
@@ -92,16 +93,24 @@ def check_before_engines(cfg: Config) -> None:
             "reference.rebuild_stale=true"
         )
     check_model_source(cfg.model)
-    if cfg.train.fused_head is True and head_transform(load_model_config(cfg.model)) is None:
-        raise ConfigError(
-            f"train.fused_head: true: the fused head does not reproduce the logits of model_type "
-            f"{load_model_config(cfg.model).model_type!r} (runtime/fused_head.py FUSED_HEAD_MODEL_TYPES)"
-        )
     if cfg.reference.name_or_path:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
             key="reference.name_or_path",
         )
+    if cfg.train.fused_head is True:
+        models = {"model.name_or_path": cfg.model}
+        if cfg.reference.name_or_path and cfg.loss.type not in REFERENCE_FREE_LOSS_TYPES:
+            models["reference.name_or_path"] = dataclasses.replace(
+                cfg.model, name_or_path=cfg.reference.name_or_path
+            )
+        for key, model_cfg in models.items():
+            model_type = load_model_config(model_cfg).model_type
+            if head_transform(load_model_config(model_cfg)) is None:
+                raise ConfigError(
+                    f"train.fused_head: true: the fused head does not reproduce the logits of {key}'s "
+                    f"model_type {model_type!r} (runtime/fused_head.py FUSED_HEAD_MODEL_TYPES)"
+                )
 
 
 class PreferenceRecipe:
@@ -217,17 +226,11 @@ class PreferenceRecipe:
             logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
     def _use_fused_head(self) -> bool:
-        """train.fused_head: true (config.py refused what is not wired), false, or auto: on from a
-        vocabulary of FUSED_HEAD_MIN_VOCAB for a known model type where `true` would be accepted."""
-        cfg, model_config = self.cfg, self.session.policy.module.config
-        if cfg.train.fused_head != "auto":
-            return cfg.train.fused_head
-        return (
-            model_config.vocab_size >= FUSED_HEAD_MIN_VOCAB
-            and head_transform(model_config) is not None
-            and not self.objective.has_kl
-            and self.reference_source in ("cached", "none")
-        )
+        """The policy's train.fused_head (runtime/fused_head.py use_fused_head); never for TDPO, whose KL
+        reads the full logits (`true` is refused there by config.py)."""
+        if self.objective.has_kl:
+            return False
+        return use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
 
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
@@ -261,6 +264,8 @@ class PreferenceRecipe:
         for name, count in {**train_split.records.skipped, **self.train_data.stats}.items():
             params[f"data.{name}"] = count
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
+        if self.reference_source == "online":
+            params["run.fused_head_reference"] = self.references["train"].fused_head
         params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from hdpo_ds.objectives.fused_head import FusedTokenStats, fused_token_stats
+from hdpo_ds.objectives.fused_head import FusedTokenStats, fused_token_logps, fused_token_stats
 
-__all__ = ["FUSED_HEAD_MIN_VOCAB", "FUSED_HEAD_MODEL_TYPES", "head_transform", "policy_token_stats"]
+__all__ = [
+    "FUSED_HEAD_MIN_VOCAB",
+    "FUSED_HEAD_MODEL_TYPES",
+    "head_transform",
+    "policy_token_stats",
+    "reference_token_logps",
+    "use_fused_head",
+]
 
 # model_type -> how its forward turns lm_head's output into logits: (scale attribute, softcap attribute,
 # whether the scale divides). Only model types whose head is exactly this are fused; tests check each
@@ -52,6 +59,47 @@ def head_transform(model_config) -> tuple[float, float | None] | None:
     return scale, (float(cap) if cap else None)
 
 
+def use_fused_head(setting, model_config) -> bool:
+    """train.fused_head for one model: True / False as set (True for a model type the fused head does
+    not know is refused before any engine, recipes/preference.py), auto: a known model type with a
+    vocabulary of at least FUSED_HEAD_MIN_VOCAB."""
+    if setting != "auto":
+        return bool(setting)
+    return model_config.vocab_size >= FUSED_HEAD_MIN_VOCAB and head_transform(model_config) is not None
+
+
+def _run_as_head(model: torch.nn.Module, hidden: torch.Tensor, compute):
+    """compute(h, weight, bias) as the forward of the model's output-embedding module: ZeRO-3's hooks on
+    that module gather its parameters around the call (and again before its backward)."""
+    head = model.get_output_embeddings()
+    head.forward = lambda h: compute(h, head.weight, head.bias)
+    try:
+        return head(hidden)
+    finally:
+        del head.forward  # the class's forward again
+
+
+@torch.no_grad()
+def reference_token_logps(
+    model: torch.nn.Module, inputs: dict, labels: torch.Tensor, *, chunk_size: int
+) -> torch.Tensor:
+    """token_logps(model(**inputs).logits, labels) without the logits, for the reference engine and the
+    precompute pass: the decoder alone (no backward, so DeepSpeed's engine forward is not needed, and
+    no per-layer hidden states are kept), then `fused_token_logps` as the output embedding's forward."""
+    transform = head_transform(model.config)
+    if transform is None:
+        raise ValueError(f"the fused head does not know model_type {model.config.model_type!r}")
+    logit_scale, softcap = transform
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    return _run_as_head(
+        model,
+        hidden,
+        lambda h, weight, bias: fused_token_logps(
+            h, weight, labels, bias=bias, logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size
+        ),
+    )
+
+
 def policy_token_stats(
     call, model: torch.nn.Module, inputs: dict, labels: torch.Tensor, *, top_k: int, chunk_size: int
 ) -> FusedTokenStats:
@@ -70,14 +118,13 @@ def policy_token_stats(
     logit_scale, softcap = transform
     empty = torch.empty(0, dtype=torch.long, device=labels.device)
     hidden = call(**inputs, logits_to_keep=empty, output_hidden_states=True).hidden_states[-1]
-    head = model.get_output_embeddings()
 
-    def fused_forward(h):  # runs inside head.__call__: ZeRO-3's hooks gather head's parameters around it
+    def compute(h, weight, bias):
         stats = fused_token_stats(
             h,
-            head.weight,
+            weight,
             labels,
-            bias=head.bias,
+            bias=bias,
             logit_scale=logit_scale,
             softcap=softcap,
             top_k=top_k,
@@ -85,9 +132,4 @@ def policy_token_stats(
         )
         return tuple(stats)  # a plain tuple: ZeRO-3 walks tuples when it hooks a module's outputs
 
-    head.forward = fused_forward
-    try:
-        stats = head(hidden)
-    finally:
-        del head.forward  # the class's forward again
-    return FusedTokenStats(*stats)
+    return FusedTokenStats(*_run_as_head(model, hidden, compute))
