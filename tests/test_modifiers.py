@@ -301,13 +301,18 @@ def _weighted_step0(assets):
 
 @pytest.mark.distributed
 def test_the_weighted_family_two_ranks_match_one_process_and_the_plain_math(assets):
-    """[hdpo, bco_pair, sft] with WPO and LD-DPO against a reference unlike the policy: 2 ranks and one
-    process give the same step-0 loss and gathered gradient (rtol 1e-5), and both equal the math above;
+    """[hdpo, bco_pair, sft] with WPO and LD-DPO against a reference unlike the policy: 2 ranks (logits)
+    and one process (fused head) give the same step-0 loss and gathered gradient (rtol 1e-5), and both
+    equal the math above;
     the list type is a param as written, each term's loss and the WPO weight are logged."""
     extra = [*WEIGHTED, f"reference.name_or_path={assets['ref_model']}"]
-    two = launch(assets, "weighted2", "deepspeed", 2, extra=extra)
-    one = launch(assets, "weighted1", "python", 2, extra=extra)
+    two = launch(assets, "weighted2", "deepspeed", 2, extra=[*extra, "train.fused_head=false"])
+    # the one process takes policy and reference values from the fused head: WPO's log sum p^2 and
+    # LD-DPO's weighted reference sums through it must give the same numbers
+    one = launch(assets, "weighted1", "python", 2, extra=[*extra, "train.fused_head=true"])
     assert two["params"]["run.world_size"] == "2" and one["params"]["run.world_size"] == "1"
+    assert two["params"]["run.fused_head"] == "False" and one["params"]["run.fused_head"] == "True"
+    assert one["params"]["run.fused_head_reference"] == "True"
     assert two["params"]["config.loss.type"] == "['hdpo', 'bco_pair', 'sft']"
     assert two["metrics"]["loss"][0] == pytest.approx(one["metrics"]["loss"][0], rel=1e-5)
     grads_2 = torch.load(two["dir"] / "diagnostics" / "grads_step0.pt")

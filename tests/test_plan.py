@@ -493,3 +493,20 @@ def test_dry_run_checks_the_attention_implementation(capsys, monkeypatch, tmp_pa
     code, out, err = dry_run(capsys, *demo_args(*model))
     assert code == 0, err
     assert f"model.attn_implementation: eager_packed for {tmp_path} (applies" in out
+
+
+def test_fused_head_replaces_the_logits_row(shapes):
+    """train.fused_head: the logits, their gradient and token_stats' chunk (2·T·V·2 + chunk·V·4 at bf16)
+    give way to the fused head's backward chunk, chunk·V·(4 + 2); no other row changes, and the
+    (backward) peak drops by the difference."""
+    s = shapes["llama-7b"]
+    plain = plan_memory(s, Hardware(1, 8, 80), Settings(4096))
+    fused = plan_memory(s, Hardware(1, 8, 80), Settings(4096, fused_head=True))
+    rows_plain = {r.name: r.bytes for r in plain.rows}
+    rows_fused = {r.name: r.bytes for r in fused.rows}
+    logits = rows_plain.pop("logits + gradient + token-stats chunk")
+    chunk = rows_fused.pop("logits: the fused head's chunk only")
+    assert logits == 2 * 4096 * 32000 * 2 + 1024 * 32000 * 4 and chunk == 1024 * 32000 * 6
+    assert rows_plain == rows_fused
+    assert fused.peak_phase == plain.peak_phase == "backward"
+    assert plain.peak_bytes - fused.peak_bytes == logits - chunk

@@ -24,6 +24,7 @@ import torch
 
 from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import IndexedPairs, collate, pack_step
+from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.splits import Split, load_split_records, tokenize_split
 from hdpo_ds.reference.cache import (
@@ -45,6 +46,7 @@ from hdpo_ds.reference.sources import (
     versions_of_interest,
 )
 from hdpo_ds.runtime import dist, engine
+from hdpo_ds.runtime.fused_head import use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_model, load_model_config, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -209,7 +211,11 @@ def load_reference_engine(cfg: Config, ref_ds: dict, dtype: torch.dtype, device_
     ).model
     ref_engine = engine.build_reference_engine(model, ref_ds)
     del handle
-    return OnlineReference(ref_engine, cfg.train.logits_chunk_size)
+    # TDPO reads the reference's logits (objective.py): there the key is refused (config.py)
+    fused = use_fused_head(cfg.train.fused_head, model.config) and cfg.loss.type not in TDPO_LOSS_TYPES
+    if fused and dist.is_main_process():
+        logger.info("reference: log-probs through the fused head (train.fused_head), no logits")
+    return OnlineReference(ref_engine, cfg.train.logits_chunk_size, fused_head=fused)
 
 
 def _split_fingerprints(cfg: Config, splits: dict[str, Split], dtype: torch.dtype) -> dict[str, dict]:

@@ -49,12 +49,14 @@ from hdpo_ds.objectives.coupled import RewardBaseline, aot_partners, aot_sort_va
 from hdpo_ds.objectives.logprobs import segment_sums, token_stats
 from hdpo_ds.objectives.modifiers import ld_token_weights, wpo_weights
 from hdpo_ds.objectives.objective import PairLoss, PairTerms, make_objective
+from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
 from hdpo_ds.recipes.splits import load_split_records, tokenize_split
 from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
 from hdpo_ds.runtime import checkpoint, dist, engine, stop
-from hdpo_ds.runtime.models import check_model_source
+from hdpo_ds.runtime.fused_head import head_transform, policy_token_stats, use_fused_head
+from hdpo_ds.runtime.models import check_model_source, load_model_config
 from hdpo_ds.tracking.metrics import StepAccumulator, peak_memory_mib
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,19 @@ def check_before_engines(cfg: Config) -> None:
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
             key="reference.name_or_path",
         )
+    if cfg.train.fused_head is True:
+        models = {"model.name_or_path": cfg.model}
+        if cfg.reference.name_or_path and cfg.loss.type not in REFERENCE_FREE_LOSS_TYPES:
+            models["reference.name_or_path"] = dataclasses.replace(
+                cfg.model, name_or_path=cfg.reference.name_or_path
+            )
+        for key, model_cfg in models.items():
+            model_type = load_model_config(model_cfg).model_type
+            if head_transform(load_model_config(model_cfg)) is None:
+                raise ConfigError(
+                    f"train.fused_head: true: the fused head does not reproduce the logits of {key}'s "
+                    f"model_type {model_type!r} (runtime/fused_head.py FUSED_HEAD_MODEL_TYPES)"
+                )
 
 
 class PreferenceRecipe:
@@ -169,6 +184,7 @@ class PreferenceRecipe:
         )
         s.build_policy()
         self._setup_reference()
+        self.fused_head = self._use_fused_head()
         self._resume()
         self._open_logger()
         modifiers = "".join(
@@ -218,6 +234,13 @@ class PreferenceRecipe:
         if dist.is_main_process():
             logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
+    def _use_fused_head(self) -> bool:
+        """The policy's train.fused_head (runtime/fused_head.py use_fused_head); never for TDPO, whose KL
+        reads the full logits (`true` is refused there by config.py)."""
+        if self.objective.has_kl:
+            return False
+        return use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
+
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
         if state is None:
@@ -249,6 +272,9 @@ class PreferenceRecipe:
         )
         for name, count in {**train_split.records.skipped, **self.train_data.stats}.items():
             params[f"data.{name}"] = count
+        params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
+        if self.reference_source == "online":
+            params["run.fused_head_reference"] = self.references["train"].fused_head
         params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode
@@ -489,14 +515,28 @@ class PreferenceRecipe:
             ref_values = objective.reference_values(reference, batch, ld_weights)
         ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
         with torch.set_grad_enabled(track_grad):
-            logits = self.session.policy(**inputs).logits
-            stats = token_stats(
-                logits,
-                batch.labels,
-                top_k=cfg.train.top_k,
-                chunk_size=cfg.train.logits_chunk_size,
-                collision=cfg.loss.weighting == "wpo",
-            )
+            collision = cfg.loss.weighting == "wpo"
+            if self.fused_head:  # never the full logits (runtime/fused_head.py); no TDPO here (config.py)
+                logits = None
+                policy = self.session.policy
+                stats = policy_token_stats(
+                    policy,
+                    policy.module,
+                    inputs,
+                    batch.labels,
+                    top_k=cfg.train.top_k,
+                    chunk_size=cfg.train.logits_chunk_size,
+                    collision=collision,
+                )
+            else:
+                logits = self.session.policy(**inputs).logits
+                stats = token_stats(
+                    logits,
+                    batch.labels,
+                    top_k=cfg.train.top_k,
+                    chunk_size=cfg.train.logits_chunk_size,
+                    collision=collision,
+                )
             plain = segment_sums(stats.logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32)
             seq = plain
             if ld_weights is not None:  # LD-DPO: the loss sees the desensitised sums, the NLL the plain

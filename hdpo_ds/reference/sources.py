@@ -21,6 +21,7 @@ from hdpo_ds.config import Config
 from hdpo_ds.data.packing import IGNORE_INDEX, PackedBatch
 from hdpo_ds.objectives.logprobs import SegmentSums, segment_sums, token_logps
 from hdpo_ds.reference.cache import CACHE_FORMAT_VERSION, RefCache, RefCacheError, file_sha256
+from hdpo_ds.runtime.fused_head import reference_token_logps
 
 __all__ = [
     "CachedReference",
@@ -48,6 +49,7 @@ class OnlineReference:
 
     engine: torch.nn.Module
     chunk_size: int
+    fused_head: bool = False  # sequence sums from hidden states, never the logits (runtime/fused_head.py)
 
     @torch.no_grad()
     def logits(self, batch: PackedBatch) -> torch.Tensor:
@@ -64,11 +66,21 @@ class OnlineReference:
             tokens = tokens * token_weights
         return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
 
-    def sequence_sums(self, batch: PackedBatch, dtype: torch.dtype = torch.float32) -> SegmentSums:
-        return self.sums_from_logits(self.logits(batch), batch, dtype=dtype)
+    def sequence_sums(
+        self, batch: PackedBatch, dtype: torch.dtype = torch.float32, token_weights=None
+    ) -> SegmentSums:
+        if not self.fused_head:
+            return self.sums_from_logits(self.logits(batch), batch, dtype=dtype, token_weights=token_weights)
+        with torch.no_grad():
+            tokens = reference_token_logps(
+                self.engine.module, batch.model_inputs(), batch.labels, chunk_size=self.chunk_size
+            )
+            if token_weights is not None:
+                tokens = tokens * token_weights
+        return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
 
     def sequence_logps(self, batch: PackedBatch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
-        return self.sums_from_logits(self.logits(batch), batch, token_weights=token_weights).sums
+        return self.sequence_sums(batch, token_weights=token_weights).sums
 
 
 @dataclass

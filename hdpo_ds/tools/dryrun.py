@@ -26,6 +26,7 @@ import torch
 
 from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
+from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
 from hdpo_ds.recipes.splits import load_split_records, tokenize_options
@@ -33,6 +34,7 @@ from hdpo_ds.reference.cache import RefCache, RefCacheError, cache_status
 from hdpo_ds.reference.sources import model_identity, reference_fingerprint
 from hdpo_ds.runtime import engine
 from hdpo_ds.runtime.attention import attention_features, check_attention, select_attention
+from hdpo_ds.runtime.fused_head import use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_tokenizer
 from hdpo_ds.tools.plan import (
     Hardware,
@@ -250,6 +252,7 @@ def dry_run(
         reference_offload=cfg.reference.offload,
         grad_checkpointing=cfg.model.gradient_checkpointing,
         logits_chunk_size=cfg.train.logits_chunk_size,
+        fused_head=use_fused_head(cfg.train.fused_head, hf_config) and cfg.loss.type not in TDPO_LOSS_TYPES,
         fused_optimizer=device_type != "cpu",
         dtype_bytes=torch.finfo(dtype).bits // 8,
         seq_tokens=max(1, int(np.mean(lengths))),

@@ -203,6 +203,7 @@ class Settings:
     contiguous_gradients: bool = True
     max_live_parameters: int = 1_000_000_000  # zero_optimization.stage3_max_live_parameters
     logits_chunk_size: int = 1024  # train.logits_chunk_size
+    fused_head: bool = False  # train.fused_head resolved: no T×V logits (runtime/fused_head.py)
     fused_optimizer: bool = True  # GPU FusedAdam updates in place; torch's AdamW (CPU) makes temporaries
     # Assumptions (stated in the output):
     mfu: float = 0.40
@@ -341,6 +342,13 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk_size: i
     return copies * full + min(chunk_size, tokens) * shape.vocab_size * 4
 
 
+def fused_head_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk_size: int) -> int:
+    """The fused head's backward chunk (objectives/fused_head.py): the chunk's fp32 logits, turned into
+    their gradient in place, and that gradient in the model dtype for the two products. Its dW is the
+    gathered lm_head gradient the 'largest layer gathered' row already counts when lm_head is largest."""
+    return min(chunk_size, tokens) * shape.vocab_size * (4 + dtype_bytes)
+
+
 def _flops_params(shape: ModelShape) -> int:
     # An untied input embedding is a lookup, not a matmul; a tied one is also lm_head.
     return shape.num_params - (0 if shape.tied_embeddings else shape.embedding_params)
@@ -389,7 +397,10 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     buffers = (reduce_bucket * b if settings.contiguous_gradients else 0) + prefetch_bucket * b
     acts = activation_bytes(shape, t, b, settings.grad_checkpointing)
     acts_other = activation_bytes(shape, t, b, not settings.grad_checkpointing)
-    logits = logits_bytes(shape, t, b, settings.logits_chunk_size)
+    if settings.fused_head:
+        logits = fused_head_bytes(shape, t, b, settings.logits_chunk_size)
+    else:
+        logits = logits_bytes(shape, t, b, settings.logits_chunk_size)
     ref_shard = b * x if settings.reference == "online" else 0
     ref_where = "-" if settings.reference != "online" else ("host" if settings.reference_offload else "gpu")
 
@@ -450,10 +461,14 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
             assumption=True,
         ),
         Row(
-            "logits + gradient + token-stats chunk",
+            "logits: the fused head's chunk only"
+            if settings.fused_head
+            else "logits + gradient + token-stats chunk",
             logits,
             "gpu",
-            f"T×V = {t:,}×{shape.vocab_size:,}; chunk {settings.logits_chunk_size}",
+            f"chunk×V = {min(settings.logits_chunk_size, t):,}×{shape.vocab_size:,}, fp32 + model dtype"
+            if settings.fused_head
+            else f"T×V = {t:,}×{shape.vocab_size:,}; chunk {settings.logits_chunk_size}",
         ),
         Row(
             "reference model (shard)",
@@ -475,7 +490,8 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     step = persistent + (step_transient if opt_where == "gpu" else 0)
     if settings.reference == "online" and ref_where == "gpu":
         # The reference forward runs before the policy's and frees its gathered layer and logits first.
-        backward = max(backward, persistent + b * big + t * shape.vocab_size * b)
+        ref_logits = logits if settings.fused_head else t * shape.vocab_size * b
+        backward = max(backward, persistent + b * big + ref_logits)
     peak, phase = (backward, "backward") if backward >= step else (step, "optimizer step")
     model_states = (
         sum(on_gpu.get(r.name, 0) for r in rows[:4])
@@ -675,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", choices=["online", "cached", "none"], default="online")
     parser.add_argument("--reference-offload", action="store_true", help="reference.offload=true")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--fused-head", action="store_true", help="train.fused_head on: no T×V logits")
     parser.add_argument("--offload-optimizer", action="store_true", help="as if the ds_config offloaded it")
     parser.add_argument("--peak-tflops", type=float, default=Hardware.peak_tflops, help="per GPU, bf16 dense")
     parser.add_argument("--host-mem-gib", type=float, default=None, help="host RAM per node")
@@ -706,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             grad_checkpointing=args.grad_checkpointing,
             mfu=args.mfu,
             seq_tokens=args.seq_tokens,
+            fused_head=args.fused_head,
         )
         if args.ds:
             from hdpo_ds.runtime.engine import load_ds_config
