@@ -10,9 +10,13 @@ An objective says what it needs from the reference and turns per-sequence values
 - `sequence_kl(policy_logits, reference_logits, labels, seq_index, num_seqs, mask)`: the per-sequence
   summed token-level KL(ref || policy) the loss needs (None for sequence-level losses).
 - `pair_loss(terms, alpha)`: the per-pair losses and rewards (`PairLoss`), from `PairTerms`.
+- `pair_metrics`: the names of the per-pair values `pair_loss` adds in `PairLoss.extras` (a
+  combination's `loss/<term>`), logged as means over the step's pairs.
 
-The reference is duck-typed (anything with `sequence_logps(batch)`, or `logits(batch)` and
-`sums_from_logits(logits, batch)`): `reference_values` asks it for what the objective needs.
+The reference is duck-typed (anything with `sequence_logps(batch, token_weights)`, or `logits(batch)`
+and `sums_from_logits(logits, batch)`): `reference_values(reference, batch, token_weights)` asks it for
+what the objective needs; `token_weights` are LD-DPO's per-token weights (objectives/modifiers.py), or
+None.
 """
 
 from __future__ import annotations
