@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hdpo_ds.data.records import parse_rows
+from hdpo_ds.data.mixture import parse_rows, parse_sources
 from hdpo_ds.monitoring.detectors import DETECTORS
 from hdpo_ds.objectives.coupled import COUPLED_LOSS_TYPES
 from hdpo_ds.objectives.losses import (
@@ -79,7 +79,8 @@ class ReferenceConfig:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
+    # A path, or a mapping {path, weight, split, rows}: a weighted mixture (data/mixture.py)
+    train_files: list[str | dict] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     split: str = ""
     rows: str = ""  # a row slice like "0:1000"
@@ -232,8 +233,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{key}: expected {' or '.join(map(_describe, options))}, got {value!r}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
-        if isinstance(value, str | int | float) and item_type is str:
-            value = [value]  # a single file where a list is expected
+        item_types = set(typing.get_args(item_type)) or {item_type}
+        single_file = isinstance(value, str | int | float) and str in item_types
+        if single_file or (isinstance(value, dict) and dict in item_types):
+            value = [value]  # a single file (or source mapping) where a list is expected
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
@@ -259,6 +262,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
+    if annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
     if annotation is type(None):
         if value is not None:
             raise ConfigError(f"{key}: expected null, got {value!r}")
@@ -272,7 +279,14 @@ def _describe(annotation: Any) -> str:
         return " or ".join(map(repr, typing.get_args(annotation)))
     if typing.get_origin(annotation) is list:
         return "a list"
-    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", type(None): "null"}
+    names = {
+        float: "a number",
+        int: "an integer",
+        str: "a string",
+        bool: "true or false",
+        dict: "a mapping",
+        type(None): "null",
+    }
     return names.get(annotation, str(annotation))
 
 
@@ -401,6 +415,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.name_or_path: required (a local model directory, hub id, or config)")
     if not cfg.data.train_files:
         raise ConfigError("data.train_files: required (one or more files or dataset directories)")
+    try:
+        parse_sources(cfg.data.train_files, "data.train_files")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key, rows in (("data.rows", cfg.data.rows), ("data.eval_rows", cfg.data.eval_rows)):
         try:
             parse_rows(rows or None)

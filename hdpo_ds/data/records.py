@@ -43,6 +43,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from hdpo_ds.data.mixture import Sources, SourceSpec, parse_rows, parse_sources
+
 logger = logging.getLogger(__name__)
 
 # Bump when normalisation changes, so fingerprints (and the tokenization cache keyed on them) change too.
@@ -51,7 +53,6 @@ ROLES = ("system", "user", "assistant")
 ON_BAD_RECORD = ("error", "skip")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".pq")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_ROW_SLICE = re.compile(r"^\[?\s*(-?\d*)\s*:\s*(-?\d*)\s*\]?$")
 
 Message = dict[str, str]
 Text = str | list[Message]
@@ -97,7 +98,8 @@ class PreferenceRecord:
     ``{"role", "content"}`` messages (``format == "chat"``; ``prompt`` ends with a user message, ``chosen``
     and ``rejected`` are one assistant message each). Pre-tokenized records (``format == "tokens"``) have
     ``prompt``/``chosen``/``rejected`` set to None and the token ids in ``prompt_ids``/``chosen_ids``/
-    ``rejected_ids``. ``source`` and ``index`` say where the record came from, for error messages.
+    ``rejected_ids``. ``source`` and ``index`` say where the record came from, for error messages;
+    ``source_index`` is the index of the files-list entry it came from (per-source counts and metrics).
     """
 
     id: str
@@ -109,6 +111,7 @@ class PreferenceRecord:
     rejected_ids: tuple[int, ...] | None = None
     source: str = dataclasses.field(default="", compare=False)
     index: int = dataclasses.field(default=-1, compare=False)
+    source_index: int = dataclasses.field(default=0, compare=False)  # its data.train_files entry
 
     @property
     def format(self) -> str:
@@ -138,8 +141,12 @@ class LoadResult:
 
     ``records``: the valid pairs in source order. ``skipped``: how many rows were dropped, per reason
     (``identical_chosen_rejected`` always; the DataError kinds with ``on_bad_record="skip"``).
-    ``fingerprint``: sha256 (hex) over the sources' bytes, the split, the row slice and the loader version;
-    it identifies ``records`` exactly. ``num_rows``: rows read after slicing, before validation.
+    ``fingerprint``: sha256 (hex) over the sources' bytes, the split, the row slice and the loader version
+    (for a mixture: each entry's weight, split and row slice too); it identifies ``records`` exactly.
+    ``num_rows``: rows read after slicing, before validation. ``sources``: the files read.
+    ``entries``: the parsed files list (``entries.mixture``: sampled by weight; each record's
+    ``source_index`` is its entry). ``source_counts``: per entry, ``rows`` read, ``kept`` and the skip
+    reasons.
     """
 
     records: list[PreferenceRecord]
@@ -147,6 +154,8 @@ class LoadResult:
     fingerprint: str
     num_rows: int
     sources: list[str]
+    entries: Sources = dataclasses.field(default_factory=lambda: Sources((), False))
+    source_counts: list[collections.Counter[str]] = dataclasses.field(default_factory=list)
 
 
 def content_hash(content: Mapping[str, Any]) -> str:
@@ -155,68 +164,95 @@ def content_hash(content: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
 
 
-def parse_rows(rows: str | slice | None) -> slice | None:
-    """``"100:200"``, ``"[:1000]"``, ``"-500:"`` or a ``slice`` -> ``slice`` (Python semantics, no step)."""
-    if rows is None or isinstance(rows, slice):
-        if isinstance(rows, slice) and rows.step not in (None, 1):
-            raise ValueError(f"row slice {rows!r}: a step is not supported")
-        return rows
-    match = _ROW_SLICE.match(str(rows).strip())
-    if match is None:
-        raise ValueError(f"invalid row slice {rows!r}: expected 'start:stop', e.g. '0:1000' or ':1000'")
-    start, stop = (int(g) if g else None for g in match.groups())
-    return slice(start, stop)
-
-
 @dataclasses.dataclass
 class RawTable:
     """What :func:`read_table` returns: ``rows`` (source, index within the source, raw row) after the row
-    slice, not yet validated; ``fingerprint`` and ``sources`` as in :class:`LoadResult`."""
+    slice, not yet validated; ``row_entries``: the files-list entry of each row; ``fingerprint``,
+    ``sources`` and ``entries`` as in :class:`LoadResult`."""
 
     rows: list[tuple[str, int, Any]]
     fingerprint: str
     sources: list[str]
+    row_entries: list[int] = dataclasses.field(default_factory=list)
+    entries: Sources = dataclasses.field(default_factory=lambda: Sources((), False))
 
 
 def read_table(
-    files: Sequence[str] | str, *, split: str | None = None, rows: str | slice | None = None
+    files: Sequence[str | Mapping | SourceSpec] | str | Sources,
+    *,
+    split: str | None = None,
+    rows: str | slice | None = None,
+    key: str = "data.train_files",
 ) -> RawTable:
-    """Read and concatenate the rows of every source, then apply the row slice (``split`` and ``rows`` as in
-    :func:`load_records`, which validates them as preference pairs; SFT reads its records through this
-    too)."""
-    specs = [files] if isinstance(files, str | os.PathLike) else list(files)
-    if not specs:
+    """Read the rows of every source (``split`` and ``rows`` as in :func:`load_records`, which validates
+    them as preference pairs; SFT reads its records through this too).
+
+    Plain paths are concatenated and ``rows`` slices the concatenation. A mixture (an entry is a mapping,
+    ``data/mixture.py``) reads each entry on its own: its ``split`` / ``rows``, else ``split`` / ``rows``,
+    apply to that entry alone. ``key`` names the files list in errors about its entries."""
+    entries = files if isinstance(files, Sources) else _entries(files, key)
+    if not entries.specs:
         raise ValueError("no data files given")
     row_slice = parse_rows(rows)
 
     fp = hashlib.sha256()
     fp.update(RECORDS_FORMAT_VERSION.encode())
-    fp.update(json.dumps({"split": split, "rows": _slice_repr(row_slice)}, sort_keys=True).encode())
+    if not entries.mixture:  # unchanged from before mixtures existed: the same data keeps its caches
+        fp.update(json.dumps({"split": split, "rows": _slice_repr(row_slice)}, sort_keys=True).encode())
     table: list[tuple[str, int, Any]] = []  # (source, index within source, raw row)
+    row_entries: list[int] = []
     sources: list[str] = []
-    for spec in specs:
-        for source, source_rows, source_fp in _read_spec(str(spec), split):
+    for e, spec in enumerate(entries.specs):
+        entry_split = split if spec.split is None else spec.split
+        entry_slice = row_slice if spec.rows is None else parse_rows(spec.rows)
+        if entries.mixture:
+            fp.update(
+                json.dumps(
+                    {"weight": spec.weight, "split": entry_split, "rows": _slice_repr(entry_slice)},
+                    sort_keys=True,
+                ).encode()
+            )
+        part: list[tuple[str, int, Any]] = []
+        for source, source_rows, source_fp in _read_spec(str(spec.path), entry_split):
             sources.append(source)
             fp.update(source_fp.encode())
-            table.extend((source, i, row) for i, row in enumerate(source_rows))
-    if row_slice is not None:
+            part.extend((source, i, row) for i, row in enumerate(source_rows))
+        if entries.mixture and entry_slice is not None:
+            part = part[entry_slice]
+        table.extend(part)
+        row_entries.extend([e] * len(part))
+    if not entries.mixture and row_slice is not None:
         table = table[row_slice]
-    return RawTable(table, fp.hexdigest(), sources)
+        row_entries = row_entries[row_slice]
+    return RawTable(table, fp.hexdigest(), sources, row_entries, entries)
+
+
+def _entries(files, key: str) -> Sources:
+    specs = [files] if isinstance(files, str | os.PathLike) else list(files)
+    specs = [str(f) if isinstance(f, os.PathLike) else f for f in specs]
+    try:
+        return parse_sources(specs, key)
+    except ValueError as e:
+        raise DataError(str(e), kind="bad_source") from None
 
 
 def load_records(
-    files: Sequence[str] | str,
+    files: Sequence[str | Mapping | SourceSpec] | str | Sources,
     *,
     split: str | None = None,
     rows: str | slice | None = None,
     on_bad_record: str = "error",
+    key: str = "data.train_files",
 ) -> LoadResult:
     """Read, concatenate, slice and validate preference records.
 
     ``files``: one source spec or several (see the module docstring); rows of all sources are concatenated
-    in order. ``split``: which split of a ``DatasetDict`` / hub dataset (default: its only split, else
-    ``train``); ignored by single-table sources. ``rows``: a slice over the concatenated rows, applied
-    before validation (record indices in errors stay those of the source). ``on_bad_record``: ``error``
+    in order. An entry may be a mapping ``{path, weight, split, rows}`` (a mixture; ``data/mixture.py``):
+    its own ``split`` / ``rows`` then apply to it alone (see :func:`read_table`). ``split``: which split of
+    a ``DatasetDict`` / hub dataset (default: its only split, else ``train``); ignored by single-table
+    sources. ``rows``: a slice over the concatenated rows (a mixture: over each entry's rows), applied
+    before validation (record indices in errors stay those of the source). ``key``: the config key of
+    the files list, for errors about its entries. ``on_bad_record``: ``error``
     raises :class:`DataError` on the first bad record; ``skip`` drops it, counts it per reason in
     ``skipped`` and logs it. Every selected record is validated before this returns.
     """
@@ -224,14 +260,17 @@ def load_records(
         raise ValueError(
             f"data.on_bad_record must be one of {', '.join(ON_BAD_RECORD)}; got {on_bad_record!r}"
         )
-    raw = read_table(files, split=split, rows=rows)
+    raw = read_table(files, split=split, rows=rows, key=key)
     table, sources = raw.rows, raw.sources
 
     records: list[PreferenceRecord] = []
     skipped: collections.Counter[str] = collections.Counter()
+    per_entry = [collections.Counter({"rows": 0, "kept": 0}) for _ in raw.entries.specs]
     examples: dict[str, list[str]] = collections.defaultdict(list)
     first_by_id: dict[str, tuple[str, tuple[str, int]]] = {}
-    for source, index, row in table:
+    for (source, index, row), entry in zip(table, raw.row_entries, strict=True):
+        counts = per_entry[entry]
+        counts["rows"] += 1
         try:
             record = normalise_record(row, source=source, index=index)
             if record is not None:
@@ -240,15 +279,18 @@ def load_records(
             if on_bad_record == "error":
                 raise
             skipped[err.kind] += 1
+            counts[err.kind] += 1
             if len(examples[err.kind]) < 3:
                 examples[err.kind].append(str(err))
             continue
         if record is None:
             skipped["identical_chosen_rejected"] += 1
+            counts["identical_chosen_rejected"] += 1
             if len(examples["identical_chosen_rejected"]) < 3:
                 examples["identical_chosen_rejected"].append(f"{source}: record {index}")
             continue
-        records.append(record)
+        counts["kept"] += 1
+        records.append(dataclasses.replace(record, source_index=entry) if entry else record)
 
     for kind, count in sorted(skipped.items()):
         logger.warning(
@@ -257,7 +299,7 @@ def load_records(
     logger.info(
         "loaded %d preference pairs from %d row(s) in %d source(s)", len(records), len(table), len(sources)
     )
-    return LoadResult(records, skipped, raw.fingerprint, len(table), sources)
+    return LoadResult(records, skipped, raw.fingerprint, len(table), sources, raw.entries, per_entry)
 
 
 def normalise_record(row: Any, *, source: str = "<records>", index: int = 0) -> PreferenceRecord | None:

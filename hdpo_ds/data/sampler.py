@@ -6,6 +6,22 @@ consecutive slices of ``pairs_per_step`` pairs (global, not per rank); each step
 :func:`~hdpo_ds.data.packing.pack_step`, which balances tokens, not pair counts, across ranks and gives every
 rank the same number of micro-batches. Every rank computes the same permutation and packing, so no
 communication is needed. ``state_dict`` holds (epoch, steps consumed in the epoch) for exact resume.
+
+A weighted mixture (``weights`` and ``sources`` given; ``data/mixture.py``) changes which pairs an epoch
+holds, not how they are shuffled and packed. The rule:
+
+- an epoch is N draws, N = the number of pairs over all sources (so ``len(sampler)`` is unchanged);
+- source s gets q_s = N * w_s / sum(w) draws per epoch, rounded by largest remainder (``mixture.quotas``);
+- source s is an endless stream of passes over its n_s pairs, pass k a permutation keyed on
+  (seed, source s, pass k); epoch e takes the stream's positions [e * q_s, (e + 1) * q_s). So a source
+  with q_s < n_s is subsampled without replacement, the permutation continuing across epochs (every pair
+  is drawn once per pass before any pair is drawn again); one with q_s > n_s is repeated (whole passes
+  and part of another). An epoch whose window spans two passes may draw a pair of that source twice;
+- the epoch's N draws, listed source by source in stream order, are put in the order of the
+  (seed, epoch) permutation above.
+
+With no weights (a plain list of paths) the draws are the pairs 0..N-1 once each, so the order is the
+permutation itself, exactly as before mixtures existed.
 """
 
 from __future__ import annotations
@@ -16,7 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from hdpo_ds.data.mixture import quotas
 from hdpo_ds.data.packing import MicroBatchPacking, StepPacking, pack_step
+
+# Keeps the per-source pass keys (seed, tag, source, pass) apart from the epoch keys (seed, epoch).
+_PASS_TAG = 0x6D6978  # "mix"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +90,9 @@ class PairSampler:
     (``train.pairs_per_step``). ``max_length``: the configured ``data.max_length``, used to validate the
     budget (default: the longest sequence present). ``drop_last``: drop the final partial step of an epoch;
     without it that step is shorter (``StepAssignment.num_pairs`` says by how much). Iterating runs from the
-    current position to the end of the epoch, then moves to the next epoch.
+    current position to the end of the epoch, then moves to the next epoch. ``sources`` (num_pairs,): each
+    pair's source index (``TokenizedPairs.sources``); ``weights``: one per source, for a weighted mixture
+    drawn by the rule in the module docstring (None: every pair once per epoch).
     """
 
     def __init__(
@@ -85,6 +107,8 @@ class PairSampler:
         max_length: int | None = None,
         packing: bool = True,
         drop_last: bool = True,
+        sources: Sequence[int] | np.ndarray | None = None,
+        weights: Sequence[float] | None = None,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
         num_pairs = len(self.lengths)
@@ -124,6 +148,16 @@ class PairSampler:
         self.offset = 0  # steps of the current epoch already handed out
         self._perm_epoch: int | None = None
         self._perm = np.empty(0, dtype=np.int64)
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.quotas: np.ndarray | None = None
+        if self.weights is not None:
+            self._members = _source_members(sources, num_pairs, self.weights)
+            self.quotas = quotas(self.weights, num_pairs)
+
+    @property
+    def source_sizes(self) -> list[int] | None:
+        """Pairs per source of a mixture (None without weights)."""
+        return None if self.weights is None else [len(m) for m in self._members]
 
     def __len__(self) -> int:
         """Optimizer steps per epoch."""
@@ -139,14 +173,33 @@ class PairSampler:
         self.offset = 0
 
     def permutation(self, epoch: int) -> np.ndarray:
-        """The order of all pairs in ``epoch`` (same on every rank and every run)."""
+        """The pairs ``epoch`` draws, in order (same on every rank and every run): all pairs once each, or
+        a mixture's draws (the module docstring's rule)."""
         if self._perm_epoch != epoch:
             keys = np.random.PCG64(np.random.SeedSequence([self.seed, int(epoch)])).random_raw(
                 len(self.lengths)
             )
-            self._perm = np.argsort(keys, kind="stable")
+            order = np.argsort(keys, kind="stable")
+            self._perm = order if self.weights is None else self.epoch_draws(epoch)[order]
             self._perm_epoch = epoch
         return self._perm
+
+    def epoch_draws(self, epoch: int) -> np.ndarray:
+        """A mixture's draws in ``epoch`` before the shuffle: source by source, each in stream order."""
+        if self.weights is None:
+            return np.arange(len(self.lengths), dtype=np.int64)
+        parts = []
+        for s, (members, quota) in enumerate(zip(self._members, self.quotas, strict=True)):
+            n, start = len(members), int(epoch) * int(quota)
+            first, last = start // n, -(-(start + int(quota)) // n)  # the passes the window touches
+            stream = [members[self._pass_order(s, k, n)] for k in range(first, last)]
+            window = np.concatenate(stream) if stream else np.empty(0, dtype=np.int64)
+            parts.append(window[start - first * n : start - first * n + int(quota)])
+        return np.concatenate(parts)
+
+    def _pass_order(self, source: int, k: int, n: int) -> np.ndarray:
+        keys = np.random.PCG64(np.random.SeedSequence([self.seed, _PASS_TAG, source, k])).random_raw(n)
+        return np.argsort(keys, kind="stable")
 
     def assignment(self, epoch: int, step: int) -> StepAssignment:
         """Step ``step`` of ``epoch`` for this rank: a pure function of the arguments and the
@@ -162,14 +215,22 @@ class PairSampler:
         )
         return StepAssignment(int(epoch), int(step), self.rank, indices.copy(), packed)
 
-    def state_dict(self) -> dict[str, int]:
-        return {
+    def state_dict(self) -> dict:
+        state = {
             "epoch": self.epoch,
             "offset": self.offset,
             "seed": self.seed,
             "num_pairs": len(self.lengths),
             "pairs_per_step": self.pairs_per_step,
         }
+        if self.weights is not None:  # absent without a mixture: older checkpoints stay loadable
+            state["mixture"] = self._mixture_state()
+        return state
+
+    def _mixture_state(self) -> dict | None:
+        if self.weights is None:
+            return None
+        return {"source_pairs": self.source_sizes, "quotas": [int(q) for q in self.quotas]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at the saved position. The data, seed and pairs_per_step must be those of the saved run (a
@@ -184,9 +245,33 @@ class PairSampler:
                     f"cannot resume the sampler: the checkpoint has {key}={state[key]} but this run has "
                     f"{mine}"
                 )
+        if state.get("mixture") != self._mixture_state():
+            raise ValueError(
+                "cannot resume the sampler: the checkpoint's mixture (pairs and draws per source) is "
+                f"{state.get('mixture')} but this run's is {self._mixture_state()}"
+            )
         if not 0 <= int(state["offset"]) <= len(self):
             raise ValueError(
                 f"cannot resume the sampler: offset {state['offset']} is outside [0, {len(self)}]"
             )
         self.epoch = int(state["epoch"])
         self.offset = int(state["offset"])
+
+
+def _source_members(sources, num_pairs: int, weights: list[float]) -> list[np.ndarray]:
+    """The pair indices of each source (ascending); every source must have a pair to draw."""
+    if sources is None:
+        raise ValueError("a weighted mixture needs each pair's source index (sources)")
+    src = np.asarray(sources, dtype=np.int64).reshape(-1)
+    if len(src) != num_pairs:
+        raise ValueError(f"sources has {len(src)} entries for {num_pairs} pairs")
+    if len(src) and (src.min() < 0 or src.max() >= len(weights)):
+        raise ValueError(f"a source index lies outside [0, {len(weights)}) (one weight per source)")
+    members = [np.flatnonzero(src == s) for s in range(len(weights))]
+    for s, m in enumerate(members):
+        if not len(m):
+            raise ValueError(
+                f"data.train_files[{s}]: no pairs left after validation and tokenization, so its weight "
+                f"{weights[s]:g} cannot be drawn"
+            )
+    return members

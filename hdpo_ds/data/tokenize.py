@@ -49,7 +49,7 @@ from hdpo_ds.data.records import DataError, LoadResult, PreferenceRecord, conten
 logger = logging.getLogger(__name__)
 
 # Bump when the tokenization rules change: it is part of every cache fingerprint.
-TOKENIZE_VERSION = "hdpo_ds.tokenize/1"
+TOKENIZE_VERSION = "hdpo_ds.tokenize/2"  # 2: the `source` column
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "drop")
 
 # Per-row flags stored in the Arrow table; the stats are counted from them, so a cached table has its stats.
@@ -132,6 +132,11 @@ class TokenizedPairs(Sequence[TokenizedPair]):
         return self._table.column("id").take(self._keep).to_pylist()
 
     @property
+    def sources(self) -> np.ndarray:
+        """(num_pairs,) int64: the files-list entry (``PreferenceRecord.source_index``) of each pair."""
+        return self._table.column("source").take(self._keep).to_numpy().astype(np.int64)
+
+    @property
     def lengths(self) -> np.ndarray:
         """(num_pairs, 2) int64: tokens of the chosen sequence (prompt + chosen) and of the rejected one."""
         import pyarrow.compute as pc
@@ -148,13 +153,15 @@ class TokenizedPairs(Sequence[TokenizedPair]):
 class TokenizeResult:
     """``pairs``: the kept pairs in record order. ``stats``: counts (see ``STAT_KEYS``). ``fingerprint``: the
     cache key. ``from_cache``: whether the table was read back rather than built. ``cache_path``: its
-    directory (None without ``cache_dir``)."""
+    directory (None without ``cache_dir``). ``source_stats``: per files-list entry, ``pairs_in``,
+    ``pairs`` (kept) and the drop reasons."""
 
     pairs: TokenizedPairs
     stats: collections.Counter[str]
     fingerprint: str
     from_cache: bool
     cache_path: str | None
+    source_stats: list[collections.Counter[str]] = dataclasses.field(default_factory=list)
 
 
 def tokenize_pairs(
@@ -183,8 +190,10 @@ def tokenize_pairs(
     ranks meet at ``barrier`` and the others read the cache. ``cache_dir`` must then be shared by the ranks
     that wait on the main process (per node, pass the node's local main as ``is_main_process``).
     """
+    num_sources = None
     if isinstance(records, LoadResult):
         data_fingerprint = data_fingerprint or records.fingerprint
+        num_sources = len(records.entries.specs) or None
         records = records.records
     _check_lengths(max_length, max_prompt_length, truncation, on_bad_record)
     if tokenizer.eos_token_id is None:
@@ -241,6 +250,7 @@ def tokenize_pairs(
     )
 
     pairs, stats = _summarise(table)
+    source_stats = _source_stats(table, num_sources)
     for key in (
         "dropped_overlength",
         "identical_after_truncation",
@@ -253,7 +263,7 @@ def tokenize_pairs(
     for key in ("truncated_prompt", "truncated_response", "lost_eos", "missing_eos"):
         if stats[key]:
             logger.info("tokenization: %d %s", stats[key], key.replace("_", " "))
-    return TokenizeResult(pairs, stats, fingerprint, from_cache, path)
+    return TokenizeResult(pairs, stats, fingerprint, from_cache, path, source_stats)
 
 
 def cached_table(
@@ -420,6 +430,7 @@ def _builder(
                 "rejected_ids": [list(r.rejected_ids or ()) for r in records],
                 "source": [r.source for r in records],
                 "index": [r.index for r in records],
+                "source_index": [r.source_index for r in records],
                 "invalid": invalid,
             },
             features=datasets.Features(
@@ -432,6 +443,7 @@ def _builder(
                     "rejected_ids": datasets.List(datasets.Value("int64")),
                     "source": datasets.Value("string"),
                     "index": datasets.Value("int64"),
+                    "source_index": datasets.Value("int32"),
                     "invalid": datasets.Value("string"),
                 }
             ),
@@ -469,6 +481,7 @@ def _OUT_FEATURES():
             "rejected_has_eos": datasets.Value("bool"),
             "flags": datasets.Value("int32"),
             "drop": datasets.Value("string"),
+            "source": datasets.Value("int32"),  # the files-list entry (data/mixture.py) the pair came from
         }
     )
 
@@ -545,6 +558,7 @@ class _Tokenize:
             out["rejected_has_eos"].append(bool(r) and r[-1] == self.eos)
             out["flags"].append(flags)
             out["drop"].append(drop)
+            out["source"].append(batch["source_index"][i])
         return out
 
     def _render(self, kind, prompt, chosen, rejected, batch, i) -> list[str]:
@@ -694,6 +708,22 @@ def _summarise(table) -> tuple[TokenizedPairs, collections.Counter[str]]:
     ]
     stats["tokens"] = int((2 * lengths[0] + lengths[1] + lengths[2]).sum())
     return TokenizedPairs(table, keep), stats
+
+
+def _source_stats(table, num_sources: int | None) -> list[collections.Counter[str]]:
+    """Per source index (``num_sources`` of them, default the largest index + 1): pairs in, pairs kept,
+    and the count of each drop reason."""
+    sources = table.column("source").to_numpy().astype(np.int64)
+    drop = np.asarray(table.column("drop").to_pylist(), dtype=object)
+    if num_sources is None:
+        num_sources = int(sources.max()) + 1 if len(sources) else 0
+    out = []
+    for s in range(num_sources):
+        mine = drop[sources == s]
+        counts = collections.Counter({"pairs_in": len(mine), "pairs": int(np.count_nonzero(mine == ""))})
+        counts.update(mine[mine != ""].tolist())
+        out.append(counts)
+    return out
 
 
 def _cache_complete(path: str) -> bool:

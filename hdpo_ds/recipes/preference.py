@@ -52,12 +52,18 @@ from hdpo_ds.objectives.objective import PairLoss, PairTerms, make_objective
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
-from hdpo_ds.recipes.splits import load_split_records, tokenize_split
+from hdpo_ds.recipes.splits import load_split_records, log_sources, source_params, tokenize_split
 from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
 from hdpo_ds.runtime import checkpoint, dist, engine, stop
 from hdpo_ds.runtime.fused_head import head_transform, policy_token_stats, use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_model_config
-from hdpo_ds.tracking.metrics import StepAccumulator, peak_memory_mib
+from hdpo_ds.tracking.metrics import (
+    SOURCE_METRICS,
+    StepAccumulator,
+    peak_memory_mib,
+    source_metrics,
+    source_sums,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +173,7 @@ class PreferenceRecipe:
         self.splits = {name: tokenize_split(cfg, name, recs, s.tokenizer) for name, recs in records.items()}
         self.train_data = self.splits["train"].data
         self.eval_data = self.splits["eval"].data if "eval" in self.splits else None
+        weights = self.splits["train"].records.entries.weights  # None: a plain list of paths
         self.sampler = PairSampler(
             self.train_data.pairs.lengths,
             pairs_per_step=cfg.train.pairs_per_step,
@@ -176,7 +183,14 @@ class PreferenceRecipe:
             max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
             max_length=cfg.data.max_length,
             packing=cfg.data.packing,
+            sources=self.train_data.pairs.sources if weights is not None else None,
+            weights=weights,
         )
+        if s.rank == 0:
+            log_sources(self.splits["train"], "data.train_files", self.sampler.quotas)
+        # eval/source<i>/ metrics when the held-out pairs come from several data.eval_files entries
+        self.eval_num_sources = len(self.splits["eval"].records.entries.specs) if self.eval_data else 0
+        self.eval_sources = self.eval_data.pairs.sources if self.eval_num_sources > 1 else None
         s.find_resume_point()
         s.resolve_dtype()
         self.ref_ds = (
@@ -272,6 +286,7 @@ class PreferenceRecipe:
         )
         for name, count in {**train_split.records.skipped, **self.train_data.stats}.items():
             params[f"data.{name}"] = count
+        params.update(source_params(train_split, self.sampler.quotas))
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
         if self.reference_source == "online":
             params["run.fused_head_reference"] = self.references["train"].fused_head
@@ -610,6 +625,9 @@ class PreferenceRecipe:
         count = len(lengths) if not cfg.train.eval_pairs else min(cfg.train.eval_pairs, len(lengths))
         positions = np.arange(count)
         acc = self._accumulator(s.device)
+        num_sources = self.eval_num_sources if self.eval_sources is not None else 0
+        # every rank reduces the same keys, also a rank whose micro-batches are all fillers
+        per_source = {f"source{i}/{n}": 0.0 for i in range(num_sources) for n in SOURCE_METRICS}
         # Chunks of pairs_per_step pairs keep each packing (and its fillers) to the training step's size.
         for start in range(0, count, cfg.train.pairs_per_step):
             chunk = positions[start : start + cfg.train.pairs_per_step]
@@ -631,8 +649,19 @@ class PreferenceRecipe:
                 )
                 if not mb.filler:
                     _accumulate(acc, out)
+                    if num_sources:
+                        sources = torch.as_tensor(self.eval_sources[chunk[list(mb.pairs)]])
+                        loss = out.loss
+                        sums = source_sums(
+                            loss.losses, loss.chosen_rewards, loss.rejected_rewards, sources, num_sources
+                        )
+                        per_source = {k: per_source[k] + v for k, v in sums.items()}
         s.policy.train()
-        return acc.metrics(dist.reduce_sums(acc.sums, device=s.device), prefix="eval/")
+        sums = dist.reduce_sums({**acc.sums, **per_source}, device=s.device)
+        return {
+            **acc.metrics(sums, prefix="eval/"),
+            **source_metrics(sums, num_sources, prefix="eval/"),
+        }
 
     def _eval_coupling(self, view, micro_batches, num_pairs: int) -> list[dict]:
         """Evaluation's coupling: bco_pair's current baseline; for AOT the sort within each evaluation

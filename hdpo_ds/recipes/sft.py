@@ -55,6 +55,12 @@ def check_sft_config(cfg: Config) -> None:
                 f"{key}: does not apply to SFT (launch/sft.py has no reference, preference loss, monitors, "
                 f"top-k statistics, gradient dumps or fused head); leave it at its default {defaults[key]!r}"
             )
+    for i, entry in enumerate(cfg.data.train_files):
+        if isinstance(entry, dict) and "weight" in entry:
+            raise ConfigError(
+                f"data.train_files[{i}].weight: SFT does not sample by weight (an SFT epoch is every record "
+                "once); leave weight out (path, split and rows apply)"
+            )
 
 
 def read_sft_sources(cfg: Config) -> dict[str, RawTable]:

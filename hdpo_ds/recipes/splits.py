@@ -7,6 +7,7 @@ Every rank calls `tokenize_split`; rank 0 tokenizes first and the others read it
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +24,14 @@ from hdpo_ds.data import (
 )
 from hdpo_ds.runtime import dist
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "Split",
     "load_split_records",
+    "log_sources",
     "main_process_first",
+    "source_params",
     "split_sources",
     "tokenize_options",
     "tokenize_split",
@@ -43,9 +48,10 @@ class Split:
     tokenizer_fingerprint: str
 
 
-def split_sources(cfg: Config) -> dict[str, tuple[str, list[str], str]]:
+def split_sources(cfg: Config) -> dict[str, tuple[str, list, str]]:
     """The configured splits: name -> (config key of its files, the files, its row slice); no eval split
-    without data.eval_files. Preference training and SFT read their data through this."""
+    without data.eval_files. Preference training and SFT read their data through this. A files entry is
+    a path or a source mapping (data/mixture.py)."""
     specs = {
         "train": ("data.train_files", cfg.data.train_files, cfg.data.rows),
         "eval": ("data.eval_files", cfg.data.eval_files, cfg.data.eval_rows),
@@ -65,7 +71,11 @@ def load_split_records(cfg: Config) -> dict[str, LoadResult]:
     for name, (key, files, rows) in split_sources(cfg).items():
         try:
             splits[name] = load_records(
-                files, split=cfg.data.split or None, rows=rows or None, on_bad_record=cfg.data.on_bad_record
+                files,
+                split=cfg.data.split or None,
+                rows=rows or None,
+                on_bad_record=cfg.data.on_bad_record,
+                key=key,
             )
         except DataError as e:
             raise DataError(str(e), source=key, kind=e.kind) from None
@@ -93,6 +103,52 @@ def tokenize_split(cfg: Config, name: str, records: LoadResult, tokenizer) -> Sp
         name, lambda main: tokenize_pairs(records, tokenizer, is_main_process=main, barrier=None, **kwargs)
     )
     return Split(name, records, data, tokenizer_fingerprint(tokenizer, template_source))
+
+
+def source_params(split: Split, quotas=None) -> dict[str, object]:
+    """The MLflow params of each files-list entry of a split: ``data.source.<i>.path``, ``.weight``,
+    ``.rows`` (read), ``.kept`` (pairs after validation and tokenization), ``.skipped.<reason>`` (each
+    nonzero reason of either stage) and, for a mixture, ``.draws_per_epoch`` (the sampler's quota)."""
+    out: dict[str, object] = {}
+    for i, (spec, loaded, tokenized) in enumerate(
+        zip(split.records.entries.specs, split.records.source_counts, split.data.source_stats, strict=True)
+    ):
+        key = f"data.source.{i}."
+        out[key + "path"] = spec.path
+        out[key + "weight"] = spec.weight
+        out[key + "rows"] = loaded["rows"]
+        out[key + "kept"] = tokenized["pairs"]
+        reasons = {k: v for k, v in loaded.items() if k not in ("rows", "kept")}
+        reasons.update({k: v for k, v in tokenized.items() if k not in ("pairs_in", "pairs")})
+        out.update({f"{key}skipped.{k}": v for k, v in sorted(reasons.items()) if v})
+        if quotas is not None:
+            out[key + "draws_per_epoch"] = int(quotas[i])
+    return out
+
+
+def log_sources(split: Split, key: str, quotas=None) -> None:
+    """One log line per files-list entry of a split when it has several (or is a mixture): rows read,
+    pairs kept, what was skipped and why, and a mixture's weight and draws per epoch."""
+    entries = split.records.entries
+    if len(entries.specs) < 2 and not entries.mixture:
+        return
+    params = source_params(split, quotas)
+    for i, spec in enumerate(entries.specs):
+        p = f"data.source.{i}."
+        prefix = p + "skipped."
+        skipped = {k.removeprefix(prefix): v for k, v in params.items() if k.startswith(prefix)}
+        logger.info(
+            "%s[%d] %s: %d row(s) read, %d pair(s) kept%s%s",
+            key,
+            i,
+            spec.path,
+            params[p + "rows"],
+            params[p + "kept"],
+            f", skipped {', '.join(f'{v} {k}' for k, v in skipped.items())}" if skipped else "",
+            f"; weight {spec.weight:g}, {params[p + 'draws_per_epoch']} draws per epoch"
+            if quotas is not None
+            else "",
+        )
 
 
 def main_process_first(name: str, build: Callable[[bool], T]) -> T:

@@ -180,6 +180,7 @@ def dry_run(
 
     # ---- batch arithmetic: the sampler and packer of step 0, exactly as rank 0 of the run builds them
     lengths = tokenized["train"].pairs.lengths
+    weights = records["train"].entries.weights
     try:
         sampler = PairSampler(
             lengths,
@@ -190,6 +191,8 @@ def dry_run(
             max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
             max_length=cfg.data.max_length,
             packing=cfg.data.packing,
+            sources=tokenized["train"].pairs.sources if weights is not None else None,
+            weights=weights,
         )
     except ValueError as e:
         message = str(e)

@@ -24,6 +24,8 @@ __all__ = [
     "SYNC_METRICS",
     "StepAccumulator",
     "peak_memory_mib",
+    "source_metrics",
+    "source_sums",
 ]
 
 # The keys the trainer logs at every optimizer step (tests/test_trainer.py checks the set is exact); with
@@ -193,6 +195,50 @@ class StepAccumulator:
         for name in self.pair_means:
             out[name] = global_sums[name] / pairs
         return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+# Per source of the evaluation data (its data.eval_files entry), logged as eval/source<i>/<name> when the
+# evaluation data has more than one source.
+SOURCE_METRICS = ("pairs", "loss", "rewards/accuracies", "rewards/margins")
+
+
+def source_sums(
+    losses: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    sources: torch.Tensor,
+    num_sources: int,
+) -> dict[str, torch.Tensor]:
+    """Per-source sums of one micro-batch's pairs, all (num_pairs,) tensors, ``sources`` the pairs' source
+    indices in [0, num_sources): ``source<i>/pairs``, ``/loss`` (sum of losses), ``/rewards/accuracies``
+    (pairs with chosen reward > rejected reward, as in :class:`StepAccumulator`), ``/rewards/margins``
+    (sum of chosen - rejected rewards). Reduce across ranks, then :func:`source_metrics`."""
+    sources = sources.to(device=losses.device, dtype=torch.long)
+    per_pair = {
+        "pairs": torch.ones_like(losses, dtype=torch.float64),
+        "loss": losses.detach().double(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).double(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).detach().double(),
+    }
+    out = {}
+    for name, values in per_pair.items():
+        sums = torch.zeros(num_sources, dtype=torch.float64, device=losses.device)
+        sums.index_add_(0, sources, values)
+        out.update({f"source{i}/{name}": sums[i] for i in range(num_sources)})
+    return out
+
+
+def source_metrics(global_sums: dict[str, float], num_sources: int, prefix: str = "") -> dict[str, float]:
+    """Globally reduced :func:`source_sums` -> ``<prefix>source<i>/pairs`` and the per-pair means of
+    loss, rewards/accuracies and rewards/margins (a source with no pairs: only its count, 0)."""
+    out = {}
+    for i in range(num_sources):
+        pairs = global_sums.get(f"source{i}/pairs", 0.0)
+        out[f"{prefix}source{i}/pairs"] = pairs
+        if pairs:
+            for name in SOURCE_METRICS[1:]:
+                out[f"{prefix}source{i}/{name}"] = global_sums[f"source{i}/{name}"] / pairs
+    return out
 
 
 def peak_memory_mib() -> dict[str, float]:
