@@ -378,3 +378,15 @@ def test_two_rank_run_with_a_mixture_logs_sources_and_per_source_eval(assets):
         mixed = sum(metrics[f"eval/source{i}/{name}"][final] * pairs[i] for i in range(2)) / 7
         assert mixed == pytest.approx(metrics[f"eval/{name}"][final], rel=1e-6, abs=1e-9)
     assert "data.train_files[0]" in run["stderr"] + run["stdout"]
+
+
+def test_sampled_validation_takes_evenly_spaced_rows_per_entry(tmp_path):
+    """The dry run's sample (load_records(sample=...)): 5 of 10 rows, a share per entry by its size
+    (6 rows -> round(3.0) = 3, 4 rows -> 2), evenly spaced with first and last: a rows 0, 2, 5 (round(2.5)
+    is 2) and b rows 0, 3."""
+    a, b = write_sources(tmp_path)
+    sampled = load_records([a, b], sample=5)
+    assert [(r.source_index, r.index) for r in sampled.records] == [(0, 0), (0, 2), (0, 5), (1, 0), (1, 3)]
+    assert sampled.num_rows == 10 and sampled.sampled_rows == 5
+    assert sampled.fingerprint == load_records([a, b]).fingerprint  # the whole data's identity
+    assert load_records([a, b], sample=10).sampled_rows is None  # everything: a full check

@@ -439,6 +439,39 @@ def test_dry_run_reference_cache_fingerprint(capsys, monkeypatch, tmp_path, stal
         assert "matches this run and covers every pair" in out
 
 
+def test_dry_run_validates_and_tokenizes_a_sample_only(capsys, monkeypatch, tmp_path):
+    """5,000 rows: every row is read, DRY_RUN_SAMPLE (2,000) evenly spaced ones are validated and
+    tokenized; a bad row outside the sample passes, one inside names its source, index and field."""
+    import hdpo_ds.tools.dryrun as dryrun_module
+    from tests.run_helpers import records
+
+    monkeypatch.chdir(ROOT)
+    rows = records(5000, seed=3)
+    rows[1] = {
+        "prompt": "x",
+        "chosen": "y",
+    }  # not sampled: the positions are round(i * 4999 / 1999) = 0, 3, 5, ...
+    train = tmp_path / "big.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    real = dryrun_module.tokenize_pairs
+    monkeypatch.setattr(
+        dryrun_module,
+        "tokenize_pairs",
+        lambda recs, *a, **k: seen.append(len(recs.records)) or real(recs, *a, **k),
+    )
+    code, out, err = dry_run(capsys, *demo_args(f"data.train_files=[{train}]", "data.eval_files=[]"))
+    assert code == 0, err
+    assert seen == [2000]
+    assert "5,000 rows read; 2,000 of them (evenly spaced) validated and tokenized: 2,000 pairs" in out
+    assert "about 5,000 pairs in all" in out and "78 steps per epoch" in out  # 5,000 // 64
+
+    rows[2501] = {"prompt": "x", "chosen": "y"}  # row 2501 = round(1000 * 4999 / 1999) is sampled
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = dry_run(capsys, *demo_args(f"data.train_files=[{train}]", "data.eval_files=[]"))
+    assert code == 2 and "big.jsonl: record 2501: field 'rejected': missing field" in err
+
+
 def test_dry_run_exit_code_from_the_command_line(tmp_path):
     """The real entry point, as a user runs it: exit code 2 and the key on stderr."""
     proc = subprocess.run(

@@ -145,8 +145,8 @@ class LoadResult:
     (for a mixture: each entry's weight, split and row slice too); it identifies ``records`` exactly.
     ``num_rows``: rows read after slicing, before validation. ``sources``: the files read.
     ``entries``: the parsed files list (``entries.mixture``: sampled by weight; each record's
-    ``source_index`` is its entry). ``source_counts``: per entry, ``rows`` read, ``kept`` and the skip
-    reasons.
+    ``source_index`` is its entry). ``source_counts``: per entry, ``rows`` read (validated), ``kept``
+    and the skip reasons.
     """
 
     records: list[PreferenceRecord]
@@ -156,6 +156,7 @@ class LoadResult:
     sources: list[str]
     entries: Sources = dataclasses.field(default_factory=lambda: Sources((), False))
     source_counts: list[collections.Counter[str]] = dataclasses.field(default_factory=list)
+    sampled_rows: int | None = None  # load_records(sample=...) validated only this many of num_rows
 
 
 def content_hash(content: Mapping[str, Any]) -> str:
@@ -243,6 +244,7 @@ def load_records(
     rows: str | slice | None = None,
     on_bad_record: str = "error",
     key: str = "data.train_files",
+    sample: int | None = None,
 ) -> LoadResult:
     """Read, concatenate, slice and validate preference records.
 
@@ -254,7 +256,10 @@ def load_records(
     before validation (record indices in errors stay those of the source). ``key``: the config key of
     the files list, for errors about its entries. ``on_bad_record``: ``error``
     raises :class:`DataError` on the first bad record; ``skip`` drops it, counts it per reason in
-    ``skipped`` and logs it. Every selected record is validated before this returns.
+    ``skipped`` and logs it. Every selected record is validated before this returns, unless ``sample``
+    (the dry run): then every source is still read and parsed, but only ``sample`` rows, evenly spaced
+    over the selected rows (first and last included), are validated and returned
+    (``LoadResult.sampled_rows``; ``num_rows`` stays the count of all selected rows).
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(
@@ -268,7 +273,11 @@ def load_records(
     per_entry = [collections.Counter({"rows": 0, "kept": 0}) for _ in raw.entries.specs]
     examples: dict[str, list[str]] = collections.defaultdict(list)
     first_by_id: dict[str, tuple[str, tuple[str, int]]] = {}
-    for (source, index, row), entry in zip(table, raw.row_entries, strict=True):
+    positions = range(len(table))
+    if sample is not None and sample < len(table):
+        positions = _sample_positions(raw.row_entries, len(raw.entries.specs), sample)
+    for position in positions:
+        (source, index, row), entry = table[position], raw.row_entries[position]
         counts = per_entry[entry]
         counts["rows"] += 1
         try:
@@ -299,7 +308,21 @@ def load_records(
     logger.info(
         "loaded %d preference pairs from %d row(s) in %d source(s)", len(records), len(table), len(sources)
     )
-    return LoadResult(records, skipped, raw.fingerprint, len(table), sources, raw.entries, per_entry)
+    sampled = len(positions) if len(positions) < len(table) else None
+    return LoadResult(records, skipped, raw.fingerprint, len(table), sources, raw.entries, per_entry, sampled)
+
+
+def _sample_positions(row_entries: list[int], num_entries: int, sample: int) -> list[int]:
+    """About ``sample`` row positions: per entry a share by its row count (at least one row of each
+    entry that has rows), evenly spaced over its rows, its first and last included."""
+    counts = collections.Counter(row_entries)
+    positions, start = [], 0
+    for entry in range(num_entries):
+        n = counts.get(entry, 0)
+        k = min(n, max(1, round(sample * n / len(row_entries)))) if n else 0
+        positions += sorted({start + round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+        start += n
+    return positions
 
 
 def normalise_record(row: Any, *, source: str = "<records>", index: int = 0) -> PreferenceRecord | None:

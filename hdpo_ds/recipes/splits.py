@@ -59,8 +59,10 @@ def split_sources(cfg: Config) -> dict[str, tuple[str, list, str]]:
     return {name: spec for name, spec in specs.items() if name == "train" or spec[1]}
 
 
-def load_split_records(cfg: Config) -> dict[str, LoadResult]:
-    """Read and validate the records of every configured split (before any engine is built).
+def load_split_records(cfg: Config, sample: int | None = None) -> dict[str, LoadResult]:
+    """Read and validate the records of every configured split (before any engine is built); with
+    ``sample`` (the dry run) every file is read but only that many rows per split are validated
+    (``load_records``).
 
     A source that cannot be read is reported under its config key (data.train_files / data.eval_files)."""
     template = cfg.data.chat_template
@@ -76,6 +78,7 @@ def load_split_records(cfg: Config) -> dict[str, LoadResult]:
                 rows=rows or None,
                 on_bad_record=cfg.data.on_bad_record,
                 key=key,
+                sample=sample,
             )
         except DataError as e:
             raise DataError(str(e), source=key, kind=e.kind) from None

@@ -6,7 +6,8 @@
 No launcher, process group or GPU is needed. It goes through the real code paths of a run, in the
 order the trainer takes them: the run config (already validated by load_config), the DeepSpeed
 configs filled for the world size (engine.fill_ds_config), the model config instantiated on the meta
-device (exact parameter count), the data files (splits.load_split_records) and their tokenization,
+device (exact parameter count), the data files (splits.load_split_records: every file read and parsed,
+DRY_RUN_SAMPLE rows per split validated and tokenized, the pair count and lengths estimated from them),
 the batch arithmetic of the sampler and packer for step 0 (data.PairSampler), the reference cache's
 fingerprint (reference.reference_fingerprint, refcache.cache_status / RefCache.load), and finally the
 memory plan (hdpo_ds.tools.plan) for the target GPUs. The first problem raises the error a real run would
@@ -53,6 +54,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["DryRunReport", "dry_run", "format_report"]
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# Rows per split the dry run validates and tokenizes (evenly spaced, per files-list entry by its size);
+# every file is still read and parsed. A split this small or smaller is checked in full.
+DRY_RUN_SAMPLE = 2000
 
 
 @dataclass
@@ -167,31 +171,58 @@ def dry_run(
         f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})"
     )
 
-    # ---- data: the files, their tokenization (in memory; the run's cache is left alone)
+    # ---- data: every file read and parsed; a sample of rows validated and tokenized (in memory; the run's
+    # cache is left alone), the lengths and the pair count estimated from it
     tokenizer = load_tokenizer(cfg.model)
-    records = load_split_records(cfg)
+    records = load_split_records(cfg, sample=DRY_RUN_SAMPLE)
     options = {**tokenize_options(cfg), "cache_dir": None}
     tokenized = {name: tokenize_pairs(recs, tokenizer, **options) for name, recs in records.items()}
+    estimated = {}
     for name, result in tokenized.items():
+        loaded = records[name]
+        skipped = sum(loaded.skipped.values())
+        if loaded.sampled_rows is None:
+            estimated[name] = len(result.pairs)
+            pairs = len(result.pairs)
+            ok(f"data ({name}): {len(loaded.records):,} records -> {pairs:,} pairs ({skipped} skipped)")
+            continue
+        # the sample's kept fraction (validation and tokenization) times the rows selected
+        estimated[name] = round(loaded.num_rows * len(result.pairs) / loaded.sampled_rows)
+        longest = result.pairs.lengths.max(axis=1) if len(result.pairs) else np.zeros(1, dtype=np.int64)
+        spread = (
+            f"median {int(np.median(longest))}, p95 {int(np.percentile(longest, 95))}, max {longest.max()}"
+        )
         ok(
-            f"data ({name}): {len(records[name].records):,} records -> {len(result.pairs):,} pairs "
-            f"({sum(records[name].skipped.values())} skipped)"
+            f"data ({name}): {loaded.num_rows:,} rows read; {loaded.sampled_rows:,} of them (evenly spaced) "
+            f"validated and tokenized: {len(result.pairs):,} pairs ({skipped} skipped) -> about "
+            f"{estimated[name]:,} pairs in all; longer sequence per pair in the sample: {spread} tokens"
         )
 
-    # ---- batch arithmetic: the sampler and packer of step 0, exactly as rank 0 of the run builds them
-    lengths = tokenized["train"].pairs.lengths
+    # ---- batch arithmetic: the sampler and packer of step 0 as rank 0 of the run builds them (over the
+    # sample's pairs when the data was sampled: step 0's packing is then an estimate)
+    train = tokenized["train"].pairs
+    lengths, sources = train.lengths, train.sources
     weights = records["train"].entries.weights
+    pairs_per_step = cfg.train.pairs_per_step
+    if records["train"].sampled_rows is not None:
+        if estimated["train"] < pairs_per_step:
+            raise ConfigError(
+                f"train.pairs_per_step ({pairs_per_step}) exceeds the number of pairs (about "
+                f"{estimated['train']}): with drop_last an epoch would have no step"
+            )
+        if 0 < len(lengths) < pairs_per_step:  # a step needs pairs_per_step pairs: repeat the sample's
+            lengths, sources = np.resize(lengths, (pairs_per_step, 2)), np.resize(sources, pairs_per_step)
     try:
         sampler = PairSampler(
             lengths,
-            pairs_per_step=cfg.train.pairs_per_step,
+            pairs_per_step=pairs_per_step,
             world_size=world_size,
             rank=0,
             seed=cfg.train.seed,
             max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
             max_length=cfg.data.max_length,
             packing=cfg.data.packing,
-            sources=tokenized["train"].pairs.sources if weights is not None else None,
+            sources=sources if weights is not None else None,
             weights=weights,
         )
     except ValueError as e:
@@ -203,11 +234,12 @@ def dry_run(
     stats = packing_stats(packed)
     per_rank = [sum(len(mb.pairs) for mb in mbs if not mb.filler) for mbs in packed.ranks]
     fillers = sum(mb.filler for mbs in packed.ranks for mb in mbs)
-    epochs = cfg.train.max_steps / len(sampler)
+    steps_per_epoch = estimated["train"] // pairs_per_step  # = len(sampler) without a sample
+    epochs = cfg.train.max_steps / steps_per_epoch
     ok(
         f"batch: {cfg.train.pairs_per_step} pairs per step over {world_size} ranks; step 0: "
         f"{packed.micro_batches_per_rank} micro-batch(es) per rank, {min(per_rank)}-{max(per_rank)} pairs "
-        f"per rank, {fillers} filler(s), fill {stats.fill:.0%}; {len(sampler)} steps per epoch, "
+        f"per rank, {fillers} filler(s), fill {stats.fill:.0%}; {steps_per_epoch} steps per epoch, "
         f"train.max_steps={cfg.train.max_steps} = {epochs:.2f} epoch(s)"
     )
 
@@ -239,7 +271,16 @@ def dry_run(
                     f"reference.cache_path: no reference cache at {where}; run "
                     "launch/precompute_ref.py first, or use reference.mode=auto"
                 )
-            if status == "ok":
+            if status == "ok" and records[name].sampled_rows is not None:
+                cache, ids = RefCache.load(where, expected), tokenized[name].pairs.ids
+                missing = [i for i in ids if i not in cache.ids]
+                if missing:
+                    raise RefCacheError(
+                        f"reference.cache_path: the reference cache at {where} has no values for "
+                        f"{len(missing)} of the {len(ids)} sampled pair(s), e.g. ids {missing[:5]}"
+                    )
+                ok(f"reference cache ({name}): {where} matches this run and covers the sampled pairs")
+            elif status == "ok":
                 RefCache.load(where, expected).check_covers(tokenized[name].pairs.ids)
                 ok(f"reference cache ({name}): {where} matches this run and covers every pair")
             else:
