@@ -390,3 +390,43 @@ def test_sampled_validation_takes_evenly_spaced_rows_per_entry(tmp_path):
     assert sampled.num_rows == 10 and sampled.sampled_rows == 5
     assert sampled.fingerprint == load_records([a, b]).fingerprint  # the whole data's identity
     assert load_records([a, b], sample=10).sampled_rows is None  # everything: a full check
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_mixture_run_sees_the_same_pairs(assets):
+    """16 pairs (10 + 6, weights 3:1: 12 and 4 draws) at 4 pairs per step: 4 steps per epoch; killed at
+    step 3, resumed from the step-2 checkpoint, the run crosses into epoch 1 with the uninterrupted losses."""
+    from tests.run_helpers import launch, records
+
+    root = assets["root"]
+    files = []
+    for name, count, seed in (("rs_a", 10, 7), ("rs_b", 6, 8)):
+        path = root / f"{name}.jsonl"
+        path.write_text(
+            "".join(json.dumps({**r, "id": f"{name}-{r['id']}"}) + "\n" for r in records(count, seed))
+        )
+        files.append(path)
+    extra = [
+        f"data.train_files=[{{path: {files[0]}, weight: 3}}, {{path: {files[1]}, weight: 1}}]",
+        "train.save_every=2",
+        "train.dump_gradients_at=[]",
+        "train.export_hf=false",
+    ]
+    full = launch(assets, "rs_full", "deepspeed", 6, extra=extra)
+    killed = launch(
+        assets,
+        "rs_kill",
+        "deepspeed",
+        6,
+        extra=extra,
+        env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"},
+        expect_success=False,
+    )
+    assert killed["returncode"] != 0
+    resumed = launch(assets, "rs_kill", "deepspeed", 6, extra=extra)
+    assert "at step 2" in resumed["stderr"]
+    for step in range(6):
+        assert resumed["metrics"]["loss"][step] == pytest.approx(
+            full["metrics"]["loss"][step], rel=1e-5, abs=1e-7
+        )
+    assert resumed["params"]["data.source.0.draws_per_epoch"] == "12"
