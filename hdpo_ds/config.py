@@ -359,7 +359,6 @@ def loss_label(loss: LossConfig) -> str:
 
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
-    _validate_fused_head(cfg)
     if isinstance(cfg.loss.type, list):
         names = _validate_combination(cfg)
     else:
@@ -686,19 +685,6 @@ def _validate_reference_sync(cfg: Config) -> None:
         raise ConfigError(f"reference.sync_alpha: must lie in (0, 1], got {ref.sync_alpha}")
     if ref.sync_every < 1:
         raise ConfigError(f"reference.sync_every: must be >= 1 optimizer update, got {ref.sync_every}")
-
-
-def _validate_fused_head(cfg: Config) -> None:
-    """train.fused_head is wired into the policy's forward (recipes/preference.py), the online reference
-    and the precompute pass (reference/sources.py): true is refused where a forward would still build the
-    full logits."""
-    if cfg.train.fused_head is not True:
-        return
-    if cfg.loss.type in TDPO_LOSS_TYPES:
-        raise ConfigError(
-            f"train.fused_head: true is not available with loss.type={cfg.loss.type} (TDPO's KL needs both "
-            "models' full distributions; the fused head does not chunk two heads together yet)"
-        )
 
 
 def _validate_tdpo(cfg: Config) -> None:

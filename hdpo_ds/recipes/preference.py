@@ -55,7 +55,12 @@ from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, Tra
 from hdpo_ds.recipes.splits import load_split_records, tokenize_split
 from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
 from hdpo_ds.runtime import checkpoint, dist, engine, stop
-from hdpo_ds.runtime.fused_head import head_transform, policy_token_stats, use_fused_head
+from hdpo_ds.runtime.fused_head import (
+    head_transform,
+    policy_token_stats,
+    policy_token_stats_kl,
+    use_fused_head,
+)
 from hdpo_ds.runtime.models import check_model_source, load_model_config
 from hdpo_ds.tracking.metrics import StepAccumulator, peak_memory_mib
 
@@ -235,11 +240,13 @@ class PreferenceRecipe:
             logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
     def _use_fused_head(self) -> bool:
-        """The policy's train.fused_head (runtime/fused_head.py use_fused_head); never for TDPO, whose KL
-        reads the full logits (`true` is refused there by config.py)."""
-        if self.objective.has_kl:
-            return False
-        return use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
+        """The policy's train.fused_head (runtime/fused_head.py use_fused_head). TDPO chunks both heads
+        together, so there the reference's model type must be one the fused head knows too (with `true`
+        an unknown one was refused at start-up)."""
+        fused = use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
+        if fused and self.objective.has_kl:
+            return head_transform(self.references["train"].engine.module.config) is not None
+        return fused
 
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
@@ -274,7 +281,11 @@ class PreferenceRecipe:
             params[f"data.{name}"] = count
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
         if self.reference_source == "online":
-            params["run.fused_head_reference"] = self.references["train"].fused_head
+            # TDPO's reference head runs inside the policy's fused pass (objectives/fused_head.py)
+            online = self.references["train"]
+            params["run.fused_head_reference"] = (
+                self.fused_head if self.objective.has_kl else online.fused_head
+            )
         params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode
@@ -511,12 +522,31 @@ class PreferenceRecipe:
         mask = batch.labels != -100
         num_seqs = batch.num_seqs
         ld_weights = self._ld_weights(batch)
-        if ref_values is None and objective.needs_reference:
+        # TDPO through the fused head reads the reference's hidden states instead of its logits, below
+        fused_kl = self.fused_head and objective.has_kl
+        if ref_values is None and objective.needs_reference and not fused_kl:
             ref_values = objective.reference_values(reference, batch, ld_weights)
         ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
         with torch.set_grad_enabled(track_grad):
             collision = cfg.loss.weighting == "wpo"
-            if self.fused_head:  # never the full logits (runtime/fused_head.py); no TDPO here (config.py)
+            if fused_kl:  # both heads in the same token chunks: no logits of either model
+                logits = None
+                policy = self.session.policy
+                fused = policy_token_stats_kl(
+                    policy,
+                    policy.module,
+                    inputs,
+                    batch.labels,
+                    reference.head_inputs(batch),
+                    top_k=cfg.train.top_k,
+                    chunk_size=cfg.train.logits_chunk_size,
+                    collision=collision,
+                )
+                stats = fused.stats
+                ref_seq = segment_sums(
+                    fused.reference_logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
+                ).sums
+            elif self.fused_head:  # never the full logits (runtime/fused_head.py)
                 logits = None
                 policy = self.session.policy
                 stats = policy_token_stats(
@@ -543,7 +573,14 @@ class PreferenceRecipe:
                 seq = segment_sums(
                     stats.logps * ld_weights, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
                 )
-            seq_kl = objective.sequence_kl(logits, ref_logits, batch.labels, batch.seq_index, num_seqs, mask)
+            if fused_kl:
+                seq_kl = segment_sums(
+                    fused.kl, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
+                ).sums
+            else:
+                seq_kl = objective.sequence_kl(
+                    logits, ref_logits, batch.labels, batch.seq_index, num_seqs, mask
+                )
             del ref_logits
         monitor_sums = {
             name: segment_sums(

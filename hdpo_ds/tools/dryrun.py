@@ -26,7 +26,6 @@ import torch
 
 from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
-from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
 from hdpo_ds.recipes.splits import load_split_records, tokenize_options
@@ -252,7 +251,7 @@ def dry_run(
         reference_offload=cfg.reference.offload,
         grad_checkpointing=cfg.model.gradient_checkpointing,
         logits_chunk_size=cfg.train.logits_chunk_size,
-        fused_head=use_fused_head(cfg.train.fused_head, hf_config) and cfg.loss.type not in TDPO_LOSS_TYPES,
+        fused_head=use_fused_head(cfg.train.fused_head, hf_config),
         fused_optimizer=device_type != "cpu",
         dtype_bytes=torch.finfo(dtype).bits // 8,
         seq_tokens=max(1, int(np.mean(lengths))),
