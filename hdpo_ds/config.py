@@ -58,6 +58,9 @@ class ModelConfig:
     # Dropout off in the policy (and the reference): otherwise the policy trains against an eval-mode
     # reference and DPO's rewards are not 0 at step 0 (TRL's default too).
     disable_dropout: bool = True
+    # Mixture-of-experts models: the weight of the router's load-balancing loss added to the objective
+    # (objectives/router.py); None: the model config's router_aux_loss_coef. Refused for a dense model.
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -370,6 +373,9 @@ def validate(cfg: Config) -> None:
         names = (_validate_single_type(cfg),)
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
+    coef = cfg.model.router_aux_loss_coef
+    if coef is not None and not (isinstance(coef, (int, float)) and 0 <= coef < float("inf")):
+        raise ConfigError(f"model.router_aux_loss_coef: must be a number >= 0 or null, got {coef!r}")
     if "exo_pair" in names and cfg.loss.label_smoothing == 0.0:
         if len(names) > 1:  # the key is shared with the other terms: no silent rewrite
             raise ConfigError(

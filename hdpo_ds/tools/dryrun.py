@@ -132,7 +132,13 @@ def dry_run(
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path"
     )
     shape = model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path")
-    ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device)")
+    experts = (
+        f", a mixture of {shape.num_experts} experts (top-{shape.experts_per_token}): "
+        f"{shape.active_params:,} active per token"
+        if shape.num_experts
+        else ""
+    )
+    ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device){experts}")
     ok(_check_weights(cfg))
     ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
     if cfg.reference.name_or_path:
