@@ -142,8 +142,17 @@ def predict(model: str) -> dict:
     }
 
 
-def measure(model: str, steps: int, workdir: str, glibc_default: bool = False) -> list[dict]:
-    out = os.path.join(workdir, "run")
+def measure(
+    model: str,
+    steps: int,
+    workdir: str,
+    glibc_default: bool = False,
+    extra: tuple[str, ...] = (),
+    name: str = "run",
+) -> list[dict]:
+    """Each rank's RSS baseline and peak of one 2-rank run (`extra`: more config overrides), written under
+    workdir/name (its MLflow database too)."""
+    out = os.path.join(workdir, name)
     os.makedirs(out)
     env = {
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
@@ -164,6 +173,7 @@ def measure(model: str, steps: int, workdir: str, glibc_default: bool = False) -
         "--out",
         out,
         *overrides(model, out, steps),
+        *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:

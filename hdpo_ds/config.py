@@ -58,6 +58,9 @@ class ModelConfig:
     # Dropout off in the policy (and the reference): otherwise the policy trains against an eval-mode
     # reference and DPO's rewards are not 0 at step 0 (TRL's default too).
     disable_dropout: bool = True
+    # Mixture-of-experts models: the weight of the router's load-balancing loss added to the objective
+    # (objectives/router.py); None: the model config's router_aux_loss_coef. Refused for a dense model.
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -373,7 +376,6 @@ def loss_label(loss: LossConfig) -> str:
 
 def validate(cfg: Config) -> None:
     """Checks that need no files or engines; the trainer checks paths before it builds anything."""
-    _validate_fused_head(cfg)
     if isinstance(cfg.loss.type, list):
         names = _validate_combination(cfg)
     else:
@@ -385,6 +387,9 @@ def validate(cfg: Config) -> None:
         names = (_validate_single_type(cfg),)
     if not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta: must be > 0, got {cfg.loss.beta}")
+    coef = cfg.model.router_aux_loss_coef
+    if coef is not None and not (isinstance(coef, (int, float)) and 0 <= coef < float("inf")):
+        raise ConfigError(f"model.router_aux_loss_coef: must be a number >= 0 or null, got {coef!r}")
     if "exo_pair" in names and cfg.loss.label_smoothing == 0.0:
         if len(names) > 1:  # the key is shared with the other terms: no silent rewrite
             raise ConfigError(
@@ -704,19 +709,6 @@ def _validate_reference_sync(cfg: Config) -> None:
         raise ConfigError(f"reference.sync_alpha: must lie in (0, 1], got {ref.sync_alpha}")
     if ref.sync_every < 1:
         raise ConfigError(f"reference.sync_every: must be >= 1 optimizer update, got {ref.sync_every}")
-
-
-def _validate_fused_head(cfg: Config) -> None:
-    """train.fused_head is wired into the policy's forward (recipes/preference.py), the online reference
-    and the precompute pass (reference/sources.py): true is refused where a forward would still build the
-    full logits."""
-    if cfg.train.fused_head is not True:
-        return
-    if cfg.loss.type in TDPO_LOSS_TYPES:
-        raise ConfigError(
-            f"train.fused_head: true is not available with loss.type={cfg.loss.type} (TDPO's KL needs both "
-            "models' full distributions; the fused head does not chunk two heads together yet)"
-        )
 
 
 def _validate_tdpo(cfg: Config) -> None:

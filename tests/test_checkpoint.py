@@ -209,3 +209,28 @@ def test_rerun_of_a_finished_run_changes_nothing(assets, ck_full):
     assert again["metrics"]["_counts"]["eval/loss"] == len(ck_full["metrics"]["eval/loss"])
     assert hf.stat().st_mtime_ns == before  # no second export
     assert again["info"] == ck_full["info"]  # run_info.json (final loss, alerts) is the finished run's
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted_with_the_fused_head(assets):
+    """train.fused_head on (objectives/fused_head.py: dW from the chunked backward, no logits): a run
+    SIGKILLed as step 3 starts and resumed equals the uninterrupted fused run, step by step and in its
+    final weights."""
+    fused = [*CK_ARGS, "train.fused_head=true"]
+    full = launch(assets, "ck_fused_full", "deepspeed", CK_STEPS, extra=fused)
+    assert full["params"]["run.fused_head"] == "True"
+    killed = launch(
+        assets,
+        "ck_fused_kill",
+        "deepspeed",
+        CK_STEPS,
+        extra=fused,
+        env_extra={"HDPO_FAULT_KILL_AT_STEP": "3"},
+        expect_success=False,
+    )
+    assert killed["returncode"] == -9, killed["stderr"][-3000:]
+    resumed = launch(assets, "ck_fused_kill", "deepspeed", CK_STEPS, extra=fused)
+    assert "resumed from" in resumed["stderr"] and "at step 2" in resumed["stderr"]
+    assert resumed["params"]["run.fused_head"] == "True"
+    _assert_same_training(resumed, full)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdpo_ds.objectives.fused_head import fused_token_logps, fused_token_stats
-from hdpo_ds.objectives.logprobs import token_logps, token_stats
+from hdpo_ds.objectives.fused_head import fused_token_logps, fused_token_stats, fused_token_stats_kl
+from hdpo_ds.objectives.logprobs import token_kl, token_logps, token_stats
 
 IGNORE = -100
 RTOL, ATOL = 1e-5, 1e-6  # the atol floor of tests/test_trainer.py's comparisons
@@ -172,3 +172,124 @@ def test_refuses_bad_shapes_and_arguments():
         fused_token_stats(h, w, labels, softcap=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_token_stats(h, w, labels, chunk_size=0)
+
+
+# TDPO: the policy's statistics and the token KL from both heads together (fused_token_stats_kl) against
+# token_stats, token_kl and token_logps on the two materialised logits tensors.
+
+
+def _kl_case(seed, dtype=torch.float32, ref_hidden=10, with_bias=True):
+    h, w, b, labels = _case(2, 12, 16, 37, seed=seed, dtype=dtype, with_bias=with_bias)
+    hr, wr, br, _ = _case(2, 12, ref_hidden, 37, seed=seed + 100, dtype=dtype, with_bias=with_bias)
+    return h, w, b, hr, wr, br, labels
+
+
+def _kl_both(case, *, policy_transform=(1.0, None), reference_transform=(1.0, None), chunk=5, top_k=4):
+    """(fused outputs, grads of h, W, b) and (logits-path outputs, grads) for a loss weighing every
+    token's log-prob and KL differently."""
+    h, w, b, hr, wr, br, labels = case
+    lp_weights = torch.linspace(-1.0, 2.0, labels.numel(), dtype=h.dtype).view(labels.shape)
+    kl_weights = torch.linspace(1.5, -0.5, labels.numel(), dtype=h.dtype).view(labels.shape)
+    out = []
+    for fused in (True, False):
+        leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in (h, w, b)]
+        hh, ww, bb = leaves
+        if fused:
+            res = fused_token_stats_kl(
+                hh,
+                ww,
+                hr,
+                wr,
+                labels,
+                bias=bb,
+                reference_bias=br,
+                logit_scale=policy_transform[0],
+                softcap=policy_transform[1],
+                reference_logit_scale=reference_transform[0],
+                reference_softcap=reference_transform[1],
+                top_k=top_k,
+                chunk_size=chunk,
+                collision=True,
+            )
+            stats, kl, ref_logps = res.stats, res.kl, res.reference_logps
+        else:
+            logits = _logits(hh, ww, bb, *policy_transform)
+            ref_logits = _logits(hr, wr, br, *reference_transform)
+            stats = token_stats(logits, labels, top_k=top_k, chunk_size=chunk, collision=True)
+            kl = token_kl(logits, ref_logits, labels, chunk_size=chunk)
+            ref_logps = token_logps(ref_logits, labels, chunk_size=chunk)
+        ((stats.logps * lp_weights).sum() + (kl * kl_weights).sum()).backward()
+        out.append(((stats, kl, ref_logps), [x.grad if x is not None else None for x in leaves]))
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 24, 1000])
+@pytest.mark.parametrize(
+    ("policy_transform", "reference_transform"),
+    [((1.0, None), (1.0, None)), ((0.0625, None), (0.5, None)), ((1.0, 3.0), (0.7, 2.0))],
+    ids=["plain", "scales", "softcaps"],
+)
+def test_kl_float32_equals_logits_path(chunk, policy_transform, reference_transform):
+    case = _kl_case(seed=chunk)
+    labels = case[-1]
+    ((stats, kl, ref_lp), grads), ((want_stats, want_kl, want_ref_lp), want_grads) = _kl_both(
+        case, policy_transform=policy_transform, reference_transform=reference_transform, chunk=chunk
+    )
+    for name in ("logps", "entropy", "topk_mass", "topk_entropy", "log_sum_p2"):
+        torch.testing.assert_close(
+            getattr(stats, name),
+            getattr(want_stats, name),
+            rtol=RTOL,
+            atol=ATOL,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
+    torch.testing.assert_close(kl, want_kl, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(ref_lp, want_ref_lp, rtol=RTOL, atol=ATOL)
+    for name, got, want in zip(("dh", "dW", "db"), grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    masked = labels == IGNORE
+    assert (kl[masked] == 0).all() and (ref_lp[masked] == 0).all() and (grads[0][masked] == 0).all()
+    assert (kl[~masked] > 0).all()
+
+
+def test_kl_of_the_same_head_is_zero_and_its_gradient_is_the_logps_alone():
+    """Policy == reference: every token's KL is 0 (to float32 rounding) and the KL adds no gradient."""
+    h, w, b, labels = _case(2, 12, 16, 37, seed=4, with_bias=True)
+    res = fused_token_stats_kl(
+        h, w.requires_grad_(True), h, w.detach(), labels, bias=b, reference_bias=b, chunk_size=5
+    )
+    torch.testing.assert_close(res.kl, torch.zeros_like(res.kl), rtol=0, atol=1e-6)
+    (res.stats.logps.sum() + res.kl.sum()).backward()
+    plain = w.detach().clone().requires_grad_(True)
+    fused_token_stats(h, plain, labels, bias=b, chunk_size=5).logps.sum().backward()
+    torch.testing.assert_close(w.grad, plain.grad, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(res.reference_logps, res.stats.logps.detach(), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_kl_gradcheck_float64(softcap):
+    h, w, b, hr, wr, br, labels = _kl_case(seed=12, dtype=torch.float64)
+    h, w, b, hr, wr, br = (x[..., :5, :] if x.dim() == 3 else x for x in (h, w, b, hr, wr, br))
+    labels = labels[:, :5]
+    w, wr, b, br = w[:7, :], wr[:7, :], b[:7], br[:7]
+    labels = labels.clamp(max=6).masked_fill(labels == IGNORE, IGNORE)
+    labels[0, 0] = IGNORE
+    inputs = (
+        h.requires_grad_(True),
+        w.contiguous().requires_grad_(True),
+        b.contiguous().requires_grad_(True),
+    )
+
+    def f(hh, ww, bb):
+        res = fused_token_stats_kl(
+            hh, ww, hr, wr, labels, bias=bb, reference_bias=br, logit_scale=0.8, softcap=softcap, chunk_size=3
+        )
+        return res.stats.logps, res.kl
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
+
+
+def test_kl_refuses_a_vocabulary_mismatch():
+    h, w, _, hr, wr, _, labels = _kl_case(seed=2, with_bias=False)
+    with pytest.raises(ValueError, match="vocabulary"):
+        fused_token_stats_kl(h, w, hr, torch.cat([wr, wr[:1]]), labels)

@@ -7,6 +7,7 @@ The planner-vs-measured-RSS benchmark (a real 2-rank run) is marked slow.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -543,3 +544,26 @@ def test_fused_head_replaces_the_logits_row(shapes):
     assert rows_plain == rows_fused
     assert fused.peak_phase == plain.peak_phase == "backward"
     assert plain.peak_bytes - fused.peak_bytes == logits - chunk
+
+
+def test_mixture_of_experts_counts_active_parameters():
+    """Qwen3-30B-A3B's shape (configs/models/qwen3-moe-30b-a3b): 128 experts of 3·2048·768 parameters per
+    layer, 48 layers, top-8. Active = total - 48·128·3·2048·768·(120/128); the largest layer ZeRO-3
+    gathers is one layer's stacked experts; FLOPs count the active parameters only."""
+    from hdpo_ds.tools.plan import micro_batch_flops
+
+    moe = model_shape(load_hf_config(os.path.join(ROOT, "configs/models/qwen3-moe-30b-a3b")))
+    per_layer = 128 * 3 * 2048 * 768
+    assert moe.num_params == 30_532_122_624 and (moe.num_experts, moe.experts_per_token) == (128, 8)
+    assert moe.active_params == moe.num_params - 48 * per_layer * 120 // 128 == 3_353_032_704
+    assert moe.largest_layer_params == per_layer
+    settings = Settings(4096, reference="cached")
+    dense = dataclasses.replace(moe, active_params=moe.num_params, num_experts=0, experts_per_token=0)
+    attention = micro_batch_flops(dataclasses.replace(moe, active_params=moe.embedding_params), settings)
+    ratio = (micro_batch_flops(moe, settings) - attention) / (micro_batch_flops(dense, settings) - attention)
+    assert ratio == pytest.approx(
+        (moe.active_params - moe.embedding_params) / (moe.num_params - moe.embedding_params)
+    )
+    tiny = model_shape(load_hf_config(os.path.join(ROOT, "configs/models/tiny-moe")))
+    assert (tiny.num_experts, tiny.experts_per_token) == (4, 2)
+    assert tiny.num_params - tiny.active_params == 2 * 4 * 3 * 64 * 128 // 2

@@ -161,30 +161,14 @@ def test_tdpo_bad_arguments(kwargs, name):
         tdpo_loss(*vals, **kwargs)
 
 
-@pytest.mark.distributed
-def test_two_rank_tdpo2_step0_equals_single_process(assets):
-    """A 2-rank ZeRO-3 run (unequal pairs, a filler) with a reference unlike the policy: its step-0
-    loss equals the step's pairs computed one sequence at a time with full softmaxes (1e-5)."""
+def _tdpo2_step0(assets):
+    """The step-0 global batch of TDPO2 with plain transformers, one sequence at a time, full softmaxes in
+    float64: (loss, mean chosen KL, mean KL margin, the policy's gradient)."""
     from transformers import AutoModelForCausalLM
 
     from hdpo_ds.data import PairSampler
-    from tests.run_helpers import BUDGET, PAIRS_PER_STEP, launch
+    from tests.run_helpers import BUDGET, PAIRS_PER_STEP
 
-    run = launch(
-        assets,
-        "tdpo2",
-        "deepspeed",
-        1,
-        extra=[
-            "loss.type=tdpo2",
-            "loss.alpha=1.0",
-            "loss.beta=0.5",
-            f"reference.name_or_path={assets['ref_model']}",
-            "train.dump_gradients_at=[]",
-            "train.export_hf=false",
-        ],
-    )
-    assert run["params"]["config.loss.type"] == "tdpo2"
     policy = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32).eval()
     reference = AutoModelForCausalLM.from_pretrained(assets["ref_model"], dtype=torch.float32).eval()
     pairs = assets["pairs"]
@@ -204,30 +188,62 @@ def test_two_rank_tdpo2_step0_equals_single_process(assets):
     def terms(prompt, response):
         ids = torch.tensor([list(prompt) + list(response)])
         start = len(prompt) - 1
+        log_pol = torch.log_softmax(policy(input_ids=ids).logits[0, :-1].double(), -1)[start:]
         with torch.no_grad():
-            log_pol = torch.log_softmax(policy(input_ids=ids).logits[0, :-1].double(), -1)[start:]
             log_ref = torch.log_softmax(reference(input_ids=ids).logits[0, :-1].double(), -1)[start:]
         target = ids[0, 1:][start:, None]
         kl = (log_ref.exp() * (log_ref - log_pol)).sum()
         return log_pol.gather(-1, target).sum(), log_ref.gather(-1, target).sum(), kl
 
     # TDPO2 as Zeng et al. write it (hdpo_ds/objectives/losses.py), pair by pair in float64:
-    # U = (lp_w - ref_w) - (lp_l - ref_l), loss = -log sigmoid(beta * (U - alpha * (KL_l - KL_w)))
+    # U = (lp_w - ref_w) - (lp_l - ref_l), loss = -log sigmoid(beta * (U - alpha * (KL_l - sg(KL_w))))
     # = log(1 + e^-z).
     beta, alpha = 0.5, 0.5
     losses, kl_chosen, kl_margin = [], [], []
     for i in indices:
         pair = pairs[int(i)]
-        lp_w, ref_w, kl_w = (float(v) for v in terms(pair.prompt_ids, pair.chosen_ids))
-        lp_l, ref_l, kl_l = (float(v) for v in terms(pair.prompt_ids, pair.rejected_ids))
+        lp_w, ref_w, kl_w = terms(pair.prompt_ids, pair.chosen_ids)
+        lp_l, ref_l, kl_l = terms(pair.prompt_ids, pair.rejected_ids)
         assert kl_w > 0 and kl_l > 0  # the KL term is really there
-        z = beta * (((lp_w - ref_w) - (lp_l - ref_l)) - alpha * (kl_l - kl_w))
-        losses.append(math.log1p(math.exp(-z)))
-        kl_chosen.append(kl_w)
-        kl_margin.append(kl_l - kl_w)
-    assert run["metrics"]["loss"][0] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
-    assert run["metrics"]["kl/chosen"][0] == pytest.approx(sum(kl_chosen) / len(kl_chosen), rel=1e-5)
-    assert run["metrics"]["kl/margin"][0] == pytest.approx(sum(kl_margin) / len(kl_margin), rel=1e-4)
+        z = beta * (((lp_w - ref_w) - (lp_l - ref_l)) - alpha * (kl_l - kl_w.detach()))
+        losses.append(torch.log1p(torch.exp(-z)))
+        kl_chosen.append(float(kl_w.detach()))
+        kl_margin.append(float((kl_l - kl_w).detach()))
+    loss = sum(losses) / len(losses)
+    loss.backward()
+    grads = {n: p.grad.float() for n, p in policy.named_parameters()}
+    return loss.item(), sum(kl_chosen) / len(kl_chosen), sum(kl_margin) / len(kl_margin), grads
+
+
+TDPO2_RUN = [
+    "loss.type=tdpo2",
+    "loss.alpha=1.0",
+    "loss.beta=0.5",
+    "train.export_hf=false",
+]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fused_head", [False, True], ids=["logits", "fused_head"])
+def test_two_rank_tdpo2_step0_equals_single_process(assets, fused_head):
+    """A 2-rank ZeRO-3 run (unequal pairs, a filler; persistence threshold 0, so both lm_heads are
+    partitioned) with a reference unlike the policy: its step-0 loss and KL metrics equal the step's pairs
+    computed one sequence at a time with full softmaxes (1e-5). Through the fused head (both heads chunked
+    together, no logits of either model) the full gathered gradient equals that math's too."""
+    from tests.run_helpers import assert_grads_close, launch
+
+    extra = [*TDPO2_RUN, f"reference.name_or_path={assets['ref_model']}"]
+    extra.append("train.fused_head=true" if fused_head else "train.dump_gradients_at=[]")
+    run = launch(assets, f"tdpo2_{'fused' if fused_head else 'logits'}", "deepspeed", 1, extra=extra)
+    assert run["params"]["config.loss.type"] == "tdpo2"
+    assert run["params"]["run.fused_head"] == str(fused_head)
+    assert run["params"]["run.fused_head_reference"] == str(fused_head)
+    loss, kl_chosen, kl_margin, grads = _tdpo2_step0(assets)
+    assert run["metrics"]["loss"][0] == pytest.approx(loss, rel=1e-5)
+    assert run["metrics"]["kl/chosen"][0] == pytest.approx(kl_chosen, rel=1e-5)
+    assert run["metrics"]["kl/margin"][0] == pytest.approx(kl_margin, rel=1e-4)
+    if fused_head:
+        assert_grads_close(torch.load(run["dir"] / "diagnostics" / "grads_step0.pt"), grads)
 
 
 def test_tdpo_refuses_the_cache_at_start_up():

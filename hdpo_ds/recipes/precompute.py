@@ -211,7 +211,7 @@ def load_reference_engine(cfg: Config, ref_ds: dict, dtype: torch.dtype, device_
     ).model
     ref_engine = engine.build_reference_engine(model, ref_ds)
     del handle
-    # TDPO reads the reference's logits (objective.py): there the key is refused (config.py)
+    # TDPO never asks the engine for sums: its reference head runs in the policy's fused pass
     fused = use_fused_head(cfg.train.fused_head, model.config) and cfg.loss.type not in TDPO_LOSS_TYPES
     if fused and dist.is_main_process():
         logger.info("reference: log-probs through the fused head (train.fused_head), no logits")

@@ -50,13 +50,19 @@ from hdpo_ds.objectives.logprobs import segment_sums, token_stats
 from hdpo_ds.objectives.modifiers import ld_token_weights, wpo_weights
 from hdpo_ds.objectives.objective import PairLoss, PairTerms, make_objective
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
+from hdpo_ds.objectives.router import RouterStats, router_stats
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
 from hdpo_ds.recipes.splits import load_split_records, log_sources, source_params, tokenize_split
 from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
 from hdpo_ds.runtime import checkpoint, dist, engine, stop
-from hdpo_ds.runtime.fused_head import head_transform, policy_token_stats, use_fused_head
-from hdpo_ds.runtime.models import check_model_source, load_model_config
+from hdpo_ds.runtime.fused_head import (
+    head_transform,
+    policy_token_stats,
+    policy_token_stats_kl,
+    use_fused_head,
+)
+from hdpo_ds.runtime.models import check_model_source, load_model_config, moe_routing
 from hdpo_ds.tracking.metrics import (
     SOURCE_METRICS,
     StepAccumulator,
@@ -79,6 +85,7 @@ class _BatchResult:
     ref: tuple[torch.Tensor, torch.Tensor] | None  # None: a reference-free objective
     tokens: tuple[torch.Tensor, torch.Tensor]
     token_sums: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+    router: RouterStats | None = None  # a mixture-of-experts policy: this forward's router loss, counts
 
 
 @dataclass
@@ -104,6 +111,11 @@ def check_before_engines(cfg: Config) -> None:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
             key="reference.name_or_path",
+        )
+    if cfg.model.router_aux_loss_coef is not None and moe_routing(load_model_config(cfg.model)) is None:
+        raise ConfigError(
+            f"model.router_aux_loss_coef: {cfg.model.name_or_path} is not a mixture-of-experts model with a "
+            "router loss (its config has no output_router_logits / router_aux_loss_coef); leave it null"
         )
     if cfg.train.fused_head is True:
         models = {"model.name_or_path": cfg.model}
@@ -199,6 +211,7 @@ class PreferenceRecipe:
         s.build_policy()
         self._setup_reference()
         self.fused_head = self._use_fused_head()
+        self.moe = self._moe_settings()
         self._resume()
         self._open_logger()
         modifiers = "".join(
@@ -249,11 +262,25 @@ class PreferenceRecipe:
             logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
     def _use_fused_head(self) -> bool:
-        """The policy's train.fused_head (runtime/fused_head.py use_fused_head); never for TDPO, whose KL
-        reads the full logits (`true` is refused there by config.py)."""
-        if self.objective.has_kl:
-            return False
-        return use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
+        """The policy's train.fused_head (runtime/fused_head.py use_fused_head). TDPO chunks both heads
+        together, so there the reference's model type must be one the fused head knows too (with `true`
+        an unknown one was refused at start-up)."""
+        fused = use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
+        if fused and self.objective.has_kl:
+            return head_transform(self.references["train"].engine.module.config) is not None
+        return fused
+
+    def _moe_settings(self) -> tuple[int, float] | None:
+        """(experts per token, the router loss's weight) of a mixture-of-experts policy, else None."""
+        routing = moe_routing(self.session.policy.module.config)
+        if routing is None:
+            return None
+        top_k, model_coef = routing
+        coef = self.cfg.model.router_aux_loss_coef
+        coef = model_coef if coef is None else float(coef)
+        if self.session.rank == 0:
+            logger.info("mixture of experts: top-%d routing, router loss weight %g", top_k, coef)
+        return top_k, coef
 
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
@@ -289,7 +316,11 @@ class PreferenceRecipe:
         params.update(source_params(train_split, self.sampler.quotas))
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
         if self.reference_source == "online":
-            params["run.fused_head_reference"] = self.references["train"].fused_head
+            # TDPO's reference head runs inside the policy's fused pass (objectives/fused_head.py)
+            online = self.references["train"]
+            params["run.fused_head_reference"] = (
+                self.fused_head if self.objective.has_kl else online.fused_head
+            )
         params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode
@@ -329,6 +360,9 @@ class PreferenceRecipe:
         micro_batches = assignment.micro_batches
         scale = s.world_size / assignment.num_pairs
         real_tokens = 0
+        if self.moe is not None:  # the router loss of a micro-batch weighs by its share of the step's tokens
+            step_tokens = sum(mb.tokens for rank in assignment.packed.ranks for mb in rank if not mb.filler)
+            moe_counts, moe_aux = None, 0.0
         coupled = self._coupling(
             self.references["train"], assignment.pairs(self.train_data.pairs), assignment
         )
@@ -347,11 +381,20 @@ class PreferenceRecipe:
             out.loss.losses = s.faults.plant_nan(step, i, out.loss.losses)
             losses = out.loss.losses
             finite = torch.isfinite(losses).all()
-            bad |= ~finite
             # A filler runs a real forward and backward (ZeRO-3 needs every rank in it) but weighs 0;
             # a non-finite loss backs off to 0 here and the step is then skipped on all ranks.
-            loss = torch.where(finite, losses.sum(), torch.zeros((), device=device, dtype=losses.dtype))
-            policy.backward(loss * (scale * batch.weight))
+            loss = losses.sum() * (scale * batch.weight)
+            if out.router is not None:
+                share = batch.num_real_tokens / step_tokens
+                finite = finite & torch.isfinite(out.router.aux)
+                loss = loss + self.moe[1] * out.router.aux * (share * s.world_size * batch.weight)
+                counts = out.router.counts * (0.0 if mb.filler else 1.0)  # every rank: the same shape
+                moe_counts = counts if moe_counts is None else moe_counts + counts
+                if not mb.filler:
+                    moe_aux = moe_aux + out.router.aux.detach() * share
+            bad |= ~finite
+            loss = torch.where(finite, loss, torch.zeros((), device=device, dtype=loss.dtype))
+            policy.backward(loss)
             if planted is not None:
                 planted.remove()
             if not last:
@@ -366,9 +409,19 @@ class PreferenceRecipe:
         # The same on every rank: summed over ranks here (no host sync of its own), divided back below.
         norm = float("nan") if skip_step else _grad_norm(policy)
         # The step's second collective (the first was the skip agreement) and second host sync.
-        sums = dist.reduce_sums({**acc.sums, "grad_norm": norm}, device=device)
+        router_sums = {}
+        if self.moe is not None:  # the step's router loss and (layer, expert) counts: the same collective
+            router_sums = {"moe/aux_loss": moe_aux}
+            layers, experts = moe_counts.shape
+            router_sums.update(
+                {f"moe_count/{i}/{e}": moe_counts[i, e] for i in range(layers) for e in range(experts)}
+            )
+        sums = dist.reduce_sums({**acc.sums, "grad_norm": norm, **router_sums}, device=device)
         elapsed = time.perf_counter() - started
         metrics = acc.metrics(sums)
+        if self.moe is not None:
+            metrics.update(_router_metrics(sums, moe_counts.shape, self.moe[1]))
+            metrics["loss"] += self.moe[1] * metrics["moe/aux_loss"]  # what the backward minimised
         stats = packing_stats(assignment.packed)
         s.count_update(skip_step)
         if self.moving_reference is not None:
@@ -526,16 +579,42 @@ class PreferenceRecipe:
         mask = batch.labels != -100
         num_seqs = batch.num_seqs
         ld_weights = self._ld_weights(batch)
-        if ref_values is None and objective.needs_reference:
+        # TDPO through the fused head reads the reference's hidden states instead of its logits, below
+        fused_kl = self.fused_head and objective.has_kl
+        if ref_values is None and objective.needs_reference and not fused_kl:
             ref_values = objective.reference_values(reference, batch, ld_weights)
         ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
+        policy = self.session.policy
+        call, routed = policy, []
+        if self.moe is not None:  # the router logits come back with the forward's outputs
+
+            def call(**kwargs):
+                out = policy(**kwargs, output_router_logits=True)
+                routed.append(out.router_logits)
+                return out
+
         with torch.set_grad_enabled(track_grad):
             collision = cfg.loss.weighting == "wpo"
-            if self.fused_head:  # never the full logits (runtime/fused_head.py); no TDPO here (config.py)
+            if fused_kl:  # both heads in the same token chunks: no logits of either model
                 logits = None
-                policy = self.session.policy
+                fused = policy_token_stats_kl(
+                    call,
+                    policy.module,
+                    inputs,
+                    batch.labels,
+                    reference.head_inputs(batch),
+                    top_k=cfg.train.top_k,
+                    chunk_size=cfg.train.logits_chunk_size,
+                    collision=collision,
+                )
+                stats = fused.stats
+                ref_seq = segment_sums(
+                    fused.reference_logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
+                ).sums
+            elif self.fused_head:  # never the full logits (runtime/fused_head.py)
+                logits = None
                 stats = policy_token_stats(
-                    policy,
+                    call,
                     policy.module,
                     inputs,
                     batch.labels,
@@ -544,7 +623,7 @@ class PreferenceRecipe:
                     collision=collision,
                 )
             else:
-                logits = self.session.policy(**inputs).logits
+                logits = call(**inputs).logits
                 stats = token_stats(
                     logits,
                     batch.labels,
@@ -558,7 +637,16 @@ class PreferenceRecipe:
                 seq = segment_sums(
                     stats.logps * ld_weights, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
                 )
-            seq_kl = objective.sequence_kl(logits, ref_logits, batch.labels, batch.seq_index, num_seqs, mask)
+            if fused_kl:
+                seq_kl = segment_sums(
+                    fused.kl, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32
+                ).sums
+            else:
+                seq_kl = objective.sequence_kl(
+                    logits, ref_logits, batch.labels, batch.seq_index, num_seqs, mask
+                )
+            # every real token of the forward counts, prompts included, as in the model's own training
+            router = router_stats(routed[0], self.moe[0], batch.seq_index >= 0) if routed else None
             del ref_logits
         monitor_sums = {
             name: segment_sums(
@@ -593,6 +681,7 @@ class PreferenceRecipe:
                 {k: v[chosen] for k, v in monitor_sums.items()},
                 {k: v[rejected] for k, v in monitor_sums.items()},
             ),
+            router=router,
         )
 
     def after_step(self, outcome: StepOutcome) -> bool:
@@ -781,6 +870,23 @@ class PreferenceRecipe:
 def train(cfg: Config, ds_config_path: str) -> TrainResult:
     """Run the whole recipe. Every rank calls it; rank 0 alone logs to MLflow."""
     return PreferenceRecipe(cfg, ds_config_path).run()
+
+
+def _router_metrics(sums: dict[str, float], shape, coef: float) -> dict[str, float]:
+    """moe/aux_loss (the step's router loss: each micro-batch's weighted by its share of the step's
+    tokens), moe/aux_weight, and the experts' load per MoE layer: the largest expert's share of the
+    layer's top-k assignments over the mean share (1 = balanced; E = one expert takes every token)."""
+    layers, experts = shape
+    out = {"moe/aux_loss": sums["moe/aux_loss"], "moe/aux_weight": coef}
+    worst = 0.0
+    for i in range(layers):
+        counts = [sums[f"moe_count/{i}/{e}"] for e in range(experts)]
+        total = sum(counts)
+        ratio = max(counts) * experts / total if total > 0 else float("nan")
+        out[f"moe/load_max_over_mean/layer{i}"] = ratio
+        worst = max(worst, ratio) if ratio == ratio else worst
+    out["moe/load_max_over_mean"] = worst
+    return out
 
 
 def _accumulate(acc: StepAccumulator, result: _BatchResult) -> None:

@@ -43,7 +43,7 @@ _SUMS = ("nll", "tokens", "entropy", "correct")
 
 # Config keys SFT has no use for (it has no reference, no preference loss and no detectors).
 _UNUSED_PREFIXES = ("loss.", "reference.", "monitors.")
-_UNUSED_KEYS = ("train.top_k", "train.dump_gradients_at", "train.fused_head")
+_UNUSED_KEYS = ("train.top_k", "train.dump_gradients_at", "train.fused_head", "model.router_aux_loss_coef")
 
 
 def check_sft_config(cfg: Config) -> None:
@@ -53,7 +53,8 @@ def check_sft_config(cfg: Config) -> None:
         if (key.startswith(_UNUSED_PREFIXES) or key in _UNUSED_KEYS) and value != defaults[key]:
             raise ConfigError(
                 f"{key}: does not apply to SFT (launch/sft.py has no reference, preference loss, monitors, "
-                f"top-k statistics, gradient dumps or fused head); leave it at its default {defaults[key]!r}"
+                "top-k statistics, gradient dumps, fused head or router loss); leave it at its default "
+                f"{defaults[key]!r}"
             )
     for i, entry in enumerate(cfg.data.train_files):
         if isinstance(entry, dict) and "weight" in entry:

@@ -21,7 +21,7 @@ from hdpo_ds.config import Config
 from hdpo_ds.data.packing import IGNORE_INDEX, PackedBatch
 from hdpo_ds.objectives.logprobs import SegmentSums, segment_sums, token_logps
 from hdpo_ds.reference.cache import CACHE_FORMAT_VERSION, RefCache, RefCacheError, file_sha256
-from hdpo_ds.runtime.fused_head import reference_token_logps
+from hdpo_ds.runtime.fused_head import reference_head_inputs, reference_token_logps
 
 __all__ = [
     "CachedReference",
@@ -81,6 +81,11 @@ class OnlineReference:
 
     def sequence_logps(self, batch: PackedBatch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
         return self.sequence_sums(batch, token_weights=token_weights).sums
+
+    def head_inputs(self, batch: PackedBatch) -> tuple:
+        """TDPO's share of the fused head: the reference's hidden states and a copy of its output
+        embedding (runtime/fused_head.py reference_head_inputs), in place of its logits."""
+        return reference_head_inputs(self.engine.module, batch.model_inputs())
 
 
 @dataclass

@@ -67,6 +67,7 @@ MATH_KEYS = (
     "model.tokenizer",
     "model.dtype",
     "model.disable_dropout",
+    "model.router_aux_loss_coef",
     "reference.name_or_path",
     "reference.sync",
     "reference.sync_alpha",

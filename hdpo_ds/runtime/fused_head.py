@@ -8,13 +8,16 @@ output-embedding module*: under ZeRO-3 the hooks on that module gather its (part
 bias, for the forward, and again before its backward, and the gradient `fused_token_stats` returns for
 the weight goes to DeepSpeed like lm_head's own (for tied embeddings the weight is the input
 embedding's parameter, whose gradient then sums both uses). Nothing else of the model is gathered.
+TDPO (`policy_token_stats_kl`) runs the reference's decoder alone and copies its output embedding while
+that module's hooks hold it gathered (`reference_head_inputs`): the policy's backward recomputes the
+reference's chunk logits, long after the reference's forward has released its parameters.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hdpo_ds.objectives.fused_head import fused_token_logps, fused_token_stats
+from hdpo_ds.objectives.fused_head import FusedKL, fused_token_logps, fused_token_stats, fused_token_stats_kl
 from hdpo_ds.objectives.logprobs import TokenStats
 
 __all__ = [
@@ -22,6 +25,8 @@ __all__ = [
     "FUSED_HEAD_MODEL_TYPES",
     "head_transform",
     "policy_token_stats",
+    "policy_token_stats_kl",
+    "reference_head_inputs",
     "reference_token_logps",
     "use_fused_head",
 ]
@@ -69,6 +74,13 @@ def use_fused_head(setting, model_config) -> bool:
     return model_config.vocab_size >= FUSED_HEAD_MIN_VOCAB and head_transform(model_config) is not None
 
 
+def _transform(model) -> tuple[float, float | None]:
+    transform = head_transform(model.config)
+    if transform is None:
+        raise ValueError(f"the fused head does not know model_type {model.config.model_type!r}")
+    return transform
+
+
 def _run_as_head(model: torch.nn.Module, hidden: torch.Tensor, compute):
     """compute(h, weight, bias) as the forward of the model's output-embedding module: ZeRO-3's hooks on
     that module gather its parameters around the call (and again before its backward)."""
@@ -87,10 +99,7 @@ def reference_token_logps(
     """token_logps(model(**inputs).logits, labels) without the logits, for the reference engine and the
     precompute pass: the decoder alone (no backward, so DeepSpeed's engine forward is not needed, and
     no per-layer hidden states are kept), then `fused_token_logps` as the output embedding's forward."""
-    transform = head_transform(model.config)
-    if transform is None:
-        raise ValueError(f"the fused head does not know model_type {model.config.model_type!r}")
-    logit_scale, softcap = transform
+    logit_scale, softcap = _transform(model)
     hidden = model.get_decoder()(**inputs).last_hidden_state
     return _run_as_head(
         model,
@@ -99,6 +108,12 @@ def reference_token_logps(
             h, weight, labels, bias=bias, logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size
         ),
     )
+
+
+def _policy_hidden(call, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden state through `call` (the engine), with lm_head applied to no token."""
+    empty = torch.empty(0, dtype=torch.long, device=labels.device)
+    return call(**inputs, logits_to_keep=empty, output_hidden_states=True).hidden_states[-1]
 
 
 def policy_token_stats(
@@ -120,12 +135,8 @@ def policy_token_stats(
         inputs: the model's keyword inputs (`PackedBatch.model_inputs()`).
         labels: (B, T), already shifted, -100 outside the response tokens.
     """
-    transform = head_transform(model.config)
-    if transform is None:
-        raise ValueError(f"the fused head does not know model_type {model.config.model_type!r}")
-    logit_scale, softcap = transform
-    empty = torch.empty(0, dtype=torch.long, device=labels.device)
-    hidden = call(**inputs, logits_to_keep=empty, output_hidden_states=True).hidden_states[-1]
+    logit_scale, softcap = _transform(model)
+    hidden = _policy_hidden(call, inputs, labels)
 
     def compute(h, weight, bias):
         stats = fused_token_stats(
@@ -144,3 +155,62 @@ def policy_token_stats(
 
     out = _run_as_head(model, hidden, compute)
     return TokenStats(*out[:4], out[4] if collision else None)
+
+
+@torch.no_grad()
+def reference_head_inputs(model: torch.nn.Module, inputs: dict) -> tuple:
+    """What TDPO's fused pass needs of the reference: (hidden (B, T, H), weight (V, H), bias or None,
+    logit_scale, softcap). The decoder alone runs; the output embedding's weight (and bias) are copied
+    while its ZeRO-3 hooks hold them gathered, because the policy's backward recomputes the reference's
+    chunk logits: one (V, H) copy lives from this forward to that backward, never the logits."""
+    logit_scale, softcap = _transform(model)
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+
+    def copy(h, weight, bias):
+        return (weight.detach().clone(), *(() if bias is None else (bias.detach().clone(),)))
+
+    weight, *bias = _run_as_head(model, hidden, copy)
+    return hidden, weight, bias[0] if bias else None, logit_scale, softcap
+
+
+def policy_token_stats_kl(
+    call,
+    model: torch.nn.Module,
+    inputs: dict,
+    labels: torch.Tensor,
+    reference: tuple,
+    *,
+    top_k: int,
+    chunk_size: int,
+    collision: bool = False,
+) -> FusedKL:
+    """`policy_token_stats` plus TDPO's token KL(ref || policy) and the reference's label log-probs, both
+    heads chunked together (objectives/fused_head.py `fused_token_stats_kl`); `reference` is what
+    `reference_head_inputs` returned for the same micro-batch. Arguments otherwise as there."""
+    logit_scale, softcap = _transform(model)
+    ref_hidden, ref_weight, ref_bias, ref_scale, ref_softcap = reference
+    hidden = _policy_hidden(call, inputs, labels)
+
+    def compute(h, weight, bias):
+        res = fused_token_stats_kl(
+            h,
+            weight,
+            ref_hidden,
+            ref_weight,
+            labels,
+            bias=bias,
+            reference_bias=ref_bias,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            reference_logit_scale=ref_scale,
+            reference_softcap=ref_softcap,
+            top_k=top_k,
+            chunk_size=chunk_size,
+            collision=collision,
+        )
+        stats = tuple(s for s in res.stats if s is not None)
+        return (*stats, res.kl, res.reference_logps)  # a plain tuple: ZeRO-3 hooks walk tuples
+
+    out = _run_as_head(model, hidden, compute)
+    n = 5 if collision else 4
+    return FusedKL(TokenStats(*out[:4], out[4] if collision else None), out[n], out[n + 1])

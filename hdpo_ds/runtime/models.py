@@ -28,6 +28,7 @@ __all__ = [
     "load_model",
     "load_model_config",
     "load_tokenizer",
+    "moe_routing",
 ]
 
 
@@ -171,3 +172,13 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     logger.info("loaded %s (%s, attention %s)", source, dtype, attn)
     return LoadedModel(model=model, attn_implementation=attn)
+
+
+def moe_routing(model_config) -> tuple[int, float] | None:
+    """(experts per token, the config's router_aux_loss_coef) of a mixture-of-experts model whose forward
+    returns its router logits (`output_router_logits`: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss,
+    ...), or None for a dense model or one without a load-balancing loss."""
+    names = ("output_router_logits", "router_aux_loss_coef", "num_experts_per_tok")
+    if not all(hasattr(model_config, name) for name in names):
+        return None
+    return int(model_config.num_experts_per_tok), float(model_config.router_aux_loss_coef)

@@ -27,7 +27,6 @@ import torch
 
 from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
-from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
 from hdpo_ds.recipes.splits import load_split_records, tokenize_options
@@ -137,7 +136,13 @@ def dry_run(
         cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path"
     )
     shape = model_shape(hf_config, trust_remote_code=cfg.model.trust_remote_code, key="model.name_or_path")
-    ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device)")
+    experts = (
+        f", a mixture of {shape.num_experts} experts (top-{shape.experts_per_token}): "
+        f"{shape.active_params:,} active per token"
+        if shape.num_experts
+        else ""
+    )
+    ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device){experts}")
     ok(_check_weights(cfg))
     ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
     if cfg.reference.name_or_path:
@@ -296,7 +301,7 @@ def dry_run(
         reference_offload=cfg.reference.offload,
         grad_checkpointing=cfg.model.gradient_checkpointing,
         logits_chunk_size=cfg.train.logits_chunk_size,
-        fused_head=use_fused_head(cfg.train.fused_head, hf_config) and cfg.loss.type not in TDPO_LOSS_TYPES,
+        fused_head=use_fused_head(cfg.train.fused_head, hf_config),
         fused_optimizer=device_type != "cpu",
         dtype_bytes=torch.finfo(dtype).bits // 8,
         seq_tokens=max(1, int(np.mean(lengths))),

@@ -74,6 +74,11 @@ class ModelShape:
     vocab_size: int
     parallel_block: bool  # attention and MLP read one norm's output (Cohere); else two norms per layer
     logit_scale: bool  # logits are multiplied by a scale after lm_head (one more T×V tensor)
+    # Mixture of experts: the parameters one token runs through (the router's k of E experts per layer
+    # plus everything else), and E and k; a dense model has active_params == num_params, experts 0.
+    active_params: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
 
 
 def load_hf_config(source: str, *, trust_remote_code: bool = False, key: str = "--model"):
@@ -121,6 +126,10 @@ def model_shape(config, *, trust_remote_code: bool = False, key: str = "--model"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = text.hidden_size
     heads = text.num_attention_heads
+    num_experts, top_k, expert_params = _experts(model, text)
+    active = sum(unique.values()) - (
+        expert_params * (num_experts - top_k) // num_experts if num_experts else 0
+    )
     return ModelShape(
         model_type=text.model_type,
         num_params=sum(unique.values()),
@@ -136,7 +145,25 @@ def model_shape(config, *, trust_remote_code: bool = False, key: str = "--model"
         vocab_size=text.vocab_size,
         parallel_block=text.model_type in ("cohere", "cohere2"),
         logit_scale=getattr(text, "logit_scale", None) not in (None, 1, 1.0),
+        active_params=active,
+        num_experts=num_experts,
+        experts_per_token=top_k,
     )
+
+
+def _experts(model: torch.nn.Module, config) -> tuple[int, int, int]:
+    """(E, k, parameters of all stacked expert tensors) of a mixture of experts, else (0, 0, 0). The
+    experts of a layer are one module whose parameters all lead with E (transformers 5: `*Experts`)."""
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not num_experts or not top_k:
+        return 0, 0, 0
+    total = 0
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if type(module).__name__.endswith("Experts") and own and all(p.shape[0] == num_experts for p in own):
+            total += sum(p.numel() for p in own)
+    return (int(num_experts), int(top_k), total) if total else (0, 0, 0)
 
 
 def analytic_param_count(config) -> int:
@@ -350,8 +377,10 @@ def fused_head_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk_siz
 
 
 def _flops_params(shape: ModelShape) -> int:
-    # An untied input embedding is a lookup, not a matmul; a tied one is also lm_head.
-    return shape.num_params - (0 if shape.tied_embeddings else shape.embedding_params)
+    # An untied input embedding is a lookup, not a matmul; a tied one is also lm_head. A token of a
+    # mixture of experts runs through its k routed experts only: the active parameters.
+    active = shape.active_params or shape.num_params
+    return active - (0 if shape.tied_embeddings else shape.embedding_params)
 
 
 def micro_batch_flops(shape: ModelShape, settings: Settings) -> float:
@@ -612,6 +641,15 @@ def format_plan(
         f"model: {m.model_type}, {m.num_params:,} parameters (meta-device count), largest layer "
         f"{m.largest_layer_params:,}, hidden {m.hidden_size}, {m.num_layers} layers, vocab {m.vocab_size:,}"
         f"{', tied embeddings' if m.tied_embeddings else ''}",
+        *(
+            [
+                f"mixture of experts: {m.num_experts} experts, top-{m.experts_per_token}: "
+                f"{m.active_params:,} active parameters per token (FLOPs use these; ZeRO-3 gathers a "
+                "layer's stacked experts whole, whatever the routing: the largest layer above)"
+            ]
+            if m.num_experts
+            else []
+        ),
         f"cluster: {hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) = {hw.world_size} ranks, "
         f"{hw.gpu_mem_gib:g} GiB per GPU",
         f"settings: {'bf16' if s.dtype_bytes == 2 else 'fp32'}, ZeRO-3, "
