@@ -73,6 +73,11 @@ bench: $(STAMP)
 	$(PY) bench/ref_modes.py --steps 12
 	$(PY) bench/mlflow_logging.py
 	$(PY) bench/plan_rss.py
+	$(PY) bench/token_stats_collision.py --reps 8
+	$(PY) bench/fused_head.py head --hidden 128 --dtypes float32
+	$(PY) bench/fused_head.py head --hidden 1024 --vocabs 128256 --tokens 4096 --dtypes float32 --reps 2
+	$(PY) bench/fused_head.py head --hidden 16 --vocabs 128256 --tokens 4096 --dtypes bfloat16
+	$(PY) bench/fused_head.py step
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
