@@ -69,6 +69,32 @@ def _chunk_stats(x, labels, k, collision, out):
     topk_entropy.copy_(-(q_log.exp() * q_log).sum(dim=-1) / math.log(2.0))
 
 
+def _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b):
+    """[dh, dW, db] (None where not needed). dW and db accumulate in the weight's dtype: one (V, H)
+    buffer, as the lm_head's own gradient is."""
+    return [
+        torch.empty_like(hidden) if need_h else None,
+        torch.zeros_like(weight) if need_w else None,
+        torch.zeros_like(bias) if need_b else None,
+    ]
+
+
+def _backward_chunk(x, scale, h, weight, rows, grads) -> None:
+    """x (rows, V): d objective / d (scaled) logits of one chunk, the softcap's derivative already
+    applied; consumed in place. Chains it through the scale into dz, then dh[rows] = dz W,
+    dW += dz^T h, db += sum dz."""
+    grad_h, grad_w, grad_b = grads
+    if scale != 1.0:
+        x.mul_(scale)
+    grad_z = x.to(h.dtype)
+    if grad_h is not None:
+        torch.matmul(grad_z, weight, out=grad_h[rows])
+    if grad_w is not None:
+        grad_w.addmm_(grad_z.t(), h)
+    if grad_b is not None:
+        grad_b.add_(grad_z.sum(dim=0))
+
+
 class _FusedHeadFunction(torch.autograd.Function):
     """Forward: per chunk, logits -> statistics, saving the logsumexp. Backward: per chunk, logits again,
     d logits = g (onehot - p), chained through softcap and scale into dh (chunk rows) and dW (summed)."""
@@ -99,39 +125,27 @@ class _FusedHeadFunction(torch.autograd.Function):
         hidden, weight, bias, labels, valid, lse_all = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if not (need_h or need_w or need_b):
-            return (None,) * 9
+            return (None,) * 10
         cdtype = lse_all.dtype
         scale, softcap = ctx.logit_scale, ctx.softcap
         g = torch.where(valid, grad_logps.to(cdtype), torch.zeros((), dtype=cdtype, device=valid.device))
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # dW and db accumulate in the weight's dtype: one (V, H) buffer, as the lm_head's own gradient is.
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
+        grads = _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b)
         n = hidden.shape[0]
         for start in range(0, n, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, n))
             h = hidden[rows]
             x = _chunk_logits(h, weight, bias, scale, softcap, cdtype)
             g_rows = g[rows].unsqueeze(-1)
-            if softcap is not None:
-                cap_grad = 1.0 - (x / softcap).square_()  # d(c tanh(u/c))/du = 1 - tanh^2
+            # d(c tanh(u/c))/du = 1 - tanh^2
+            cap_grad = None if softcap is None else 1.0 - (x / softcap).square_()
             x.sub_(lse_all[rows].unsqueeze(-1)).exp_().mul_(-g_rows)  # -g p
             x.scatter_add_(-1, labels[rows].unsqueeze(-1), g_rows)  # g (onehot - p): d logp / d logits
-            if softcap is not None:
+            if cap_grad is not None:
                 x.mul_(cap_grad)
-                del cap_grad
-            if scale != 1.0:
-                x.mul_(scale)
-            grad_z = x.to(hidden.dtype)
+                del cap_grad  # freed before the two products
+            _backward_chunk(x, scale, h, weight, rows, grads)
             del x
-            if need_h:
-                torch.matmul(grad_z, weight, out=grad_h[rows])
-            if need_w:
-                grad_w.addmm_(grad_z.t(), h)
-            if need_b:
-                grad_b.add_(grad_z.sum(dim=0))
-            del grad_z
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _row_dot(a, b):
@@ -194,16 +208,13 @@ class _FusedHeadKLFunction(torch.autograd.Function):
         zero = torch.zeros((), dtype=cdtype, device=valid.device)
         g_lp = torch.where(valid, grad_logps.to(cdtype), zero) if grad_logps is not None else None
         g_kl = torch.where(valid, grad_kl.to(cdtype), zero) if grad_kl is not None else None
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
+        grads = _gradient_buffers(hidden, weight, bias, need_h, need_w, need_b)
         n = hidden.shape[0]
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
             h = hidden[rows]
             x = _chunk_logits(h, weight, bias, scale, softcap, cdtype)
-            if softcap is not None:
-                cap_grad = 1.0 - (x / softcap).square_()
+            cap_grad = None if softcap is None else 1.0 - (x / softcap).square_()
             x.sub_(lse_all[rows].unsqueeze(-1)).exp_()  # p
             coef_p = torch.zeros(x.shape[0], dtype=cdtype, device=x.device)
             if g_lp is not None:
@@ -218,21 +229,12 @@ class _FusedHeadKLFunction(torch.autograd.Function):
                 del q
             if g_lp is not None:
                 x.scatter_add_(-1, labels[rows].unsqueeze(-1), g_lp[rows].unsqueeze(-1))
-            if softcap is not None:
+            if cap_grad is not None:
                 x.mul_(cap_grad)
-                del cap_grad
-            if scale != 1.0:
-                x.mul_(scale)
-            grad_z = x.to(hidden.dtype)
+                del cap_grad  # freed before the two products
+            _backward_chunk(x, scale, h, weight, rows, grads)
             del x
-            if need_h:
-                torch.matmul(grad_z, weight, out=grad_h[rows])
-            if need_w:
-                grad_w.addmm_(grad_z.t(), h)
-            if need_b:
-                grad_b.add_(grad_z.sum(dim=0))
-            del grad_z
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return (*grads, None, None, None, None, None, None)
 
 
 def _check(hidden, weight, bias, labels, top_k, chunk_size):
