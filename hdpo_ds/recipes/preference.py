@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hdpo_ds.common.atomic import write_text
-from hdpo_ds.config import Config, ConfigError, flatten, loss_label, to_dict
+from hdpo_ds.config import Config, ConfigError, flatten, loss_label, reference_source, to_dict
 from hdpo_ds.data import (
     IndexedPairs,
     PackedBatch,
@@ -53,8 +53,13 @@ from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
 from hdpo_ds.recipes.splits import load_split_records, tokenize_split
-from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
-from hdpo_ds.runtime import checkpoint, dist, engine, stop
+from hdpo_ds.reference.sources import (
+    AdaptersOffReference,
+    CachedReference,
+    OnlineReference,
+    pair_sequence_indices,
+)
+from hdpo_ds.runtime import checkpoint, dist, engine, lora, stop
 from hdpo_ds.runtime.fused_head import head_transform, policy_token_stats, use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_model_config
 from hdpo_ds.tracking.metrics import StepAccumulator, peak_memory_mib
@@ -94,6 +99,7 @@ def check_before_engines(cfg: Config) -> None:
             "reference.rebuild_stale=true"
         )
     check_model_source(cfg.model)
+    lora.check_init_adapter(cfg.model.lora)
     if cfg.reference.name_or_path:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
@@ -157,7 +163,10 @@ class PreferenceRecipe:
         """Collective. What can fail fast fails before any engine exists; then the data, the policy and
         reference engines (built inside zero.Init under ZeRO-3), resume, and the MLflow run."""
         cfg, s = self.cfg, self.session
-        needs_reference = self.objective.needs_reference
+        # a reference engine (or the precompute's) needs its ds_config; adapters_off online builds none
+        needs_reference = self.objective.needs_reference and not (
+            cfg.reference.mode == "online" and reference_source(cfg) == "adapters_off"
+        )
         infer_ds_config = engine.load_ds_config(cfg.reference.ds_config) if needs_reference else None
         check_before_engines(cfg)
         s.load_tokenizer()
@@ -183,8 +192,8 @@ class PreferenceRecipe:
             s.fill_ds_config(infer_ds_config, training=False, dtype=s.dtype) if needs_reference else None
         )
         s.build_policy()
-        self._setup_reference()
         self.fused_head = self._use_fused_head()
+        self._setup_reference()
         self._resume()
         self._open_logger()
         modifiers = "".join(
@@ -199,8 +208,10 @@ class PreferenceRecipe:
         self._ready = True
 
     def _setup_reference(self) -> None:
-        """The reference: its own engine (online), cached values and no engine at all (cached / auto), or
-        nothing whatever for a reference-free objective (`reference_source`: online, cached, none)."""
+        """The reference (`reference_source`): its own engine (`engine`), the policy's engine with its LoRA
+        adapters disabled (`adapters_off`: no second model), cached values and no engine at all
+        (`cache`, reference.mode cached / auto), or nothing whatever for a reference-free objective
+        (`none`)."""
         cfg, s = self.cfg, self.session
         self.cache_actions: dict[str, str] = {}
         if not self.objective.needs_reference:
@@ -209,8 +220,15 @@ class PreferenceRecipe:
             if dist.is_main_process():
                 logger.info("reference: none (loss.type=%s is reference-free)", loss_label(cfg.loss))
             return
+        if cfg.reference.mode == "online" and reference_source(cfg) == "adapters_off":
+            self.reference_source = "adapters_off"
+            policy = OnlineReference(s.policy, cfg.train.logits_chunk_size, fused_head=self._use_fused_head())
+            self.references = dict.fromkeys(self.splits, AdaptersOffReference(policy))
+            if dist.is_main_process():
+                logger.info("reference: the policy's base model, its LoRA adapters disabled (no engine)")
+            return
         if cfg.reference.mode == "online":
-            self.reference_source = "online"
+            self.reference_source = "engine"
             online = load_reference_engine(cfg, self.ref_ds, s.dtype, s.device_type)
             self.references = dict.fromkeys(self.splits, online)
             if cfg.reference.sync != "none":
@@ -219,7 +237,7 @@ class PreferenceRecipe:
             if dist.is_main_process():
                 logger.info("reference: online (a ZeRO-3 inference engine), sync %s", cfg.reference.sync)
             return
-        self.reference_source = "cached"
+        self.reference_source = "cache"
         caches, self.cache_actions = ensure_reference_caches(
             cfg,
             self.splits,
@@ -236,10 +254,23 @@ class PreferenceRecipe:
 
     def _use_fused_head(self) -> bool:
         """The policy's train.fused_head (runtime/fused_head.py use_fused_head); never for TDPO, whose KL
-        reads the full logits (`true` is refused there by config.py)."""
+        reads the full logits (`true` is refused there by config.py), nor when the output layer carries a
+        LoRA adapter or is a modules_to_save copy (the fused head reads only lm_head.weight and bias):
+        `auto` turns itself off there and says so, `true` is refused."""
         if self.objective.has_kl:
             return False
-        return use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
+        setting, module = self.cfg.train.fused_head, self.session.policy.module
+        if lora.output_layer_adapted(module):
+            if setting is True:
+                raise ConfigError(
+                    "train.fused_head: true reads only the output layer's weight and bias, but model.lora "
+                    "adapts the output layer (target_modules or modules_to_save); set train.fused_head=auto "
+                    "or false"
+                )
+            if setting == "auto" and dist.is_main_process():
+                logger.info("train.fused_head: auto: off, the output layer is adapted by model.lora")
+            return False
+        return use_fused_head(setting, module.config)
 
     def _resume(self) -> None:
         state = self.session.load_checkpoint()
@@ -273,9 +304,10 @@ class PreferenceRecipe:
         for name, count in {**train_split.records.skipped, **self.train_data.stats}.items():
             params[f"data.{name}"] = count
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
-        if self.reference_source == "online":
+        if self.reference_source in ("engine", "adapters_off"):
             params["run.fused_head_reference"] = self.references["train"].fused_head
-        params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
+        # engine, adapters_off, cache, or none (reference-free): outside scripts read it
+        params["run.reference_source"] = self.reference_source
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode
         params.update({f"run.reference_cache.{name}": action for name, action in self.cache_actions.items()})

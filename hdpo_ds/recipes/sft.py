@@ -55,6 +55,11 @@ def check_sft_config(cfg: Config) -> None:
                 f"{key}: does not apply to SFT (launch/sft.py has no reference, preference loss, monitors, "
                 f"top-k statistics, gradient dumps or fused head); leave it at its default {defaults[key]!r}"
             )
+    if cfg.model.lora.r > 0:  # LoRA is wired into preference training only (recipes/preference.py)
+        raise ConfigError(
+            f"model.lora.r: {cfg.model.lora.r}: LoRA is not available for SFT yet (launch/sft.py trains the "
+            "whole model); leave it at 0"
+        )
 
 
 def read_sft_sources(cfg: Config) -> dict[str, RawTable]:

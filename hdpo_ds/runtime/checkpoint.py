@@ -67,6 +67,8 @@ MATH_KEYS = (
     "model.tokenizer",
     "model.dtype",
     "model.disable_dropout",
+    "model.lora.",  # the adapters: another rank, targets or start is another model
+    "reference.source",
     "reference.name_or_path",
     "reference.sync",
     "reference.sync_alpha",
