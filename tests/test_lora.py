@@ -123,6 +123,31 @@ def test_tied_embeddings_in_modules_to_save_are_refused():
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
+def test_disable_dropout_leaves_the_adapters_dropout_as_set():
+    """The session disables the base model's dropout when it loads it (runtime/models.py), then wraps it:
+    the adapters' own dropout (model.lora.dropout) keeps its value."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hdpo_ds.runtime.lora import wrap_model
+    from hdpo_ds.runtime.models import disable_dropout
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        attention_dropout=0.3,
+    )
+    model = LlamaForCausalLM(config)
+    assert disable_dropout(model) == ["LlamaAttention.attention_dropout"]
+    wrapped = wrap_model(model, LoraConfig(r=2, dropout=0.1), seed=0)
+    adapter_dropouts = [m.p for n, m in wrapped.named_modules() if n.endswith("lora_dropout.default")]
+    assert len(adapter_dropouts) == 7 and set(adapter_dropouts) == {0.1}  # q, k, v, o, gate, up, down
+    base = wrapped.get_base_model().model.layers[0].self_attn
+    assert base.attention_dropout == 0.0
+
+
 # ------------------------------------------------------------------------------ the 2-rank LoRA run
 @pytest.fixture(scope="module")
 def lora2(assets):
