@@ -148,6 +148,37 @@ def test_disable_dropout_leaves_the_adapters_dropout_as_set():
     assert base.attention_dropout == 0.0
 
 
+def test_what_is_not_built_for_lora_is_refused(tmp_path):
+    """The offline export of a LoRA checkpoint, evaluating an adapter folder or a LoRA checkpoint, the dry
+    run's memory plan and LoRA for SFT are refused, naming what to change, not silently wrong."""
+    from hdpo_ds.config import to_dict
+    from hdpo_ds.recipes.evaluate import resolve_model_dir
+    from hdpo_ds.recipes.sft import check_sft_config
+    from hdpo_ds.runtime.checkpoint import CheckpointError
+    from hdpo_ds.runtime.export import export_hf_from_checkpoint
+    from hdpo_ds.tools.dryrun import dry_run
+
+    cfg = _cfg("model.lora.r=4")
+    folder = tmp_path / "checkpoints" / "step00000002"
+    folder.mkdir(parents=True)
+    (folder / "client_state.json").write_text(json.dumps({"config": to_dict(cfg), "dtype": "float32"}))
+    (folder / "COMPLETE.json").write_text("{}")
+    (tmp_path / "checkpoints" / "latest").write_text("step00000002")
+    with pytest.raises(CheckpointError, match=r"a LoRA run \(model\.lora\.r > 0\)"):
+        export_hf_from_checkpoint(str(folder), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"^--model: .* a checkpoint of a LoRA run"):
+        resolve_model_dir(str(folder), str(tmp_path / "work"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"^--model: .* is a LoRA adapter"):
+        resolve_model_dir(str(adapter), str(tmp_path / "work"))
+    with pytest.raises(ConfigError, match=r"^model\.lora\.r: 4: the dry run's memory plan"):
+        dry_run(cfg, "no-such-ds.json", world_size=8)
+    with pytest.raises(ConfigError, match=r"^model\.lora\.r: 4: LoRA is not available for SFT"):
+        check_sft_config(cfg)
+
+
 # ------------------------------------------------------------------------------ the 2-rank LoRA run
 @pytest.fixture(scope="module")
 def lora2(assets):
