@@ -254,7 +254,7 @@ def test_only_the_adapters_change_and_the_frozen_base_is_bit_identical(lora2):
     assert not probe["skipped"]
 
 
-def _plain_peft_step0(assets):
+def _plain_peft_step0(assets, lora: LoraConfig | None = None):
     """The step-0 global batch in one process with plain transformers + peft (no DeepSpeed, no packing):
     the same seeded adapters (runtime/lora.py wrap_model), the reference = the same model with its
     adapters disabled. H-DPO at alpha 0.9, beta 0.5 as in tests/test_trainer.py."""
@@ -266,7 +266,7 @@ def _plain_peft_step0(assets):
     base = AutoModelForCausalLM.from_pretrained(
         assets["model"], dtype=torch.float32, attn_implementation="sdpa"
     )
-    model = wrap_model(base, LoraConfig(r=4, alpha=8.0), seed=assets["seed"])
+    model = wrap_model(base, lora or LoraConfig(r=4, alpha=8.0), seed=assets["seed"])
     pairs = assets["pairs"]
     sampler = PairSampler(
         pairs.lengths,
@@ -403,3 +403,37 @@ def test_lora_sigkill_then_resume_equals_uninterrupted(assets):
     assert set(got) == set(expected) and expected
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_lora_with_the_fused_head_and_with_a_saved_output_layer(assets):
+    """One process each: (a) train.fused_head=true with all-linear (the output layer is not adapted): the
+    policy's and the adapters-off reference's log-probs come from the fused head; (b) lm_head in
+    modules_to_save with fused_head auto: the fused head turns itself off (logged), the saved copy trains,
+    the base's lm_head does not. Both: step-0 loss and gradient equal plain peft math."""
+    common = [*LORA[:2], "train.eval_every=0", "data.eval_files=[]", "monitors.plots=false"]
+    fused = launch(assets, "lora_fused", "python", 1, extra=[*common, "train.fused_head=true"])
+    assert fused["params"]["run.fused_head"] == "True"
+    assert fused["params"]["run.fused_head_reference"] == "True"
+    expected_loss, expected = _plain_peft_step0(assets)
+    assert fused["metrics"]["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+    grads = torch.load(fused["dir"] / "diagnostics" / "grads_step0.pt")
+    b_side = [n for n in expected if ".lora_B." in n]
+    assert_grads_close({n: grads[n] for n in b_side}, {n: expected[n] for n in b_side})
+
+    saved = launch(assets, "lora_saved", "python", 1, extra=[*common, "model.lora.modules_to_save=[lm_head]"])
+    assert saved["params"]["run.fused_head"] == "False"
+    assert "train.fused_head: auto: off, the output layer is adapted by model.lora" in saved["stderr"]
+    lora = LoraConfig(r=4, alpha=8.0, modules_to_save=["lm_head"])
+    expected_loss, expected = _plain_peft_step0(assets, lora)
+    assert saved["metrics"]["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+    grads = torch.load(saved["dir"] / "diagnostics" / "grads_step0.pt")
+    assert set(grads) == set(expected)
+    head = [n for n in expected if "modules_to_save" in n]
+    assert head, "the saved lm_head copy trains"
+    keep = [*b_side, *head]
+    assert_grads_close({n: grads[n] for n in keep}, {n: expected[n] for n in keep})
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(saved["dir"] / "hf" / "adapter" / "adapter_model.safetensors"))
+    assert any("lm_head" in k for k in adapter), sorted(adapter)[:5]
