@@ -23,11 +23,13 @@ from tests.run_helpers import BUDGET, PAIRS_PER_STEP, assert_grads_close, launch
 LORA = [
     "model.lora.r=4",
     "model.lora.alpha=8",
+    "model.lora.modules_to_save=[lm_head]",  # a trained copy of the output layer beside the adapters
     "train.eval_every=0",
     "data.eval_files=[]",
     "train.dump_gradients_at=[0,1]",
     "monitors.plots=false",
 ]
+RUN_LORA = LoraConfig(r=4, alpha=8.0, modules_to_save=["lm_head"])  # LORA's keys, for plain peft
 PROBE_STEPS = 3  # the probe trains two; finish() then checkpoints and exports at step 2
 BETA, ALPHA = 0.5, 0.9  # the run's loss (run_helpers.overrides)
 LOSS_BETA = 0.2  # the probe's loss family at step 0 (tests/probes/lora_step.py LOSS_BETA)
@@ -247,10 +249,12 @@ def test_step0_adapters_off_reference_equals_the_policy(lora2):
 def test_only_the_adapters_change_and_the_frozen_base_is_bit_identical(lora2):
     probe = lora2["probe"]
     trainable = set(probe["trainable"])
-    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    saved = {n for n in trainable if ".modules_to_save." in n}
+    assert saved == {"base_model.model.lm_head.modules_to_save.default.weight"}
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable - saved)
     assert probe["frozen_changed"] == [] and probe["frozen_changed_step1"] == []
-    # B starts at 0, so A's step-0 gradient is 0 and only the B matrices move in step 0
-    assert set(probe["changed"]) == {n for n in trainable if ".lora_B." in n}
+    # B starts at 0, so A's step-0 gradient is 0: the B matrices and the saved lm_head move in step 0
+    assert set(probe["changed"]) == {n for n in trainable if ".lora_B." in n} | saved
     assert not probe["skipped"]
 
 
@@ -266,7 +270,7 @@ def _plain_peft_step0(assets, lora: LoraConfig | None = None):
     base = AutoModelForCausalLM.from_pretrained(
         assets["model"], dtype=torch.float32, attn_implementation="sdpa"
     )
-    model = wrap_model(base, lora or LoraConfig(r=4, alpha=8.0), seed=assets["seed"])
+    model = wrap_model(base, lora or RUN_LORA, seed=assets["seed"])
     pairs = assets["pairs"]
     sampler = PairSampler(
         pairs.lengths,
@@ -415,7 +419,7 @@ def test_lora_with_the_fused_head_and_with_a_saved_output_layer(assets):
     fused = launch(assets, "lora_fused", "python", 1, extra=[*common, "train.fused_head=true"])
     assert fused["params"]["run.fused_head"] == "True"
     assert fused["params"]["run.fused_head_reference"] == "True"
-    expected_loss, expected = _plain_peft_step0(assets)
+    expected_loss, expected = _plain_peft_step0(assets, LoraConfig(r=4, alpha=8.0))
     assert fused["metrics"]["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
     grads = torch.load(fused["dir"] / "diagnostics" / "grads_step0.pt")
     b_side = [n for n in expected if ".lora_B." in n]

@@ -235,18 +235,13 @@ def export_adapter(engine, out_dir: str) -> None:
     loadable with `PeftModel.from_pretrained(base, out_dir)`. Collective under ZeRO-3: every rank
     gathers the trainable parameters (the adapters and modules_to_save: small), rank 0 writes."""
     import deepspeed
-    from peft import get_peft_model_state_dict
 
     model = engine.module
-    params = trainable_parameters(model)
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = (
-            {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
-            if dist.is_main_process()
-            else None
-        )
-    if dist.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        logger.info("LoRA adapter written to %s", out_dir)
+    # peft's save_pretrained reads the adapters (and modules_to_save copies) from the module itself: they
+    # are whole on every rank inside the gather; the frozen base stays partitioned and is not saved.
+    with deepspeed.zero.GatheredParameters(trainable_parameters(model), modifier_rank=None):
+        if dist.is_main_process():
+            os.makedirs(out_dir, exist_ok=True)
+            model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+            logger.info("LoRA adapter written to %s", out_dir)
     dist.barrier()
