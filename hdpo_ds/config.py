@@ -35,11 +35,35 @@ from hdpo_ds.objectives.losses import (
 from hdpo_ds.objectives.modifiers import SFT_TERM
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 
-__all__ = ["Config", "ConfigError", "flatten", "load_config", "loss_label", "loss_terms", "to_dict"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "flatten",
+    "load_config",
+    "lora_adapts_output_layer",
+    "lora_enabled",
+    "loss_label",
+    "loss_terms",
+    "reference_source",
+    "to_dict",
+]
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message starts with the dotted key."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the frozen base model (runtime/lora.py, built with peft); off while r is 0."""
+
+    r: int = 0  # the adapters' rank; 0: no LoRA, the whole model trains
+    alpha: float = 16.0  # LoRA's scale is alpha / r (Hu et al. 2021, Sec. 4.1)
+    dropout: float = 0.0  # the adapters' own dropout (model.disable_dropout leaves it as set)
+    # module names (suffixes, as peft matches them) or "all-linear": every linear layer but the output one
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    modules_to_save: list[str] = field(default_factory=list)  # whole modules trained beside the adapters
+    init_adapter: str = ""  # a PEFT adapter directory to start from (its config must match these keys)
 
 
 @dataclass
@@ -61,11 +85,15 @@ class ModelConfig:
     # Mixture-of-experts models: the weight of the router's load-balancing loss added to the objective
     # (objectives/router.py); None: the model config's router_aux_loss_coef. Refused for a dense model.
     router_aux_loss_coef: float | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class ReferenceConfig:
     mode: Literal["online", "cached", "auto"] = "online"
+    # What computes the reference online: its own engine, or the policy's engine with its LoRA adapters
+    # disabled (no second model). auto: adapters_off under LoRA (model.lora.r > 0), else engine.
+    source: Literal["auto", "engine", "adapters_off"] = "auto"
     name_or_path: str = ""  # default: the policy's initial weights
     ds_config: str = "ds_configs/zero3_infer.json"
     cache_path: str = ""  # cached: required; auto: default <output_dir>/reference_cache
@@ -431,6 +459,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {e}") from None
     if not cfg.train.dist_timeout_minutes > 0:
         raise ConfigError(f"train.dist_timeout_minutes: must be > 0, got {cfg.train.dist_timeout_minutes}")
+    _validate_lora(cfg)
     _validate_reference_sync(cfg)
     if cfg.reference.mode == "cached" and not cfg.reference.cache_path:
         raise ConfigError("reference.cache_path: required with reference.mode=cached (the precomputed cache)")
@@ -680,6 +709,91 @@ def _validate_monitors(cfg: Config) -> None:
         raise ConfigError(f"monitors.accuracy_saturation: must lie in (0, 1], got {m.accuracy_saturation}")
     if not m.best_metric.startswith("eval/"):
         raise ConfigError(f"monitors.best_metric: an evaluation metric (eval/...), got {m.best_metric!r}")
+
+
+def lora_enabled(cfg: Config) -> bool:
+    """LoRA is on when model.lora.r > 0."""
+    return cfg.model.lora.r > 0
+
+
+def reference_source(cfg: Config) -> str:
+    """reference.source resolved: `adapters_off` (the policy's engine with its adapters disabled) or
+    `engine` (a reference engine of its own); auto is adapters_off under LoRA, else engine."""
+    if cfg.reference.source != "auto":
+        return cfg.reference.source
+    return "adapters_off" if lora_enabled(cfg) else "engine"
+
+
+# A LoRA target or modules_to_save entry naming the output layer: the fused head (runtime/fused_head.py)
+# reads only lm_head.weight and lm_head.bias, never an adapter's or a saved copy's.
+_OUTPUT_LAYER = "lm_head"
+
+
+def lora_adapts_output_layer(lora: LoraConfig) -> bool:
+    """Whether model.lora names the output layer (peft matches a name or a dotted suffix; all-linear
+    leaves the output layer out)."""
+    targets = [] if lora.target_modules == "all-linear" else lora.target_modules
+    return any(name.split(".")[-1] == _OUTPUT_LAYER for name in [*targets, *lora.modules_to_save])
+
+
+def _validate_lora(cfg: Config) -> None:
+    """model.lora and what depends on it: a key that would have no effect, or a combination LoRA cannot
+    serve yet, is refused by name."""
+    lora, defaults, ref = cfg.model.lora, LoraConfig(), cfg.reference
+    if lora.r < 0:
+        raise ConfigError(f"model.lora.r: must be >= 0 (0: no LoRA), got {lora.r}")
+    if not lora_enabled(cfg):
+        for key in ("alpha", "dropout", "target_modules", "modules_to_save", "init_adapter"):
+            if getattr(lora, key) != getattr(defaults, key):
+                raise ConfigError(
+                    f"model.lora.{key}: {getattr(lora, key)!r} has no effect with model.lora.r=0 (LoRA is "
+                    f"off); set model.lora.r > 0, or leave it at {getattr(defaults, key)!r}"
+                )
+        if ref.source == "adapters_off":
+            raise ConfigError(
+                "reference.source: adapters_off needs LoRA adapters to switch off (model.lora.r > 0); "
+                "use reference.source=engine or auto"
+            )
+        return
+    if not (lora.alpha > 0 and math.isfinite(lora.alpha)):
+        raise ConfigError(f"model.lora.alpha: must be a finite number > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout: must lie in [0, 1), got {lora.dropout}")
+    if lora.target_modules != "all-linear" and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules: name one module or more, or write all-linear")
+    for key in ("target_modules", "modules_to_save"):
+        names = getattr(lora, key)
+        for i, name in enumerate([] if names == "all-linear" else names):
+            if not name.strip():
+                raise ConfigError(f"model.lora.{key}[{i}]: an empty module name")
+    if ref.sync != "none":
+        raise ConfigError(
+            f"reference.sync: {ref.sync} (TR-DPO) is not available with LoRA (model.lora.r={lora.r}): the "
+            "reference is the frozen base model, which does not move; use reference.sync=none"
+        )
+    if reference_source(cfg) == "adapters_off" and ref.name_or_path:
+        raise ConfigError(
+            f"reference.name_or_path: {ref.name_or_path!r} has no effect with reference.source=adapters_off "
+            "(the reference is the policy's base model with its adapters disabled); leave it empty, or set "
+            "reference.source=engine"
+        )
+    if reference_source(cfg) == "adapters_off" and ref.mode == "online" and ref.offload:
+        raise ConfigError(
+            "reference.offload: true has no effect with reference.source=adapters_off (no reference engine "
+            "is built); leave it false, or set reference.source=engine"
+        )
+    if ref.source != "auto" and ref.mode != "online":
+        raise ConfigError(
+            f"reference.source: {ref.source} says what computes the reference online; with "
+            f"reference.mode={ref.mode} the values come from the cache (the precompute pass runs the base "
+            "model in its own engine); leave it at auto"
+        )
+    if cfg.train.fused_head is True and lora_adapts_output_layer(lora):
+        raise ConfigError(
+            "train.fused_head: true reads only lm_head.weight and lm_head.bias, but model.lora adapts the "
+            "output layer (model.lora.target_modules or model.lora.modules_to_save names lm_head); set "
+            "train.fused_head=false or auto, or leave lm_head out"
+        )
 
 
 def _validate_reference_sync(cfg: Config) -> None:

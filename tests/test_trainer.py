@@ -227,7 +227,7 @@ def test_mlflow_holds_every_metric_for_every_step(py1):
         assert sorted(metrics[key]) == [2, 4, STEPS], key
     params = py1["params"]
     assert params["config.loss.alpha"] == "0.9" and params["run.attn_implementation"] == "sdpa_packed"
-    assert params["run.reference_source"] == "online" and params["run.reference_mode"] == "online"
+    assert params["run.reference_source"] == "engine" and params["run.reference_mode"] == "online"
     assert params["ds_config.train_batch_size"] == "1" and "versions.deepspeed" in params
     # step 0: policy == reference, so the log-ratios are exactly 0
     assert metrics["logratio/chosen"][0] == 0.0 and metrics["logratio/rejected"][0] == 0.0
@@ -349,7 +349,7 @@ def py1_cached(assets):
 
 def test_cached_training_follows_the_online_trajectory(py1, py1_cached):
     assert py1_cached["params"]["run.reference_mode"] == "auto"
-    assert py1_cached["params"]["run.reference_source"] == "cached"
+    assert py1_cached["params"]["run.reference_source"] == "cache"
     assert py1_cached["params"]["run.reference_cache.train"] == "computed"
     assert py1_cached["params"]["run.reference_cache.eval"] == "computed"
     for step in range(STEPS):

@@ -556,6 +556,11 @@ def resolve_model_dir(path: str, work_dir: str) -> str:
         return path
     if not os.path.isdir(path):
         raise ValueError(f"--model: no such directory {path}")
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ValueError(
+            f"--model: {path} is a LoRA adapter (adapter_config.json); evaluating an adapter on its base "
+            "model is not built yet: give a full model directory"
+        )
     try:  # a checkpoint folder, a checkpoints root, or a run's output_dir
         folder = checkpoint.find_resume_checkpoint(path, "auto") or checkpoint.find_resume_checkpoint(
             path, path
@@ -564,6 +569,11 @@ def resolve_model_dir(path: str, work_dir: str) -> str:
         raise ValueError(
             f"--model: {path} is neither a model directory (config.json) nor a checkpoint: {err}"
         ) from err
+    if checkpoint.read_client_state(folder)["config"]["model"].get("lora", {}).get("r", 0) > 0:
+        raise ValueError(
+            f"--model: {folder} is a checkpoint of a LoRA run (model.lora.r > 0); evaluating it is not built "
+            "yet (its base model plus adapter: the run writes the adapter to <output_dir>/hf/adapter)"
+        )
     out = os.path.join(work_dir, f"model-{os.path.basename(folder.rstrip('/'))}")
     if dist.is_main_process() and not os.path.isfile(os.path.join(out, "config.json")):
         tmp = f"{out}.tmp-{os.getpid()}"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hdpo_ds.common.atomic import write_text
-from hdpo_ds.config import Config, ConfigError, flatten, loss_label, to_dict
+from hdpo_ds.config import Config, ConfigError, flatten, loss_label, reference_source, to_dict
 from hdpo_ds.data import (
     IndexedPairs,
     PackedBatch,
@@ -54,8 +54,13 @@ from hdpo_ds.objectives.router import RouterStats, router_stats
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
 from hdpo_ds.recipes.splits import load_split_records, log_sources, source_params, tokenize_split
-from hdpo_ds.reference.sources import CachedReference, pair_sequence_indices
-from hdpo_ds.runtime import checkpoint, dist, engine, stop
+from hdpo_ds.reference.sources import (
+    AdaptersOffReference,
+    CachedReference,
+    OnlineReference,
+    pair_sequence_indices,
+)
+from hdpo_ds.runtime import checkpoint, dist, engine, lora, stop
 from hdpo_ds.runtime.fused_head import (
     head_transform,
     policy_token_stats,
@@ -107,6 +112,7 @@ def check_before_engines(cfg: Config) -> None:
             "reference.rebuild_stale=true"
         )
     check_model_source(cfg.model)
+    lora.check_init_adapter(cfg.model.lora)
     if cfg.reference.name_or_path:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
@@ -175,7 +181,10 @@ class PreferenceRecipe:
         """Collective. What can fail fast fails before any engine exists; then the data, the policy and
         reference engines (built inside zero.Init under ZeRO-3), resume, and the MLflow run."""
         cfg, s = self.cfg, self.session
-        needs_reference = self.objective.needs_reference
+        # a reference engine (or the precompute's) needs its ds_config; adapters_off online builds none
+        needs_reference = self.objective.needs_reference and not (
+            cfg.reference.mode == "online" and reference_source(cfg) == "adapters_off"
+        )
         infer_ds_config = engine.load_ds_config(cfg.reference.ds_config) if needs_reference else None
         check_before_engines(cfg)
         s.load_tokenizer()
@@ -209,8 +218,8 @@ class PreferenceRecipe:
             s.fill_ds_config(infer_ds_config, training=False, dtype=s.dtype) if needs_reference else None
         )
         s.build_policy()
-        self._setup_reference()
         self.fused_head = self._use_fused_head()
+        self._setup_reference()
         self.moe = self._moe_settings()
         self._resume()
         self._open_logger()
@@ -226,8 +235,10 @@ class PreferenceRecipe:
         self._ready = True
 
     def _setup_reference(self) -> None:
-        """The reference: its own engine (online), cached values and no engine at all (cached / auto), or
-        nothing whatever for a reference-free objective (`reference_source`: online, cached, none)."""
+        """The reference (`reference_source`): its own engine (`engine`), the policy's engine with its LoRA
+        adapters disabled (`adapters_off`: no second model), cached values and no engine at all
+        (`cache`, reference.mode cached / auto), or nothing whatever for a reference-free objective
+        (`none`)."""
         cfg, s = self.cfg, self.session
         self.cache_actions: dict[str, str] = {}
         if not self.objective.needs_reference:
@@ -236,8 +247,15 @@ class PreferenceRecipe:
             if dist.is_main_process():
                 logger.info("reference: none (loss.type=%s is reference-free)", loss_label(cfg.loss))
             return
+        if cfg.reference.mode == "online" and reference_source(cfg) == "adapters_off":
+            self.reference_source = "adapters_off"
+            policy = OnlineReference(s.policy, cfg.train.logits_chunk_size, fused_head=self.fused_head)
+            self.references = dict.fromkeys(self.splits, AdaptersOffReference(policy))
+            if dist.is_main_process():
+                logger.info("reference: the policy's base model, its LoRA adapters disabled (no engine)")
+            return
         if cfg.reference.mode == "online":
-            self.reference_source = "online"
+            self.reference_source = "engine"
             online = load_reference_engine(cfg, self.ref_ds, s.dtype, s.device_type)
             self.references = dict.fromkeys(self.splits, online)
             if cfg.reference.sync != "none":
@@ -246,7 +264,7 @@ class PreferenceRecipe:
             if dist.is_main_process():
                 logger.info("reference: online (a ZeRO-3 inference engine), sync %s", cfg.reference.sync)
             return
-        self.reference_source = "cached"
+        self.reference_source = "cache"
         caches, self.cache_actions = ensure_reference_caches(
             cfg,
             self.splits,
@@ -262,12 +280,27 @@ class PreferenceRecipe:
             logger.info("reference: cached values (reference.mode=%s)", cfg.reference.mode)
 
     def _use_fused_head(self) -> bool:
-        """The policy's train.fused_head (runtime/fused_head.py use_fused_head). TDPO chunks both heads
+        """The policy's train.fused_head (runtime/fused_head.py use_fused_head). Never when the output
+        layer carries a LoRA adapter or is a modules_to_save copy (the fused head reads only lm_head.weight
+        and bias): `auto` turns itself off there and says so, `true` is refused. TDPO chunks both heads
         together, so there the reference's model type must be one the fused head knows too (with `true`
         an unknown one was refused at start-up)."""
-        fused = use_fused_head(self.cfg.train.fused_head, self.session.policy.module.config)
-        if fused and self.objective.has_kl:
-            return head_transform(self.references["train"].engine.module.config) is not None
+        cfg = self.cfg
+        setting, module = cfg.train.fused_head, self.session.policy.module
+        if lora.output_layer_adapted(module):
+            if setting is True:
+                raise ConfigError(
+                    "train.fused_head: true reads only the output layer's weight and bias, but model.lora "
+                    "adapts the output layer (target_modules or modules_to_save); set train.fused_head=auto "
+                    "or false"
+                )
+            if setting == "auto" and dist.is_main_process():
+                logger.info("train.fused_head: auto: off, the output layer is adapted by model.lora")
+            return False
+        fused = use_fused_head(setting, module.config)
+        if fused and self.objective.has_kl and cfg.reference.name_or_path:
+            reference = dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path)
+            return head_transform(load_model_config(reference)) is not None
         return fused
 
     def _moe_settings(self) -> tuple[int, float] | None:
@@ -315,13 +348,14 @@ class PreferenceRecipe:
             params[f"data.{name}"] = count
         params.update(source_params(train_split, self.sampler.quotas))
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
-        if self.reference_source == "online":
+        if self.reference_source in ("engine", "adapters_off"):
             # TDPO's reference head runs inside the policy's fused pass (objectives/fused_head.py)
             online = self.references["train"]
             params["run.fused_head_reference"] = (
                 self.fused_head if self.objective.has_kl else online.fused_head
             )
-        params["run.reference_source"] = self.reference_source  # online, cached, or none (reference-free)
+        # engine, adapters_off, cache, or none (reference-free): outside scripts read it
+        params["run.reference_source"] = self.reference_source
         if self.reference_source != "none":
             params["run.reference_mode"] = cfg.reference.mode
         params.update({f"run.reference_cache.{name}": action for name, action in self.cache_actions.items()})

@@ -17,8 +17,8 @@ import torch
 
 from hdpo_ds.common.atomic import write_json
 from hdpo_ds.common.versions import package_versions
-from hdpo_ds.config import Config, ConfigError, flatten, to_dict
-from hdpo_ds.runtime import checkpoint, dist, engine, export, stop
+from hdpo_ds.config import Config, ConfigError, flatten, lora_enabled, to_dict
+from hdpo_ds.runtime import checkpoint, dist, engine, export, lora, stop
 from hdpo_ds.runtime.models import LoadedModel, load_model, load_model_config, load_tokenizer
 from hdpo_ds.tracking.mlflow_logger import MlflowLogger, NullLogger
 
@@ -194,8 +194,9 @@ class TrainingSession:
         self.policy_ds = self.fill_ds_config(self.ds_config)
 
     def build_policy(self) -> None:
-        """The policy model, built inside zero.Init under ZeRO-3 (never whole on one rank), and its engine
-        with our learning-rate schedule."""
+        """The policy model, built inside zero.Init under ZeRO-3 (never whole on one rank), with LoRA
+        adapters on its frozen base when model.lora.r > 0 (runtime/lora.py), and its engine with our
+        learning-rate schedule (only trainable parameters reach the optimizer)."""
         cfg = self.cfg
         zero3_handle = engine.zero3_loading(self.policy_ds)
         self.loaded: LoadedModel = load_model(
@@ -206,6 +207,8 @@ class TrainingSession:
             packing=cfg.data.packing,
         )
         del zero3_handle
+        if lora_enabled(cfg):
+            self.loaded.model = lora.wrap_model(self.loaded.model, cfg.model.lora, seed=cfg.train.seed)
         schedule = dict(
             warmup_steps=cfg.optim.warmup_steps,
             max_steps=cfg.train.max_steps,
@@ -400,10 +403,15 @@ class TrainingSession:
             self.progress.close()
 
     def save_final_and_export(self, save) -> None:
-        """The final checkpoint (unless this step's exists) and the Hugging Face export."""
+        """The final checkpoint (unless this step's exists) and the Hugging Face export (under LoRA: the
+        adapter alone, in PEFT's format, at output_dir/hf/adapter)."""
         if self.last_saved != self.step:
             save()
-        if self.cfg.train.export_hf:
+        if not self.cfg.train.export_hf:
+            return
+        if lora_enabled(self.cfg):  # the adapter in PEFT's format; the base model is model.name_or_path
+            lora.export_adapter(self.policy, os.path.join(self.cfg.output_dir, "hf", "adapter"))
+        else:
             export.export_hf(self.policy, self.tokenizer, os.path.join(self.cfg.output_dir, "hf"))
 
     def result(self) -> TrainResult:

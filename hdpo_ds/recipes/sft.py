@@ -62,6 +62,11 @@ def check_sft_config(cfg: Config) -> None:
                 f"data.train_files[{i}].weight: SFT does not sample by weight (an SFT epoch is every record "
                 "once); leave weight out (path, split and rows apply)"
             )
+    if cfg.model.lora.r > 0:  # LoRA is wired into preference training only (recipes/preference.py)
+        raise ConfigError(
+            f"model.lora.r: {cfg.model.lora.r}: LoRA is not available for SFT yet (launch/sft.py trains the "
+            "whole model); leave it at 0"
+        )
 
 
 def read_sft_sources(cfg: Config) -> dict[str, RawTable]:

@@ -1,6 +1,7 @@
-"""Where the reference log-probs come from: the reference engine (online) or the Arrow cache.
+"""Where the reference log-probs come from: a reference engine, the policy's engine with its LoRA
+adapters disabled, or the Arrow cache.
 
-Both sources answer the same question for a packed micro-batch: the reference's summed log-prob of
+All three answer the same question for a packed micro-batch: the reference's summed log-prob of
 each sequence's response tokens, shape (num_seqs,). The trainer does not care which one it holds.
 The cache fingerprint (what the cached values depend on) is built here too, so that precompute and
 training derive it the same way.
@@ -21,9 +22,11 @@ from hdpo_ds.config import Config
 from hdpo_ds.data.packing import IGNORE_INDEX, PackedBatch
 from hdpo_ds.objectives.logprobs import SegmentSums, segment_sums, token_logps
 from hdpo_ds.reference.cache import CACHE_FORMAT_VERSION, RefCache, RefCacheError, file_sha256
+from hdpo_ds.runtime import lora
 from hdpo_ds.runtime.fused_head import reference_head_inputs, reference_token_logps
 
 __all__ = [
+    "AdaptersOffReference",
     "CachedReference",
     "OnlineReference",
     "pair_sequence_indices",
@@ -86,6 +89,43 @@ class OnlineReference:
         """TDPO's share of the fused head: the reference's hidden states and a copy of its output
         embedding (runtime/fused_head.py reference_head_inputs), in place of its logits."""
         return reference_head_inputs(self.engine.module, batch.model_inputs())
+
+
+@dataclass
+class AdaptersOffReference:
+    """reference.source: adapters_off. The policy's own engine with every LoRA adapter disabled
+    (runtime/lora.py `adapters_disabled`: no_grad, eval mode), i.e. the frozen base model: no second
+    model, no second engine. With model.lora.init_adapter the reference is the base without any adapter.
+    Every rank runs it on every micro-batch, as it runs the policy (ZeRO-3 gathers collectively)."""
+
+    online: OnlineReference  # holds the policy engine, the chunk size and whether the fused head applies
+
+    @property
+    def fused_head(self) -> bool:
+        return self.online.fused_head
+
+    def logits(self, batch: PackedBatch) -> torch.Tensor:
+        with lora.adapters_disabled(self.online.engine):
+            return self.online.logits(batch)
+
+    def sums_from_logits(
+        self, logits: torch.Tensor, batch: PackedBatch, dtype=torch.float32, token_weights=None
+    ) -> SegmentSums:
+        return self.online.sums_from_logits(logits, batch, dtype=dtype, token_weights=token_weights)
+
+    def sequence_sums(
+        self, batch: PackedBatch, dtype: torch.dtype = torch.float32, token_weights=None
+    ) -> SegmentSums:
+        with lora.adapters_disabled(self.online.engine):
+            return self.online.sequence_sums(batch, dtype=dtype, token_weights=token_weights)
+
+    def sequence_logps(self, batch: PackedBatch, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.sequence_sums(batch, token_weights=token_weights).sums
+
+    def head_inputs(self, batch: PackedBatch) -> tuple:
+        """TDPO's fused pass: the base model's hidden states and output embedding, adapters disabled."""
+        with lora.adapters_disabled(self.online.engine):
+            return self.online.head_inputs(batch)
 
 
 @dataclass

@@ -68,6 +68,8 @@ MATH_KEYS = (
     "model.dtype",
     "model.disable_dropout",
     "model.router_aux_loss_coef",
+    "model.lora.",  # the adapters: another rank, targets or start is another model
+    "reference.source",
     "reference.name_or_path",
     "reference.sync",
     "reference.sync_alpha",

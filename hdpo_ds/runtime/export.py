@@ -212,6 +212,11 @@ def export_hf_from_checkpoint(folder: str, out_dir: str, *, max_shard_bytes: int
     if not is_complete(folder):
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {MARKER})")
     state = read_client_state(folder)
+    if state["config"]["model"].get("lora", {}).get("r", 0) > 0:
+        raise CheckpointError(
+            f"{folder} is a checkpoint of a LoRA run (model.lora.r > 0): exporting its adapter or the merged "
+            "model offline is not built yet; the run itself writes the adapter to <output_dir>/hf/adapter"
+        )
     dtype = getattr(torch, state["dtype"])
     hf_config = os.path.join(folder, "hf_config")
     root, tag = os.path.dirname(folder.rstrip("/")), os.path.basename(folder.rstrip("/"))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hdpo_ds.config import Config, ConfigError
+from hdpo_ds.config import Config, ConfigError, lora_enabled
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
@@ -123,6 +123,12 @@ def dry_run(
     gpus_per_node = gpus_per_node or min(world_size, 8)
     if world_size % gpus_per_node:
         raise ConfigError(f"--world-size: {world_size} is not a multiple of --gpus-per-node {gpus_per_node}")
+    if lora_enabled(cfg):
+        raise ConfigError(
+            f"model.lora.r: {cfg.model.lora.r}: the dry run's memory plan does not count LoRA yet (a frozen "
+            "base without optimizer state, adapters beside it, the adapters-off reference); start the run "
+            "itself, whose start-up checks run before any engine"
+        )
     report = DryRunReport(world_size)
     ok = report.checks.append
 
