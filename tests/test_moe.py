@@ -121,7 +121,8 @@ def _moe_step0(model_dir, assets, coef):
         router_terms.append(router_stats(layers, 2).aux * (tokens / step_tokens))
     loss = sum(pair_losses) / len(pair_losses) + coef * sum(router_terms)
     loss.backward()
-    return loss.item(), float(sum(router_terms)), {n: p.grad.float() for n, p in model.named_parameters()}
+    aux = float(sum(t.detach() for t in router_terms))
+    return loss.item(), aux, {n: p.grad.float() for n, p in model.named_parameters()}
 
 
 @pytest.mark.distributed
