@@ -567,3 +567,33 @@ def test_mixture_of_experts_counts_active_parameters():
     tiny = model_shape(load_hf_config(os.path.join(ROOT, "configs/models/tiny-moe")))
     assert (tiny.num_experts, tiny.experts_per_token) == (4, 2)
     assert tiny.num_params - tiny.active_params == 2 * 4 * 3 * 64 * 128 // 2
+
+
+def test_lora_counts_and_rows_by_hand(shapes):
+    """model.lora r=16 all-linear on Llama-7B: per layer q, k, v, o 4·16·(4096 + 4096), gate and up
+    2·16·(4096 + 11008), down 16·(11008 + 4096): 1,249,280; 32 layers: 39,976,960 (peft on the meta
+    model). On 8 ranks the frozen base keeps its bf16 shard 2x only; the trainable shard xt carries
+    parameters 2, gradient 2, master 4 and Adam 8 bytes; the adapters-off reference holds no shard."""
+    from hdpo_ds.tools.plan import lora_shape
+
+    per_layer = 4 * 16 * (4096 + 4096) + 2 * 16 * (4096 + 11008) + 16 * (11008 + 4096)
+    assert per_layer == 1_249_280
+    lora = lora_shape(load_hf_config(os.path.join(MODELS, "llama-7b")), 16)
+    assert (lora.adapter_params, lora.saved_params, lora.adapted_layers) == (32 * per_layer, 0, 7 * 32)
+    s = shapes["llama-7b"]
+    full = plan_memory(s, Hardware(1, 8, 80), Settings(4096))
+    plan = plan_memory(s, Hardware(1, 8, 80), Settings(4096, reference="adapters_off", lora=lora))
+    rows = {r.name: r.bytes for r in plan.rows}
+    x, xt = 842_301_952, 32 * per_layer // 8
+    assert rows["frozen base parameters (bf16 shard)"] == 2 * x
+    assert rows["LoRA adapters + modules_to_save (shard)"] == 2 * xt
+    assert rows["gradients (shard)"] == 2 * xt and rows["fp32 master weights (shard)"] == 4 * xt
+    assert rows["Adam moments m, v (fp32 shard)"] == 8 * xt
+    assert rows["reference model (shard)"] == 0
+    # the frozen embedding (the largest module) is gathered without a gradient
+    assert rows["largest layer gathered (parameters + gradient)"] == 2 * 131_072_000
+    buckets = 2 * (4096**2 + int(0.9 * 4096**2))
+    assert plan.model_states_bytes == 2 * x + 16 * xt + buckets + 2 * 131_072_000
+    # full fine-tuning: 16x + buckets + the step's fp32 gradient 4x (larger than the gathered 4·131,072,000)
+    assert full.model_states_bytes == 16 * x + buckets + 4 * x
+    assert full.model_states_bytes - plan.model_states_bytes == 18 * x - 16 * xt - 2 * 131_072_000

@@ -2,7 +2,8 @@
 
     python -m hdpo_ds.tools.plan --model configs/models/command-r-35b --nodes 2 --gpus-per-node 8 \
         --gpu-mem-gib 80 --micro-batch-tokens 8192 [--ds ds_configs/zero3_35b.json] \
-        [--reference online|cached|none] [--grad-checkpointing] [--json]
+        [--reference online|adapters_off|cached|none] [--grad-checkpointing] [--json] \
+        [--lora-r 16 --lora-targets all-linear|q_proj,v_proj --lora-modules-to-save embed_tokens]
 
 It prints a per-GPU memory breakdown (what ZeRO-3 keeps per rank, what it gathers, activations,
 logits, the reference), a verdict with headroom, the smallest change that fits when it does not, and
@@ -13,6 +14,11 @@ an fp32 copy of one optimizer sub-group's gradient during the step, the reduce a
 and the largest module gathered whole (its parameters and its full gradient). Numbers that are
 assumptions rather than arithmetic (MFU, the activation formula, allocator fragmentation, the runtime
 reserve) are marked as such in the output.
+
+Under LoRA (`--lora-r` > 0, model.lora) the adapters are counted exactly too (peft wraps the meta-device
+model, as runtime/lora.py wraps the real one): the frozen base keeps only its parameter shard in the
+model dtype (no gradient, fp32 master or Adam state); the adapters and modules_to_save copies carry all
+four, sharded. With the adapters-off reference there is no reference shard.
 
 `launch/train.py --dry-run` prints the same plan for a run config (hdpo_ds/tools/dryrun.py).
 """
@@ -35,6 +41,7 @@ from hdpo_ds.runtime.engine import zero3_auto_sizes
 
 __all__ = [
     "Hardware",
+    "LoraShape",
     "MemoryPlan",
     "ModelShape",
     "Settings",
@@ -43,6 +50,7 @@ __all__ = [
     "format_plan",
     "largest_micro_batch",
     "load_hf_config",
+    "lora_shape",
     "model_shape",
     "plan_memory",
     "recommend",
@@ -166,6 +174,77 @@ def _experts(model: torch.nn.Module, config) -> tuple[int, int, int]:
     return (int(num_experts), int(top_k), total) if total else (0, 0, 0)
 
 
+@dataclass(frozen=True)
+class LoraShape:
+    """model.lora on an architecture, counted on the meta device with peft (runtime/lora.py's wrap)."""
+
+    r: int
+    target_modules: str | tuple[str, ...]  # "all-linear" or module names
+    modules_to_save: tuple[str, ...]
+    dropout: float
+    adapter_params: int  # every lora_A and lora_B: r·(in + out) per adapted Linear of shape (out, in)
+    saved_params: int  # the trainable copies peft makes of modules_to_save
+    adapted_layers: int
+    largest_trainable_module: int  # the largest module whose own parameters train (its gradient is gathered)
+    adapter_inputs: int  # the sum of in_features over the adapted layers (dropout keeps a copy of each input)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.adapter_params + self.saved_params
+
+
+def lora_shape(
+    config,
+    r: int,
+    target_modules: str | list[str] = "all-linear",
+    modules_to_save: list[str] | tuple[str, ...] = (),
+    dropout: float = 0.0,
+    *,
+    trust_remote_code: bool = False,
+    key: str = "--lora-targets",
+) -> LoraShape:
+    """peft's LoRA wrap of the meta-device model (no memory), counted: the planner's view of model.lora.
+
+    Raises ConfigError naming `key` when the targets match no layer of the model."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = _meta_model(config, trust_remote_code)
+    targets = target_modules if target_modules == "all-linear" else list(target_modules)
+    peft_config = LoraConfig(
+        r=r,
+        target_modules=targets,
+        modules_to_save=list(modules_to_save) or None,
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with torch.device("meta"):  # the adapters and the modules_to_save copies on meta too
+            wrapped = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {target_modules!r}: {e}") from None
+    layers = [m for m in wrapped.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise ConfigError(f"{key}: {target_modules!r} matches no layer of the model")
+    adapters = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n and p.requires_grad)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    largest = max(
+        sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) for m in wrapped.modules()
+    )
+    return LoraShape(
+        r=r,
+        target_modules=target_modules if target_modules == "all-linear" else tuple(target_modules),
+        modules_to_save=tuple(modules_to_save),
+        dropout=dropout,
+        adapter_params=adapters,
+        saved_params=trainable - adapters,
+        adapted_layers=len(layers),
+        largest_trainable_module=largest,
+        adapter_inputs=sum(m.in_features for m in layers),
+    )
+
+
 def analytic_param_count(config) -> int:
     """The parameter count worked out by hand for the Llama / Mistral / Cohere families.
 
@@ -218,7 +297,9 @@ class Hardware:
 @dataclass(frozen=True)
 class Settings:
     micro_batch_tokens: int
-    reference: str = "online"  # online | cached | none (a reference-free loss: SimPO, CPO, ORPO)
+    # online (a reference engine) | adapters_off (LoRA: the policy's engine, adapters disabled) | cached |
+    # none (a reference-free loss: SimPO, CPO, ORPO)
+    reference: str = "online"
     reference_offload: bool = False
     grad_checkpointing: bool = False
     offload_optimizer: bool = False
@@ -232,6 +313,7 @@ class Settings:
     logits_chunk_size: int = 1024  # train.logits_chunk_size
     fused_head: bool = False  # train.fused_head resolved: no T×V logits (runtime/fused_head.py)
     fused_optimizer: bool = True  # GPU FusedAdam updates in place; torch's AdamW (CPU) makes temporaries
+    lora: LoraShape | None = None  # model.lora: a frozen base, only the adapters (+ modules_to_save) train
     # Assumptions (stated in the output):
     mfu: float = 0.40
     fragmentation: float = 0.10  # allocator fragmentation on top of live tensors
@@ -369,6 +451,21 @@ def logits_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk_size: i
     return copies * full + min(chunk_size, tokens) * shape.vocab_size * 4
 
 
+def lora_activation_bytes(
+    lora: LoraShape, shape: ModelShape, tokens: int, dtype_bytes: int, checkpointing: bool
+) -> int:
+    """What the adapters add to the activations (assumption: spread evenly over the layers): lora_B keeps
+    lora_A's output (r values per adapted layer and token); with model.lora.dropout > 0 each adapted layer
+    keeps its dropped-out input (in_features values) and the dropout mask (1 byte each). The frozen base's
+    own matmuls keep nothing more than the full model's (the adapter's lora_A keeps the same input)."""
+    per_token = lora.adapted_layers * lora.r * dtype_bytes
+    if lora.dropout > 0:
+        per_token += lora.adapter_inputs * (dtype_bytes + 1)
+    per_layer = per_token / shape.num_layers
+    kept = 2 * per_layer if checkpointing else (shape.num_layers + 1) * per_layer
+    return int(tokens * kept)
+
+
 def fused_head_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, chunk_size: int) -> int:
     """The fused head's backward chunk (objectives/fused_head.py): the chunk's fp32 logits, turned into
     their gradient in place, and that gradient in the model dtype for the two products. Its dW is the
@@ -390,10 +487,15 @@ def micro_batch_flops(shape: ModelShape, settings: Settings) -> float:
     n = _flops_params(shape)
     q_dim = shape.num_heads * shape.head_dim
     attn_fwd = 2 * shape.num_layers * t * min(settings.seq_tokens, t) * q_dim  # QK^T and AV, causal half
-    policy = (8 if settings.grad_checkpointing else 6) * n * t + (
-        4 if settings.grad_checkpointing else 3
-    ) * attn_fwd
-    reference = 2 * n * t + attn_fwd if settings.reference == "online" else 0
+    if settings.lora is None:
+        weights = (8 if settings.grad_checkpointing else 6) * n * t
+    else:
+        # A frozen base computes no weight gradients: forward 2·N·T and the input gradients 2·N·T
+        # (+ 2·N·T recomputed), and the adapters' own 6·N_lora·T.
+        weights = (6 if settings.grad_checkpointing else 4) * n * t + 6 * settings.lora.adapter_params * t
+    policy = weights + (4 if settings.grad_checkpointing else 3) * attn_fwd
+    online = settings.reference in ("online", "adapters_off")
+    reference = 2 * n * t + attn_fwd if online else 0
     return float(policy + reference)
 
 
@@ -401,6 +503,10 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     """The per-GPU memory of one ZeRO-3 rank at its two peaks (backward, optimizer step)."""
     n = hardware.world_size
     x = math.ceil(shape.num_params / n)  # this rank's partition (elements)
+    lora = settings.lora
+    # What trains: the whole model, or (LoRA) the adapters and modules_to_save copies alone, whose shard xt
+    # carries the gradient, the fp32 master and Adam's moments; the frozen base keeps only its b·x shard.
+    xt = x if lora is None else math.ceil(lora.trainable_params / n)
     b = settings.dtype_bytes
     h = shape.hidden_size
     t = settings.micro_batch_tokens
@@ -414,18 +520,24 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
         prefetch_bucket = auto["stage3_prefetch_bucket_size"]
     opt_where = "host" if settings.offload_optimizer else "gpu"
     param_where = "host" if settings.offload_param else "gpu"
-    master = 0 if b == 4 else 4 * x  # fp32 training updates the parameters themselves
-    step_group = min(x, settings.sub_group_size)
+    master = 0 if b == 4 else 4 * xt  # fp32 training updates the parameters themselves
+    step_group = min(xt, settings.sub_group_size)
     # During the step: the sub-group's gradient flattened and cast to fp32 (a copy in either dtype),
     # and, for torch's (unfused) AdamW, the sqrt and division temporaries of its update.
     step_transient = 4 * step_group + (0 if settings.fused_optimizer else 8 * step_group)
     gathered = 2 * b * big  # the largest module's parameters and its full gradient, both gathered
+    if lora is not None:  # a frozen module is gathered without a gradient; a trainable one with its own
+        gathered = max(b * big, 2 * b * lora.largest_trainable_module)
     # DeepSpeed keeps gathered parameters alive up to stage3_max_live_parameters when they are reused
     # soon (stage3_max_reuse_distance): measured on CPU, a 61M model with both at 1e9 stays whole.
-    live_extra = b * max(0, min(settings.max_live_parameters, shape.num_params) - big)
+    all_params = shape.num_params + (0 if lora is None else lora.trainable_params)
+    live_extra = b * max(0, min(settings.max_live_parameters, all_params) - big)
     buffers = (reduce_bucket * b if settings.contiguous_gradients else 0) + prefetch_bucket * b
     acts = activation_bytes(shape, t, b, settings.grad_checkpointing)
     acts_other = activation_bytes(shape, t, b, not settings.grad_checkpointing)
+    if lora is not None:
+        acts += lora_activation_bytes(lora, shape, t, b, settings.grad_checkpointing)
+        acts_other += lora_activation_bytes(lora, shape, t, b, not settings.grad_checkpointing)
     if settings.fused_head:
         logits = fused_head_bytes(shape, t, b, settings.logits_chunk_size)
     else:
@@ -433,21 +545,42 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     ref_shard = b * x if settings.reference == "online" else 0
     ref_where = "-" if settings.reference != "online" else ("host" if settings.reference_offload else "gpu")
 
+    dtype_name = "bf16" if b == 2 else "fp32"
     rows = [
         Row(
-            "parameters (bf16 shard)" if b == 2 else "parameters (fp32 shard)",
+            f"parameters ({dtype_name} shard)"
+            if lora is None
+            else f"frozen base parameters ({dtype_name} shard)",
             b * x,
             param_where,
-            f"{x:,} of {shape.num_params:,} parameters on this rank",
+            f"{x:,} of {shape.num_params:,} parameters on this rank"
+            + ("" if lora is None else "; no gradient, master or Adam state"),
         ),
-        Row("gradients (shard)", b * x, opt_where, "ZeRO-3 gradient buffer in the model dtype"),
+        *(
+            []
+            if lora is None
+            else [
+                Row(
+                    "LoRA adapters + modules_to_save (shard)",
+                    b * xt,
+                    param_where,
+                    f"{xt:,} of {lora.trainable_params:,} trainable parameters on this rank",
+                )
+            ]
+        ),
+        Row(
+            "gradients (shard)",
+            b * xt,
+            opt_where,
+            "ZeRO-3 gradient buffer in the model dtype" + ("" if lora is None else ", trainable only"),
+        ),
         Row(
             "fp32 master weights (shard)",
             master,
             opt_where if master else "-",
             "none: fp32 training updates the parameters" if not master else "",
         ),
-        Row("Adam moments m, v (fp32 shard)", 8 * x, opt_where),
+        Row("Adam moments m, v (fp32 shard)", 8 * xt, opt_where),
         Row(
             "optimizer step: fp32 gradient of one sub-group",
             step_transient if opt_where == "gpu" else 0,
@@ -465,7 +598,12 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
             "largest layer gathered (parameters + gradient)",
             gathered,
             "gpu",
-            f"{big:,} parameters gathered whole during forward/backward",
+            f"{big:,} parameters gathered whole during forward/backward"
+            + (
+                ""
+                if lora is None
+                else f"; frozen: no gradient (largest trainable module {lora.largest_trainable_module:,})"
+            ),
         ),
         Row(
             "parameters kept gathered beyond it",
@@ -503,9 +641,11 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
             "reference model (shard)",
             ref_shard,
             ref_where,
-            {"cached": "cached reference: no model", "none": "reference-free loss: no reference"}.get(
-                settings.reference, "ZeRO-3 inference engine, no optimizer"
-            ),
+            {
+                "cached": "cached reference: no model",
+                "none": "reference-free loss: no reference",
+                "adapters_off": "adapters off: the policy's engine is the reference, no second model",
+            }.get(settings.reference, "ZeRO-3 inference engine, no optimizer"),
         ),
     ]
 
@@ -517,13 +657,15 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     )
     backward = persistent + gathered + live_extra + acts + logits
     step = persistent + (step_transient if opt_where == "gpu" else 0)
-    if settings.reference == "online" and ref_where == "gpu":
-        # The reference forward runs before the policy's and frees its gathered layer and logits first.
+    if (settings.reference == "online" and ref_where == "gpu") or settings.reference == "adapters_off":
+        # The reference forward runs before the policy's and frees its gathered layer and logits first
+        # (adapters_off: the same engine's forward under no_grad, so also transient).
         ref_logits = logits if settings.fused_head else t * shape.vocab_size * b
         backward = max(backward, persistent + b * big + ref_logits)
     peak, phase = (backward, "backward") if backward >= step else (step, "optimizer step")
+    states = rows[: 4 if lora is None else 5]  # parameters (and adapters), gradients, master, Adam
     model_states = (
-        sum(on_gpu.get(r.name, 0) for r in rows[:4])
+        sum(on_gpu.get(r.name, 0) for r in states)
         + buffers
         + max(gathered, step_transient if opt_where == "gpu" else 0)
     )
@@ -531,7 +673,7 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
 
     host_per_gpu = sum(r.bytes for r in rows if r.where == "host")
     if settings.offload_optimizer:
-        host_per_gpu += 4 * x  # the fp32 gradient partition the CPU Adam steps on
+        host_per_gpu += 4 * xt  # the fp32 gradient partition the CPU Adam steps on
     host_per_node = host_per_gpu * hardware.gpus_per_node
 
     flops = micro_batch_flops(shape, settings)
@@ -545,6 +687,11 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
         f"runtime reserve {settings.runtime_reserve_gib:g} GiB per GPU (CUDA context, NCCL, workspaces)",
         "not modelled: CPU-Adam and PCIe time under offload; the reference engine's own live parameters",
     ]
+    if lora is not None:
+        assumptions.append(
+            "LoRA activations: lora_A's output (r per adapted layer and token) and, with dropout, each "
+            "adapted layer's dropped-out input and mask, spread evenly over the layers"
+        )
     return MemoryPlan(
         shape,
         hardware,
@@ -633,6 +780,17 @@ def _gib(value: float) -> str:
     return f"{value / GIB:8.2f} GiB"
 
 
+def _lora_line(lora: LoraShape, m: ModelShape) -> str:
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    saved = ",".join(lora.modules_to_save) or "none"
+    return (
+        f"LoRA: r={lora.r} on {lora.adapted_layers} layers (targets {targets}), dropout {lora.dropout:g}: "
+        f"{lora.adapter_params:,} adapter parameters + {lora.saved_params:,} in modules_to_save ({saved}) "
+        f"train ({lora.trainable_params / m.num_params:.3%} of the base); the {m.num_params:,} base "
+        "parameters are frozen: their shard only, no gradient, fp32 master or Adam state"
+    )
+
+
 def format_plan(
     plan: MemoryPlan, recommendation: dict | None = None, deepspeed: tuple[int, int] | None = None
 ) -> str:
@@ -650,6 +808,7 @@ def format_plan(
             if m.num_experts
             else []
         ),
+        *([_lora_line(s.lora, m)] if s.lora is not None else []),
         f"cluster: {hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) = {hw.world_size} ranks, "
         f"{hw.gpu_mem_gib:g} GiB per GPU",
         f"settings: {'bf16' if s.dtype_bytes == 2 else 'fp32'}, ZeRO-3, "
@@ -726,7 +885,21 @@ def main(argv: list[str] | None = None) -> int:
         help="smallest micro-batch to recommend: 2 × data.max_length, so that one pair fits",
     )
     parser.add_argument("--ds", default=None, help="DeepSpeed JSON: offload, precision and bucket sizes")
-    parser.add_argument("--reference", choices=["online", "cached", "none"], default="online")
+    parser.add_argument(
+        "--reference",
+        choices=["online", "adapters_off", "cached", "none"],
+        default=None,
+        help="online: a reference engine; adapters_off: LoRA's policy with its adapters disabled (the "
+        "default with --lora-r, as reference.source=auto); cached; none: a reference-free loss",
+    )
+    parser.add_argument("--lora-r", type=int, default=0, help="model.lora.r (0: full fine-tuning)")
+    parser.add_argument(
+        "--lora-targets", default="all-linear", help="model.lora.target_modules: all-linear or name,name"
+    )
+    parser.add_argument(
+        "--lora-modules-to-save", default="", help="model.lora.modules_to_save: name,name (default none)"
+    )
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="model.lora.dropout")
     parser.add_argument("--reference-offload", action="store_true", help="reference.offload=true")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--fused-head", action="store_true", help="train.fused_head on: no T×V logits")
@@ -750,13 +923,28 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: must lie in (0, 1], got {args.mfu}")
-        shape = model_shape(
-            load_hf_config(args.model, trust_remote_code=args.trust_remote_code),
-            trust_remote_code=args.trust_remote_code,
-        )
+        if args.lora_r < 0:
+            raise ConfigError(f"--lora-r: must be >= 0 (0: no LoRA), got {args.lora_r}")
+        if args.lora_r == 0 and args.reference == "adapters_off":
+            raise ConfigError("--reference: adapters_off needs LoRA adapters to switch off (--lora-r > 0)")
+        hf_config = load_hf_config(args.model, trust_remote_code=args.trust_remote_code)
+        shape = model_shape(hf_config, trust_remote_code=args.trust_remote_code)
+        lora = None
+        if args.lora_r:
+            targets = args.lora_targets.strip()
+            lora = lora_shape(
+                hf_config,
+                args.lora_r,
+                targets if targets == "all-linear" else [t for t in targets.split(",") if t],
+                [m for m in args.lora_modules_to_save.split(",") if m],
+                args.lora_dropout,
+                trust_remote_code=args.trust_remote_code,
+            )
+        reference = args.reference or ("adapters_off" if lora is not None else "online")
         common = dict(
             micro_batch_tokens=args.micro_batch_tokens,
-            reference=args.reference,
+            reference=reference,
+            lora=lora,
             reference_offload=args.reference_offload,
             grad_checkpointing=args.grad_checkpointing,
             mfu=args.mfu,
@@ -779,17 +967,26 @@ def main(argv: list[str] | None = None) -> int:
     advice = recommend(
         shape, hardware, settings, min_tokens=min(args.micro_batch_tokens, args.min_micro_batch_tokens)
     )
-    ds_estimate = deepspeed_model_states(
-        shape, hardware, offload_optimizer=settings.offload_optimizer, offload_param=settings.offload_param
+    # DeepSpeed's estimator assumes every parameter trains: no comparison under LoRA.
+    ds_estimate = (
+        None
+        if settings.lora is not None
+        else deepspeed_model_states(
+            shape,
+            hardware,
+            offload_optimizer=settings.offload_optimizer,
+            offload_param=settings.offload_param,
+        )
     )
     if args.json:
         out = plan.to_dict()
         out["recommendation"] = advice
         out["largest_micro_batch_tokens"] = largest_micro_batch(shape, hardware, settings)
-        out["deepspeed_estimate"] = {
-            "gpu_bytes_per_gpu": ds_estimate[0],
-            "cpu_bytes_per_node": ds_estimate[1],
-        }
+        out["deepspeed_estimate"] = (
+            None
+            if ds_estimate is None
+            else {"gpu_bytes_per_gpu": ds_estimate[0], "cpu_bytes_per_node": ds_estimate[1]}
+        )
         print(json.dumps(out, indent=2))
     else:
         print(format_plan(plan, advice, ds_estimate))
