@@ -124,6 +124,7 @@ class DataConfig:
     chat_template: str = ""  # a Jinja file, for tokenizers without a template
     packing: bool = True
     cache_dir: str = ""  # default: <output_dir>/cache
+    num_proc: int = 0  # workers of the validate-and-tokenize pass on rank 0 (data/prepare.py); 0: one per CPU
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from hdpo_ds.config import load_config
 from hdpo_ds.recipes.precompute import precompute_split
-from hdpo_ds.recipes.splits import load_split_records, tokenize_split
+from hdpo_ds.recipes.splits import prepare_split
 from hdpo_ds.reference.cache import (
     RefCache,
     RefCacheError,
@@ -74,7 +74,7 @@ def _cfg(setup, *extra):
 def _build(setup, cache_dir, *extra, tokenizer=None):
     cfg = _cfg(setup, *extra)
     tokenizer = tokenizer or setup["tokenizer"]
-    split = tokenize_split(cfg, "train", load_split_records(cfg)["train"], tokenizer)
+    split = prepare_split(cfg, "train", tokenizer)
     fingerprint = reference_fingerprint(
         cfg,
         data_fingerprint=split.records.fingerprint,
@@ -99,7 +99,7 @@ def _ensure_caches(setup, root, mode: str, compute_missing: bool, *extra, refere
     from hdpo_ds.recipes.precompute import ensure_reference_caches
 
     cfg = _cfg(setup, f"reference.cache_path={root}", f"reference.mode={mode}", *extra)
-    splits = {"train": tokenize_split(cfg, "train", load_split_records(cfg)["train"], setup["tokenizer"])}
+    splits = {"train": prepare_split(cfg, "train", setup["tokenizer"])}
     return ensure_reference_caches(
         cfg,
         splits,
@@ -175,7 +175,7 @@ def test_stale_cache_names_what_differs(setup, built, tmp_path, change, entry):
     else:
         extra = change
     cfg = _cfg(setup, *extra)
-    split = tokenize_split(cfg, "train", load_split_records(cfg)["train"], tokenizer or setup["tokenizer"])
+    split = prepare_split(cfg, "train", tokenizer or setup["tokenizer"])
     expected = reference_fingerprint(
         cfg,
         data_fingerprint=split.records.fingerprint,

@@ -425,6 +425,16 @@ def test_sft_refuses_keys_it_does_not_use(sft_assets, tmp_path):
     assert not (sft_assets["root"] / "refused" / "checkpoints").exists()
 
 
+def test_sft_refuses_the_preference_worker_pool():
+    from hdpo_ds.config import ConfigError, load_config
+    from hdpo_ds.recipes.sft import check_sft_config
+
+    base = ["model.name_or_path=configs/models/tiny-demo", "data.train_files=[x.jsonl]"]
+    check_sft_config(load_config(None, [*base, "data.num_proc=0"]))
+    with pytest.raises(ConfigError, match="data.num_proc: does not apply to SFT"):
+        check_sft_config(load_config(None, [*base, "data.num_proc=4"]))
+
+
 # ---------------------------------------------------------------------------------------------- data units
 
 

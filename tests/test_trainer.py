@@ -419,7 +419,7 @@ def test_killed_precompute_resumes_to_the_same_cache(assets, py1_cached):
 
 @pytest.mark.distributed
 def test_tokenization_error_on_rank0_stops_every_rank(assets):
-    """Only rank 0 tokenizes; its DataError must reach rank 1 instead of leaving it at a barrier."""
+    """Only rank 0 prepares the data; its DataError must reach rank 1 instead of leaving it at a barrier."""
     bad = assets["root"] / "merge.jsonl"
     bad.write_text(
         json.dumps({"prompt": "What is 2 + 2? ", "chosen": "4 is it.", "rejected": "5 is it."}) + "\n" * 1
@@ -436,4 +436,4 @@ def test_tokenization_error_on_rank0_stops_every_rank(assets):
     assert (
         "error (rank 0):" in run["stderr"] and "merges across the prompt/response boundary" in run["stderr"]
     )
-    assert "error (rank 1): tokenizing the train split failed on rank 0: DataError:" in run["stderr"]
+    assert "error (rank 1): preparing the train split failed on rank 0: DataError:" in run["stderr"]

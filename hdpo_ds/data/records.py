@@ -43,6 +43,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from hdpo_ds.data.mixture import Sources, SourceSpec, parse_rows, parse_sources
 
 logger = logging.getLogger(__name__)
@@ -136,27 +138,34 @@ class PreferenceRecord:
 
 
 @dataclasses.dataclass
-class LoadResult:
-    """What :func:`load_records` returns.
+class ReadSummary:
+    """What reading and validating a split's sources found, without the records themselves
+    (data/prepare.py keeps those in Arrow).
 
-    ``records``: the valid pairs in source order. ``skipped``: how many rows were dropped, per reason
-    (``identical_chosen_rejected`` always; the DataError kinds with ``on_bad_record="skip"``).
-    ``fingerprint``: sha256 (hex) over the sources' bytes, the split, the row slice and the loader version
-    (for a mixture: each entry's weight, split and row slice too); it identifies ``records`` exactly.
-    ``num_rows``: rows read after slicing, before validation. ``sources``: the files read.
-    ``entries``: the parsed files list (``entries.mixture``: sampled by weight; each record's
-    ``source_index`` is its entry). ``source_counts``: per entry, ``rows`` read (validated), ``kept``
-    and the skip reasons.
+    ``skipped``: how many rows were dropped, per reason (``identical_chosen_rejected`` always; the
+    DataError kinds with ``on_bad_record="skip"``). ``fingerprint``: sha256 (hex) over the sources' bytes,
+    the split, the row slice and the loader version (for a mixture: each entry's weight, split and row slice
+    too); it identifies the records exactly. ``num_rows``: rows read after slicing, before validation.
+    ``sources``: the files read. ``entries``: the parsed files list (``entries.mixture``: sampled by
+    weight). ``source_counts``: per entry, ``rows`` read (validated), ``kept`` and the skip reasons.
     """
 
-    records: list[PreferenceRecord]
     skipped: collections.Counter[str]
     fingerprint: str
     num_rows: int
     sources: list[str]
     entries: Sources = dataclasses.field(default_factory=lambda: Sources((), False))
     source_counts: list[collections.Counter[str]] = dataclasses.field(default_factory=list)
-    sampled_rows: int | None = None  # load_records(sample=...) validated only this many of num_rows
+
+
+@dataclasses.dataclass
+class LoadResult(ReadSummary):
+    """What :func:`load_records` returns: a :class:`ReadSummary` and ``records``, the valid pairs in source
+    order (each record's ``source_index`` is its files-list entry). ``sampled_rows``: with
+    ``load_records(sample=...)``, how many of ``num_rows`` were validated (None: all)."""
+
+    records: list[PreferenceRecord] = dataclasses.field(default_factory=list)
+    sampled_rows: int | None = None
 
 
 def content_hash(content: Mapping[str, Any]) -> str:
@@ -178,6 +187,52 @@ class RawTable:
     entries: Sources = dataclasses.field(default_factory=lambda: Sources((), False))
 
 
+@dataclasses.dataclass(frozen=True)
+class EntryPlan:
+    """One files-list entry resolved: its sources (nothing read yet), the split and the row slice that
+    apply to it alone (a mixture entry's own, else the global ones; a plain list slices the
+    concatenation, so its entries carry ``rows=None``)."""
+
+    sources: tuple[SourceFile, ...]
+    split: str | None
+    rows: slice | None
+
+
+def plan_entries(entries: Sources, split: str | None, rows: str | slice | None) -> list[EntryPlan]:
+    """Every entry's sources, split and row slice (see :func:`read_table`)."""
+    row_slice = parse_rows(rows)
+    plans = []
+    for spec in entries.specs:
+        entry_split = split if spec.split is None else spec.split
+        entry_slice = (row_slice if spec.rows is None else parse_rows(spec.rows)) if entries.mixture else None
+        plans.append(EntryPlan(tuple(source_files(str(spec.path), entry_split)), entry_split, entry_slice))
+    return plans
+
+
+def data_fingerprint(
+    entries: Sources, plans: list[EntryPlan], split: str | None, rows: str | slice | None, memo=None
+) -> str:
+    """sha256 (hex) over the loader version, the split and row slice, each mixture entry's weight, split
+    and slice, and every source's content (:func:`source_fingerprint`; ``memo`` as there)."""
+    fp = hashlib.sha256()
+    fp.update(RECORDS_FORMAT_VERSION.encode())
+    if not entries.mixture:  # unchanged from before mixtures existed: the same data keeps its caches
+        fp.update(
+            json.dumps({"split": split, "rows": _slice_repr(parse_rows(rows))}, sort_keys=True).encode()
+        )
+    for spec, plan in zip(entries.specs, plans, strict=True):
+        if entries.mixture:
+            fp.update(
+                json.dumps(
+                    {"weight": spec.weight, "split": plan.split, "rows": _slice_repr(plan.rows)},
+                    sort_keys=True,
+                ).encode()
+            )
+        for src in plan.sources:
+            fp.update(source_fingerprint(src, memo).encode())
+    return fp.hexdigest()
+
+
 def read_table(
     files: Sequence[str | Mapping | SourceSpec] | str | Sources,
     *,
@@ -191,44 +246,33 @@ def read_table(
     Plain paths are concatenated and ``rows`` slices the concatenation. A mixture (an entry is a mapping,
     ``data/mixture.py``) reads each entry on its own: its ``split`` / ``rows``, else ``split`` / ``rows``,
     apply to that entry alone. ``key`` names the files list in errors about its entries."""
-    entries = files if isinstance(files, Sources) else _entries(files, key)
+    entries = files if isinstance(files, Sources) else file_entries(files, key)
     if not entries.specs:
         raise ValueError("no data files given")
-    row_slice = parse_rows(rows)
-
-    fp = hashlib.sha256()
-    fp.update(RECORDS_FORMAT_VERSION.encode())
-    if not entries.mixture:  # unchanged from before mixtures existed: the same data keeps its caches
-        fp.update(json.dumps({"split": split, "rows": _slice_repr(row_slice)}, sort_keys=True).encode())
+    plans = plan_entries(entries, split, rows)
     table: list[tuple[str, int, Any]] = []  # (source, index within source, raw row)
     row_entries: list[int] = []
     sources: list[str] = []
-    for e, spec in enumerate(entries.specs):
-        entry_split = split if spec.split is None else spec.split
-        entry_slice = row_slice if spec.rows is None else parse_rows(spec.rows)
-        if entries.mixture:
-            fp.update(
-                json.dumps(
-                    {"weight": spec.weight, "split": entry_split, "rows": _slice_repr(entry_slice)},
-                    sort_keys=True,
-                ).encode()
-            )
+    for e, plan in enumerate(plans):
         part: list[tuple[str, int, Any]] = []
-        for source, source_rows, source_fp in _read_spec(str(spec.path), entry_split):
-            sources.append(source)
-            fp.update(source_fp.encode())
-            part.extend((source, i, row) for i, row in enumerate(source_rows))
-        if entries.mixture and entry_slice is not None:
-            part = part[entry_slice]
+        for src in plan.sources:
+            sources.append(src.name)
+            rows_read = [row for batch in iter_source_rows(src) for row in batch]
+            part.extend((src.name, i, row) for i, row in enumerate(rows_read))
+        if plan.rows is not None:
+            part = part[plan.rows]
         table.extend(part)
         row_entries.extend([e] * len(part))
+    row_slice = parse_rows(rows)
     if not entries.mixture and row_slice is not None:
         table = table[row_slice]
         row_entries = row_entries[row_slice]
-    return RawTable(table, fp.hexdigest(), sources, row_entries, entries)
+    fingerprint = data_fingerprint(entries, plans, split, rows)
+    return RawTable(table, fingerprint, sources, row_entries, entries)
 
 
-def _entries(files, key: str) -> Sources:
+def file_entries(files, key: str) -> Sources:
+    """The parsed files list (``data/mixture.py``); a bad entry raises DataError naming ``key``."""
     specs = [files] if isinstance(files, str | os.PathLike) else list(files)
     specs = [str(f) if isinstance(f, os.PathLike) else f for f in specs]
     try:
@@ -257,15 +301,19 @@ def load_records(
     the files list, for errors about its entries. ``on_bad_record``: ``error``
     raises :class:`DataError` on the first bad record; ``skip`` drops it, counts it per reason in
     ``skipped`` and logs it. Every selected record is validated before this returns, unless ``sample``
-    (the dry run): then every source is still read and parsed, but only ``sample`` rows, evenly spaced
-    over the selected rows (first and last included), are validated and returned
+    (the dry run): then every source's rows are counted, but only ``sample`` rows, evenly spaced over
+    the selected rows (first and last included), are parsed, validated and returned
     (``LoadResult.sampled_rows``; ``num_rows`` stays the count of all selected rows).
     """
     if on_bad_record not in ON_BAD_RECORD:
         raise ValueError(
             f"data.on_bad_record must be one of {', '.join(ON_BAD_RECORD)}; got {on_bad_record!r}"
         )
-    raw = read_table(files, split=split, rows=rows, key=key)
+    if sample is None:
+        raw = read_table(files, split=split, rows=rows, key=key)
+        num_rows = len(raw.rows)
+    else:
+        raw, num_rows = _sampled_table(files, split, rows, key, sample)
     table, sources = raw.rows, raw.sources
 
     records: list[PreferenceRecord] = []
@@ -273,10 +321,7 @@ def load_records(
     per_entry = [collections.Counter({"rows": 0, "kept": 0}) for _ in raw.entries.specs]
     examples: dict[str, list[str]] = collections.defaultdict(list)
     first_by_id: dict[str, tuple[str, tuple[str, int]]] = {}
-    positions = range(len(table))
-    if sample is not None and sample < len(table):
-        positions = _sample_positions(raw.row_entries, len(raw.entries.specs), sample)
-    for position in positions:
+    for position in range(len(table)):
         (source, index, row), entry = table[position], raw.row_entries[position]
         counts = per_entry[entry]
         counts["rows"] += 1
@@ -308,21 +353,99 @@ def load_records(
     logger.info(
         "loaded %d preference pairs from %d row(s) in %d source(s)", len(records), len(table), len(sources)
     )
-    sampled = len(positions) if len(positions) < len(table) else None
-    return LoadResult(records, skipped, raw.fingerprint, len(table), sources, raw.entries, per_entry, sampled)
+    sampled = len(table) if len(table) < num_rows else None
+    return LoadResult(
+        skipped,
+        raw.fingerprint,
+        num_rows,
+        sources,
+        raw.entries,
+        per_entry,
+        records=records,
+        sampled_rows=sampled,
+    )
 
 
-def _sample_positions(row_entries: list[int], num_entries: int, sample: int) -> list[int]:
-    """About ``sample`` row positions: per entry a share by its row count (at least one row of each
-    entry that has rows), evenly spaced over its rows, its first and last included."""
-    counts = collections.Counter(row_entries)
+def _sample_positions(counts: Sequence[int], sample: int) -> list[int]:
+    """About ``sample`` positions among the selected rows (``counts``: per entry, in order): per entry a
+    share by its row count (at least one row of each entry that has rows), evenly spaced over its rows,
+    its first and last included."""
+    total = sum(counts)
     positions, start = [], 0
-    for entry in range(num_entries):
-        n = counts.get(entry, 0)
-        k = min(n, max(1, round(sample * n / len(row_entries)))) if n else 0
+    for n in counts:
+        k = min(n, max(1, round(sample * n / total))) if n else 0
         positions += sorted({start + round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
         start += n
     return positions
+
+
+def selected_rows(
+    entries: Sources, plans: list[EntryPlan], rows: str | slice | None, entry_sizes: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows the row slices select, in the rules of :func:`read_table`, from each entry's row count
+    (``entry_sizes``): (positions into the concatenation of all entries' rows, the entry of each)."""
+    parts, owners, start = [], [], 0
+    for e, (plan, size) in enumerate(zip(plans, entry_sizes, strict=True)):
+        positions = np.arange(start, start + size, dtype=np.int64)
+        if plan.rows is not None:
+            positions = positions[plan.rows]
+        parts.append(positions)
+        owners.append(np.full(len(positions), e, dtype=np.int64))
+        start += size
+    order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+    row_slice = parse_rows(rows)
+    if not entries.mixture and row_slice is not None:
+        order, owner = order[row_slice], owner[row_slice]
+    return order, owner
+
+
+def _sampled_table(files, split, rows, key: str, sample: int) -> tuple[RawTable, int]:
+    """A :class:`RawTable` of about ``sample`` of the selected rows (``_sample_positions``) and the number
+    of selected rows, in two streaming passes: the rows are counted, then only the sampled ones parsed
+    (the dry run; no Python object per row of a large set)."""
+    entries = files if isinstance(files, Sources) else file_entries(files, key)
+    if not entries.specs:
+        raise ValueError("no data files given")
+    plans = plan_entries(entries, split, rows)
+    sources = [src.name for plan in plans for src in plan.sources]
+    sizes = [[count_rows(src) for src in plan.sources] for plan in plans]
+    order, owner = selected_rows(entries, plans, rows, [sum(s) for s in sizes])
+    counts = np.bincount(owner, minlength=len(plans)).tolist()
+    chosen = _sample_positions(counts, sample) if len(order) > sample else list(range(len(order)))
+    wanted, row_entries = order[chosen], owner[chosen]
+    picked: dict[int, tuple[str, int, Any]] = {}
+    targets, start = set(wanted.tolist()), 0
+    for plan, plan_sizes in zip(plans, sizes, strict=True):
+        for src, size in zip(plan.sources, plan_sizes, strict=True):
+            if targets.intersection(range(start, start + size)):
+                index = 0
+                for batch in iter_source_json(src):
+                    for text, line in batch:
+                        if start + index in targets:
+                            picked[start + index] = (src.name, index, parse_json_row(text, line))
+                        index += 1
+            start += size
+    table = [picked[int(p)] for p in wanted]
+    fingerprint = data_fingerprint(entries, plans, split, rows)
+    raw = RawTable(table, fingerprint, sources, [int(e) for e in row_entries], entries)
+    return raw, len(order)
+
+
+def count_rows(src: SourceFile) -> int:
+    """The number of rows of one source, without parsing them (JSON Lines: its non-blank lines; Parquet:
+    its metadata)."""
+    lower = src.name.lower()
+    if src.kind == "file" and lower.endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(src.name).metadata.num_rows
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise DataError(f"cannot read Parquet: {err}", source=src.name) from err
+    if src.kind != "file":
+        return len(_open_dataset(src))
+    return sum(len(batch) for batch in iter_source_json(src))
 
 
 def normalise_record(row: Any, *, source: str = "<records>", index: int = 0) -> PreferenceRecord | None:
@@ -668,8 +791,8 @@ def read_rows(spec: str, split: str | None = None) -> Iterator[tuple[str, list]]
     """(source name, raw rows) for each source a data spec expands to (a .jsonl / .json / .parquet file,
     a directory of them, a glob, a save_to_disk directory). An unparsable JSON line comes back as a row
     that :func:`row_error` turns into a DataError naming the source and line."""
-    for source, rows, _ in _read_spec(spec, split):
-        yield source, rows
+    for src in source_files(spec, split):
+        yield src.name, [row for batch in iter_source_rows(src) for row in batch]
 
 
 def row_error(row: Any, *, source: str, index: int) -> DataError | None:
@@ -686,114 +809,180 @@ def row_error(row: Any, *, source: str, index: int) -> DataError | None:
     return None
 
 
-def _read_spec(spec: str, split: str | None) -> Iterator[tuple[str, list, str]]:
-    """Yield (source name, rows, content fingerprint) for each source a spec expands to."""
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    """One source a data spec expands to: ``name`` (what errors call it), ``kind`` (``file``, ``saved``: a
+    ``datasets.save_to_disk`` directory, ``hub``: a dataset in the local Hugging Face cache) and the
+    ``split`` it is read with (saved and hub sources only)."""
+
+    name: str
+    kind: str
+    split: str | None = None
+
+
+def source_files(spec: str, split: str | None) -> list[SourceFile]:
+    """The sources a data spec expands to, in reading order (nothing is read yet; a spec that matches no
+    source raises DataError naming it)."""
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
-        yield path, *_read_file(path)
-    elif os.path.isdir(path):
+        return [SourceFile(path, "file")]
+    if os.path.isdir(path):
         if _is_saved_dataset(path):
-            yield path, *_read_saved(path, split)
-        else:
-            files = sorted(
-                os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(_FILE_SUFFIXES)
+            return [SourceFile(path, "saved", split)]
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(_FILE_SUFFIXES))
+        if not files:
+            raise DataError(
+                "not a datasets.save_to_disk directory and holds no .jsonl/.json/.parquet files", source=path
             )
-            if not files:
-                raise DataError(
-                    "not a datasets.save_to_disk directory and holds no .jsonl/.json/.parquet files",
-                    source=path,
-                )
-            for f in files:
-                yield f, *_read_file(f)
-    elif glob.has_magic(path):
+        return [SourceFile(f, "file") for f in files]
+    if glob.has_magic(path):
         files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
         if not files:
             raise DataError("no file matches this pattern", source=spec)
-        for f in files:
-            yield f, *_read_file(f)
-    elif _HUB_NAME.match(spec):
-        yield spec, *_read_hub(spec, split)
-    else:
-        raise DataError("no such file or directory", source=spec)
+        return [SourceFile(f, "file") for f in files]
+    if _HUB_NAME.match(spec):
+        return [SourceFile(spec, "hub", split)]
+    raise DataError("no such file or directory", source=spec)
 
 
-def _read_file(path: str) -> tuple[list, str]:
-    lower = path.lower()
+def source_fingerprint(src: SourceFile, memo: dict | None = None) -> str:
+    """The content identity of one source: sha256 of a file's bytes (of every file of a saved dataset),
+    datasets' own fingerprint for a hub dataset. ``memo`` (path -> {size, mtime_ns, sha256}) spares
+    rehashing a file whose size and modification time are unchanged; a copied file gets a new mtime, is
+    hashed again, and keeps its identity."""
+    if src.kind == "file":
+        return "file:" + _hash_file(src.name, memo)
+    if src.kind == "saved":
+        digest = hashlib.sha256()
+        for root, dirs, files in os.walk(src.name):
+            dirs.sort()
+            for f in sorted(files):
+                full = os.path.join(root, f)
+                digest.update(os.path.relpath(full, src.name).encode())
+                digest.update(_hash_file(full, memo).encode())
+        return f"saved:{digest.hexdigest()}:{src.split}"
+    return f"hub:{src.name}:{_open_dataset(src)._fingerprint}"
+
+
+def iter_source_rows(src: SourceFile, batch_rows: int = 10_000) -> Iterator[list]:
+    """The raw rows of one source in order, ``batch_rows`` at a time (JSON Lines and Parquet are streamed;
+    a JSON array is parsed whole). An unparsable JSON line comes back as a row that
+    :func:`normalise_record` / :func:`row_error` turn into a DataError naming the source and line."""
+    if src.kind != "file":
+        ds = _open_dataset(src)
+        for start in range(0, len(ds), batch_rows):
+            yield ds.select(range(start, min(start + batch_rows, len(ds)))).to_list()
+        return
+    lower = src.name.lower()
     if lower.endswith((".parquet", ".pq")):
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(path).to_pylist()
+            for batch in pq.ParquetFile(src.name).iter_batches(batch_size=batch_rows):
+                yield batch.to_pylist()
         except Exception as err:  # pyarrow raises several types for corrupt files
-            raise DataError(f"cannot read Parquet: {err}", source=path) from err
+            raise DataError(f"cannot read Parquet: {err}", source=src.name) from err
     elif lower.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if lower.endswith(".json") and text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"invalid JSON array: {err}", source=path, kind="invalid_json") from err
-        else:
-            rows = _parse_json_lines(text)
+        with open(src.name, encoding="utf-8") as f:
+            head = f.read(4096)
+            f.seek(0)
+            if lower.endswith(".json") and head.lstrip().startswith("["):
+                try:
+                    rows = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"invalid JSON array: {err}", source=src.name, kind="invalid_json"
+                    ) from err
+                for start in range(0, len(rows), batch_rows):
+                    yield rows[start : start + batch_rows]
+                return
+            for lines in _json_lines(f, batch_rows):
+                yield [parse_json_row(text, lineno) for text, lineno in lines]
     else:
         raise DataError(
             "unsupported file type (expected .jsonl, .json, .parquet, or a datasets.save_to_disk directory)",
-            source=path,
+            source=src.name,
         )
-    return rows, "file:" + _hash_file(path)
 
 
-def _parse_json_lines(text: str) -> list:
-    rows: list = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def iter_source_json(src: SourceFile, batch_rows: int = 10_000) -> Iterator[list[tuple[str, int]]]:
+    """The rows of one source as (JSON text, line number) in order, ``batch_rows`` at a time, for parsing
+    elsewhere (data/prepare.py parses in its workers): a JSON Lines file's lines as they are (line numbers
+    from 1; blank lines skipped), any other source's rows serialised (line number 0). A row that cannot be
+    serialised becomes a JSON text that :func:`parse_json_row` reports as unreadable."""
+    lower = src.name.lower()
+    if src.kind == "file" and lower.endswith((".jsonl", ".json")):
+        with open(src.name, encoding="utf-8") as f:
+            head = f.read(4096)
+            f.seek(0)
+            if not (lower.endswith(".json") and head.lstrip().startswith("[")):
+                yield from _json_lines(f, batch_rows)
+                return
+    for rows in iter_source_rows(src, batch_rows):
+        yield [(_dump_row(row), 0) for row in rows]
+
+
+def parse_json_row(text: str, lineno: int = 0) -> Any:
+    """One row from its JSON text (``iter_source_json``); an unparsable text comes back as a row that
+    :func:`normalise_record` reports as ``invalid_json``, naming the line."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        return _Unreadable(f"invalid JSON on line {lineno}: {err.msg} (column {err.colno})")
+    if isinstance(row, dict) and _UNSERIALISABLE in row:
+        return _Unreadable(row[_UNSERIALISABLE], kind="wrong_type")
+    return row
+
+
+_UNSERIALISABLE = "\x00hdpo_ds.unserialisable"  # no source has this key: it cannot be written as JSON
+
+
+def _dump_row(row: Any) -> str:
+    try:
+        return json.dumps(row, ensure_ascii=False)
+    except (TypeError, ValueError) as err:  # bytes, dates, NaN keys ... from Parquet or saved datasets
+        return json.dumps({_UNSERIALISABLE: f"wrong type: a value cannot be read as JSON ({err})"})
+
+
+def _json_lines(f, batch_rows: int) -> Iterator[list[tuple[str, int]]]:
+    # Lines end at \n, \r or \r\n only: str.splitlines would also cut at U+2028 and other separators that
+    # JSON strings may hold raw.
+    batch: list[tuple[str, int]] = []
+    for lineno, line in enumerate(f, start=1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            rows.append(_Unreadable(f"invalid JSON on line {lineno}: {err.msg} (column {err.colno})"))
-    return rows
+        batch.append((line, lineno))
+        if len(batch) == batch_rows:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _is_saved_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, marker)) for marker in ("dataset_dict.json", "state.json"))
 
 
-def _read_saved(path: str, split: str | None) -> tuple[list, str]:
+def _open_dataset(src: SourceFile):
+    """The (memory-mapped) ``datasets.Dataset`` of a saved or hub source, its split chosen."""
     import datasets
 
-    ds = datasets.load_from_disk(path)
-    name = os.path.abspath(path)
-    ds = _choose_split(ds, split, name)
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for f in sorted(files):
-            full = os.path.join(root, f)
-            digest.update(os.path.relpath(full, path).encode())
-            digest.update(_hash_file(full).encode())
-    return ds.to_list(), f"saved:{digest.hexdigest()}:{split}"
-
-
-def _read_hub(name: str, split: str | None) -> tuple[list, str]:
-    import datasets
-
+    if src.kind == "saved":
+        return _choose_split(datasets.load_from_disk(src.name), src.split, os.path.abspath(src.name))
     with _hub_offline():
         try:
-            ds = datasets.load_dataset(name)
+            ds = datasets.load_dataset(src.name)
         except (
             Exception
         ) as err:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
             raise DataError(
                 f"not a local file or directory, and not a dataset in the local Hugging Face cache "
                 f"({datasets.config.HF_DATASETS_CACHE}); datasets are never downloaded here: fetch it on a "
-                f"machine with network access (datasets.load_dataset({name!r}) with the same "
+                f"machine with network access (datasets.load_dataset({src.name!r}) with the same "
                 f"HF_DATASETS_CACHE) or point data.train_files at local files ({type(err).__name__}: {err})",
-                source=name,
+                source=src.name,
             ) from err
-    ds = _choose_split(ds, split, name)
-    return ds.to_list(), f"hub:{name}:{ds._fingerprint}"
+    return _choose_split(ds, src.split, src.name)
 
 
 def _choose_split(ds, split: str | None, name: str):
@@ -831,9 +1020,16 @@ def _hub_offline():
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def _hash_file(path: str) -> str:
+def _hash_file(path: str, memo: dict | None = None) -> str:
+    stat = os.stat(path)
+    key = os.path.abspath(path)
+    known = None if memo is None else memo.get(key)
+    if known and known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+        return known["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    if memo is not None:
+        memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     return digest.hexdigest()

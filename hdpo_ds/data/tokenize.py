@@ -49,7 +49,7 @@ from hdpo_ds.data.records import DataError, LoadResult, PreferenceRecord, conten
 logger = logging.getLogger(__name__)
 
 # Bump when the tokenization rules change: it is part of every cache fingerprint.
-TOKENIZE_VERSION = "hdpo_ds.tokenize/2"  # 2: the `source` column
+TOKENIZE_VERSION = "hdpo_ds.tokenize/3"  # 2: the `source` column; 3: `record_drop` and the error columns
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "drop")
 
 # Per-row flags stored in the Arrow table; the stats are counted from them, so a cached table has its stats.
@@ -141,8 +141,9 @@ class TokenizedPairs(Sequence[TokenizedPair]):
         """(num_pairs, 2) int64: tokens of the chosen sequence (prompt + chosen) and of the rejected one."""
         import pyarrow.compute as pc
 
+        # from the list offsets alone: a ``take`` of the list columns would copy every token id
         cols = [
-            pc.list_value_length(self._table.column(name).take(self._keep)).to_numpy(zero_copy_only=False)
+            pc.list_value_length(self._table.column(name)).to_numpy(zero_copy_only=False)[self._keep]
             for name in ("prompt_ids", "chosen_ids", "rejected_ids")
         ]
         prompt = cols[0].astype(np.int64)
@@ -196,38 +197,18 @@ def tokenize_pairs(
         num_sources = len(records.entries.specs) or None
         records = records.records
     _check_lengths(max_length, max_prompt_length, truncation, on_bad_record)
-    if tokenizer.eos_token_id is None:
-        raise DataError(
-            "the tokenizer has no EOS token: responses must end with one (set tokenizer.eos_token)",
-            source="model.tokenizer",
-            kind="no_eos_token",
-        )
+    check_eos(tokenizer)
     template = None
     if any(r.format == "chat" for r in records):
         template = resolve_chat_template(tokenizer, chat_template)
         if template is None:
-            raise DataError(
-                "the data holds conversations (lists of messages) but the tokenizer has no chat template; "
-                "give one in data.chat_template (a Jinja template file)",
-                source="data.chat_template",
-                kind="no_chat_template",
-            )
+            raise no_chat_template_error()
     invalid = _validate_token_ids(records, len(tokenizer), on_bad_record)
 
     data_fp = data_fingerprint or records_fingerprint(records)
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [
-                TOKENIZE_VERSION,
-                data_fp,
-                tokenizer_fingerprint(tokenizer, template),
-                max_length,
-                max_prompt_length,
-                truncation,
-                on_bad_record,
-            ]
-        ).encode()
-    ).hexdigest()
+    fingerprint = cache_key(
+        data_fp, tokenizer, template, max_length, max_prompt_length, truncation, on_bad_record
+    )
     build = _builder(
         records,
         invalid,
@@ -249,6 +230,14 @@ def tokenize_pairs(
         barrier=barrier,
     )
 
+    return tokenize_result(table, fingerprint, from_cache, path, num_sources)
+
+
+def tokenize_result(
+    table, fingerprint: str, from_cache: bool, path: str | None, num_sources
+) -> TokenizeResult:
+    """The :class:`TokenizeResult` of a tokenized table (counts logged); ``num_sources``: the files-list
+    entries (None: the largest ``source`` + 1)."""
     pairs, stats = _summarise(table)
     source_stats = _source_stats(table, num_sources)
     for key in (
@@ -359,6 +348,50 @@ def records_fingerprint(records: Sequence[PreferenceRecord]) -> str:
 # ---------------------------------------------------------------------------------------------- internals
 
 
+def cache_key(
+    data_fp: str,
+    tokenizer: Any,
+    template: str | None,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: str,
+    on_bad_record: str,
+    prefix: tuple[str, ...] = (),
+) -> str:
+    """The tokenized table's cache key: sha256 over ``prefix`` (a caller's own version), the rules'
+    version, the data's fingerprint, the tokenizer and template, the lengths and the bad-record policy."""
+    key = [
+        *prefix,
+        TOKENIZE_VERSION,
+        data_fp,
+        tokenizer_fingerprint(tokenizer, template),
+        max_length,
+        max_prompt_length,
+        truncation,
+        on_bad_record,
+    ]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def check_eos(tokenizer: Any) -> None:
+    """Responses end with EOS: a tokenizer without one cannot tokenize preference pairs."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            "the tokenizer has no EOS token: responses must end with one (set tokenizer.eos_token)",
+            source="model.tokenizer",
+            kind="no_eos_token",
+        )
+
+
+def no_chat_template_error() -> DataError:
+    return DataError(
+        "the data holds conversations (lists of messages) but the tokenizer has no chat template; "
+        "give one in data.chat_template (a Jinja template file)",
+        source="data.chat_template",
+        kind="no_chat_template",
+    )
+
+
 def _check_lengths(max_length: int, max_prompt_length: int, truncation: str, on_bad_record: str) -> None:
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"data.max_length must be an integer >= 2, got {max_length!r}")
@@ -375,30 +408,36 @@ def _check_lengths(max_length: int, max_prompt_length: int, truncation: str, on_
         raise ValueError(f"data.on_bad_record must be one of error, skip; got {on_bad_record!r}")
 
 
+def token_id_error(record: PreferenceRecord, vocab_size: int) -> DataError | None:
+    """The DataError of a pre-tokenized record with an id outside the vocabulary, else None."""
+    if not record.tokenized:
+        return None
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = getattr(record, name)
+        if ids and max(ids) >= vocab_size:
+            bad = next(t for t in ids if t >= vocab_size)
+            return DataError(
+                f"token id {bad} is outside the tokenizer's vocabulary (size {vocab_size})",
+                source=record.source,
+                index=record.index,
+                field=name,
+                kind="bad_token_id",
+            )
+    return None
+
+
 def _validate_token_ids(
     records: Sequence[PreferenceRecord], vocab_size: int, on_bad_record: str
 ) -> list[str]:
     """Check pre-tokenized ids against the vocabulary before anything is tokenized; '' or a drop reason."""
     invalid = [""] * len(records)
     for i, r in enumerate(records):
-        if not r.tokenized:
-            continue
-        for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            ids = getattr(r, name)
-            if ids and max(ids) >= vocab_size:
-                bad = next(t for t in ids if t >= vocab_size)
-                err = DataError(
-                    f"token id {bad} is outside the tokenizer's vocabulary (size {vocab_size})",
-                    source=r.source,
-                    index=r.index,
-                    field=name,
-                    kind="bad_token_id",
-                )
-                if on_bad_record == "error":
-                    raise err
-                logger.warning("%s", err)
-                invalid[i] = "bad_token_id"
-                break
+        err = token_id_error(r, vocab_size)
+        if err is not None:
+            if on_bad_record == "error":
+                raise err
+            logger.warning("%s", err)
+            invalid[i] = "bad_token_id"
     return invalid
 
 
@@ -409,30 +448,15 @@ def _builder(
 
     def build(cache_file: str | None):
         import datasets
-        import pyarrow as pa
 
         if not records:  # datasets.map writes nothing for an empty table, not even its schema
             table = _OUT_FEATURES().arrow_schema.empty_table()
             if cache_file is not None:
-                with pa.OSFile(cache_file, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-                    writer.write_table(table)
+                write_arrow(table, cache_file)
             return table
 
         source = datasets.Dataset.from_dict(
-            {
-                "id": [r.id for r in records],
-                "kind": [r.format for r in records],
-                "text": [
-                    "" if r.tokenized else json.dumps([r.prompt, r.chosen, r.rejected]) for r in records
-                ],
-                "prompt_ids": [list(r.prompt_ids or ()) for r in records],
-                "chosen_ids": [list(r.chosen_ids or ()) for r in records],
-                "rejected_ids": [list(r.rejected_ids or ()) for r in records],
-                "source": [r.source for r in records],
-                "index": [r.index for r in records],
-                "source_index": [r.source_index for r in records],
-                "invalid": invalid,
-            },
+            tokenize_columns(records, [r.source_index for r in records], invalid),
             features=datasets.Features(
                 {
                     "id": datasets.Value("string"),
@@ -482,14 +506,76 @@ def _OUT_FEATURES():
             "flags": datasets.Value("int32"),
             "drop": datasets.Value("string"),
             "source": datasets.Value("int32"),  # the files-list entry (data/mixture.py) the pair came from
+            # data/prepare.py validates in the same pass: why a row failed validation ("" if it did not)
+            "record_drop": datasets.Value("string"),
+            # the DataError that dropped the row (either stage), to name it in the log or raise it later
+            "error": datasets.Value("string"),
+            "error_source": datasets.Value("string"),
+            "error_index": datasets.Value("int64"),
+            "error_field": datasets.Value("string"),
         }
+    )
+
+
+def tokenize_columns(
+    records: Sequence[PreferenceRecord], source_index: Sequence[int], invalid: Sequence[str]
+) -> dict[str, list]:
+    """The input columns of ``_Tokenize`` for ``records``: their ids, formats, texts (JSON) or token ids,
+    places, files-list entries (``source_index``) and token-id check results (``invalid``)."""
+    return {
+        "id": [r.id for r in records],
+        "kind": [r.format for r in records],
+        "text": ["" if r.tokenized else json.dumps([r.prompt, r.chosen, r.rejected]) for r in records],
+        "prompt_ids": [list(r.prompt_ids or ()) for r in records],
+        "chosen_ids": [list(r.chosen_ids or ()) for r in records],
+        "rejected_ids": [list(r.rejected_ids or ()) for r in records],
+        "source": [r.source for r in records],
+        "index": [r.index for r in records],
+        "source_index": list(source_index),
+        "invalid": list(invalid),
+    }
+
+
+def write_arrow(table, path: str) -> None:
+    """``table`` as an Arrow stream file at ``path`` (the format ``datasets.Dataset.from_file`` maps)."""
+    import pyarrow as pa
+
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def error_columns(err: DataError | None) -> dict:
+    """The error columns of one output row (``_OUT_FEATURES``) for ``err`` (None: no error)."""
+    if err is None:
+        return {"error": "", "error_source": "", "error_index": -1, "error_field": ""}
+    return {
+        "error": err.reason,
+        "error_source": "" if err.source is None else str(err.source),
+        "error_index": -1 if err.index is None else int(err.index),
+        "error_field": err.field or "",
+    }
+
+
+def error_from_row(row: dict, kind: str) -> DataError:
+    """The DataError a row's error columns (``error_columns``) describe."""
+    return DataError(
+        row["error"],
+        source=row["error_source"] or None,
+        index=None if row["error_index"] < 0 else row["error_index"],
+        field=row["error_field"] or None,
+        kind=kind,
     )
 
 
 class _Tokenize:
     """The ``datasets.map`` function (batched): raw records -> ids, flags and a drop reason per row."""
 
-    def __init__(self, tokenizer, template, max_length, max_prompt_length, truncation, on_bad_record):
+    def __init__(
+        self, tokenizer, template, max_length, max_prompt_length, truncation, on_bad_record, collect=False
+    ):
+        # collect: never raise; every error goes to the error columns (data/prepare.py raises the first
+        # one in row order once the whole pass is done, whichever worker met it)
+        self.collect = collect
         self.tok = tokenizer
         self.template = template
         self.max_length = max_length
@@ -542,9 +628,10 @@ class _Tokenize:
                 except DataError as err:
                     errors[i] = err
             if errors[i] is not None:
-                if self.on_bad_record == "error":
+                if self.on_bad_record == "error" and not self.collect:
                     raise errors[i]
-                logger.warning("%s", errors[i])
+                if not self.collect:
+                    logger.warning("%s", errors[i])
                 drop = errors[i].kind
             if not drop:
                 p, c, r, flags, drop = self._truncate(p, c, r, flags)
@@ -559,6 +646,9 @@ class _Tokenize:
             out["flags"].append(flags)
             out["drop"].append(drop)
             out["source"].append(batch["source_index"][i])
+            out["record_drop"].append("")
+            for name, value in error_columns(errors[i]).items():
+                out[name].append(value)
         return out
 
     def _render(self, kind, prompt, chosen, rejected, batch, i) -> list[str]:
@@ -679,18 +769,34 @@ def _pair_from_row(row: dict) -> TokenizedPair:
     )
 
 
+def _drop_reasons(table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(validated, keep, codes, reasons) of a tokenized table: a boolean mask of the rows that passed
+    validation (``record_drop`` empty), the positions of the kept pairs, and each row's tokenization drop
+    reason as a code into ``reasons`` ('' for kept). Vectorised in Arrow: no Python object per row."""
+    import pyarrow.compute as pc
+
+    validated = pc.equal(table.column("record_drop"), "").to_numpy(zero_copy_only=False)
+    drop = table.column("drop").combine_chunks().dictionary_encode()
+    reasons = np.asarray(drop.dictionary.to_pylist(), dtype=object)
+    codes = drop.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    empty = np.flatnonzero(reasons == "")
+    kept_code = int(empty[0]) if len(empty) else -1
+    keep = np.flatnonzero(validated & (codes == kept_code))
+    return validated, keep, codes, reasons
+
+
 def _summarise(table) -> tuple[TokenizedPairs, collections.Counter[str]]:
     import pyarrow.compute as pc
 
-    drop = np.asarray(table.column("drop").to_pylist(), dtype=object)
-    keep = np.flatnonzero(drop == "")
+    validated, keep, codes, reasons = _drop_reasons(table)
     flags = table.column("flags").to_numpy()
     kept_flags = flags[keep]
     stats: collections.Counter[str] = collections.Counter(dict.fromkeys(STAT_KEYS, 0))
-    stats["pairs_in"] = len(drop)
+    stats["pairs_in"] = int(np.count_nonzero(validated))
     stats["pairs"] = len(keep)
-    for reason, count in collections.Counter(drop[drop != ""].tolist()).items():
-        stats[reason] += count
+    for code, count in enumerate(np.bincount(codes[validated], minlength=len(reasons))):
+        if reasons[code] and count:
+            stats[reasons[code]] += int(count)
     stats["truncated_prompt"] = int(np.count_nonzero(kept_flags & TRUNCATED_PROMPT))
     stats["truncated_response"] = int(
         np.count_nonzero(kept_flags & TRUNCATED_CHOSEN) + np.count_nonzero(kept_flags & TRUNCATED_REJECTED)
@@ -711,17 +817,20 @@ def _summarise(table) -> tuple[TokenizedPairs, collections.Counter[str]]:
 
 
 def _source_stats(table, num_sources: int | None) -> list[collections.Counter[str]]:
-    """Per source index (``num_sources`` of them, default the largest index + 1): pairs in, pairs kept,
-    and the count of each drop reason."""
+    """Per source index (``num_sources`` of them, default the largest index + 1), over the rows that passed
+    validation: pairs in, pairs kept, and the count of each tokenization drop reason."""
     sources = table.column("source").to_numpy().astype(np.int64)
-    drop = np.asarray(table.column("drop").to_pylist(), dtype=object)
+    validated, _, codes, reasons = _drop_reasons(table)
     if num_sources is None:
         num_sources = int(sources.max()) + 1 if len(sources) else 0
     out = []
     for s in range(num_sources):
-        mine = drop[sources == s]
-        counts = collections.Counter({"pairs_in": len(mine), "pairs": int(np.count_nonzero(mine == ""))})
-        counts.update(mine[mine != ""].tolist())
+        mine = codes[validated & (sources == s)]
+        per_code = np.bincount(mine, minlength=len(reasons))
+        counts = collections.Counter({"pairs_in": len(mine), "pairs": 0})
+        for code, count in enumerate(per_code):
+            if count:
+                counts["pairs" if reasons[code] == "" else reasons[code]] += int(count)
         out.append(counts)
     return out
 
@@ -738,7 +847,14 @@ def _write_cache(path: str, build, fingerprint: str) -> None:
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         table = build(os.path.join(tmp, "data.arrow"))
-        meta = {"fingerprint": fingerprint, "version": TOKENIZE_VERSION, "rows": table.num_rows}
+        # a map over several workers leaves one file per worker (data_<k>_of_<n>.arrow), in row order
+        files = sorted(f for f in os.listdir(tmp) if f.startswith("data") and f.endswith(".arrow"))
+        meta = {
+            "fingerprint": fingerprint,
+            "version": TOKENIZE_VERSION,
+            "rows": table.num_rows,
+            "files": files,
+        }
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f)
         del table  # release the memory map before the rename
@@ -753,6 +869,11 @@ def _write_cache(path: str, build, fingerprint: str) -> None:
 
 
 def _read_cache(path: str):
+    """The cached table, memory-mapped: its files (meta.json's ``files``) concatenated in order."""
     import datasets
+    import pyarrow as pa
 
-    return datasets.Dataset.from_file(os.path.join(path, "data.arrow")).data.table
+    with open(os.path.join(path, "meta.json")) as f:
+        files = json.load(f).get("files", ["data.arrow"])
+    tables = [datasets.Dataset.from_file(os.path.join(path, name)).data.table for name in files]
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)

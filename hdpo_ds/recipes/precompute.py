@@ -26,7 +26,7 @@ from hdpo_ds.config import Config, ConfigError
 from hdpo_ds.data import IndexedPairs, collate, pack_step
 from hdpo_ds.objectives.losses import TDPO_LOSS_TYPES
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
-from hdpo_ds.recipes.splits import Split, load_split_records, tokenize_split
+from hdpo_ds.recipes.splits import Split, check_data_options, prepare_split, split_sources
 from hdpo_ds.reference.cache import (
     RefCache,
     RefCacheError,
@@ -345,10 +345,10 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
     infer_ds = engine.load_ds_config(ds_config_path)
     check_model_source(cfg.model)
     tokenizer = load_tokenizer(cfg.model)
-    records = load_split_records(cfg)
+    check_data_options(cfg)
     engine.init_distributed(cfg.train.dist_timeout_minutes)
     device_type, device = engine.device_type(), engine.current_device()
-    splits = {name: tokenize_split(cfg, name, recs, tokenizer) for name, recs in records.items()}
+    splits = {name: prepare_split(cfg, name, tokenizer) for name in split_sources(cfg)}
     dtype = engine.resolve_dtype(cfg, infer_ds)
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
     ref_ds = engine.fill_ds_config(

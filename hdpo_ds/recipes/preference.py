@@ -53,7 +53,13 @@ from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.objectives.router import RouterStats, router_stats
 from hdpo_ds.recipes.precompute import ensure_reference_caches, load_reference_engine
 from hdpo_ds.recipes.session import NonFiniteTrainingError, TrainingSession, TrainResult
-from hdpo_ds.recipes.splits import load_split_records, log_sources, source_params, tokenize_split
+from hdpo_ds.recipes.splits import (
+    check_data_options,
+    log_sources,
+    prepare_split,
+    source_params,
+    split_sources,
+)
 from hdpo_ds.reference.sources import (
     AdaptersOffReference,
     CachedReference,
@@ -188,10 +194,10 @@ class PreferenceRecipe:
         infer_ds_config = engine.load_ds_config(cfg.reference.ds_config) if needs_reference else None
         check_before_engines(cfg)
         s.load_tokenizer()
-        records = load_split_records(cfg)
+        check_data_options(cfg)
 
         s.start_distributed()
-        self.splits = {name: tokenize_split(cfg, name, recs, s.tokenizer) for name, recs in records.items()}
+        self.splits = {name: prepare_split(cfg, name, s.tokenizer) for name in split_sources(cfg)}
         self.train_data = self.splits["train"].data
         self.eval_data = self.splits["eval"].data if "eval" in self.splits else None
         weights = self.splits["train"].records.entries.weights  # None: a plain list of paths

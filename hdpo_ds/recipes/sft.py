@@ -13,8 +13,8 @@ DeepSpeed's mean over ranks gives exactly that gradient. Checkpoints, resume, th
 non-finite guard (`train.max_nonfinite_steps`), the stop on SIGUSR1 / SIGTERM (runtime/stop.py) and the
 fault-injection variables are the session's (recipes/session.py), as in preference training; evaluation
 reads the first `train.eval_pairs` eval sequences (0: all). The sections `loss`, `reference` and
-`monitors`, `train.top_k` and `train.dump_gradients_at` do not apply: a value other than the default is
-refused at start-up.
+`monitors`, `train.top_k`, `train.dump_gradients_at` and `data.num_proc` do not apply: a value other
+than the default is refused at start-up.
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ _SUMS = ("nll", "tokens", "entropy", "correct")
 
 # Config keys SFT has no use for (it has no reference, no preference loss and no detectors).
 _UNUSED_PREFIXES = ("loss.", "reference.", "monitors.")
-_UNUSED_KEYS = ("train.top_k", "train.dump_gradients_at", "train.fused_head", "model.router_aux_loss_coef")
+_UNUSED_KEYS = (
+    "train.top_k",
+    "train.dump_gradients_at",
+    "train.fused_head",
+    "model.router_aux_loss_coef",
+    "data.num_proc",  # SFT tokenizes on rank 0 in one process (data/sft.py)
+)
 
 
 def check_sft_config(cfg: Config) -> None:
@@ -53,8 +59,8 @@ def check_sft_config(cfg: Config) -> None:
         if (key.startswith(_UNUSED_PREFIXES) or key in _UNUSED_KEYS) and value != defaults[key]:
             raise ConfigError(
                 f"{key}: does not apply to SFT (launch/sft.py has no reference, preference loss, monitors, "
-                "top-k statistics, gradient dumps, fused head or router loss); leave it at its default "
-                f"{defaults[key]!r}"
+                "top-k statistics, gradient dumps, fused head, router loss or worker pool); leave it at its "
+                f"default {defaults[key]!r}"
             )
     for i, entry in enumerate(cfg.data.train_files):
         if isinstance(entry, dict) and "weight" in entry:

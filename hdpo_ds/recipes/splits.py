@@ -1,8 +1,9 @@
-"""The data splits of a run (train, eval): records loaded and validated, then tokenized (cached).
+"""The data splits of a run (train, eval): records read, validated and tokenized (cached, Arrow).
 
 Shared by training and the offline reference pass, so both see exactly the same pairs, ids and
 token ids; SFT (hdpo_ds/recipes/sft.py) takes its splits, row slices and tokenization options from here too.
-Every rank calls `tokenize_split`; rank 0 tokenizes first and the others read its cache.
+Every rank calls `prepare_split`; rank 0 does the work (data/prepare.py) and the others open its cache.
+The dry run validates a sample in memory instead (`load_split_records`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from hdpo_ds.data import (
     LoadResult,
     TokenizeResult,
     load_records,
-    tokenize_pairs,
     tokenizer_fingerprint,
 )
+from hdpo_ds.data.prepare import open_pairs, prepare_pairs, resolve_num_proc
+from hdpo_ds.data.records import ReadSummary, file_entries, plan_entries
 from hdpo_ds.runtime import dist
 
 logger = logging.getLogger(__name__)
@@ -31,10 +33,10 @@ __all__ = [
     "load_split_records",
     "log_sources",
     "main_process_first",
+    "prepare_split",
     "source_params",
     "split_sources",
     "tokenize_options",
-    "tokenize_split",
 ]
 
 T = TypeVar("T")
@@ -43,7 +45,7 @@ T = TypeVar("T")
 @dataclass
 class Split:
     name: str
-    records: LoadResult
+    records: ReadSummary  # what validation found (the records themselves stay in data's Arrow table)
     data: TokenizeResult
     tokenizer_fingerprint: str
 
@@ -65,10 +67,7 @@ def load_split_records(cfg: Config, sample: int | None = None) -> dict[str, Load
     (``load_records``).
 
     A source that cannot be read is reported under its config key (data.train_files / data.eval_files)."""
-    template = cfg.data.chat_template
-    if template and "{" not in template and not os.path.isfile(os.path.expanduser(template)):
-        # without a "{" it can only be a file name: a typo must not become the template's text
-        raise ConfigError(f"data.chat_template: no such file {template} (a Jinja file, or the template text)")
+    check_data_options(cfg)
     splits = {}
     for name, (key, files, rows) in split_sources(cfg).items():
         try:
@@ -85,6 +84,28 @@ def load_split_records(cfg: Config, sample: int | None = None) -> dict[str, Load
     return splits
 
 
+def check_chat_template(cfg: Config) -> None:
+    template = cfg.data.chat_template
+    if template and "{" not in template and not os.path.isfile(os.path.expanduser(template)):
+        # without a "{" it can only be a file name: a typo must not become the template's text
+        raise ConfigError(f"data.chat_template: no such file {template} (a Jinja file, or the template text)")
+
+
+def check_data_options(cfg: Config) -> None:
+    """The data keys checked on every rank before any engine or process group exists: the chat template
+    file, data.num_proc, and that every files-list entry names sources that exist (nothing is read)."""
+    check_chat_template(cfg)
+    try:
+        resolve_num_proc(cfg.data.num_proc)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for key, files, rows in split_sources(cfg).values():
+        try:
+            plan_entries(file_entries(files, key), cfg.data.split or None, rows or None)
+        except DataError as e:
+            raise DataError(str(e), source=key, kind=e.kind) from None
+
+
 def tokenize_options(cfg: Config) -> dict:
     """The keyword arguments of `tokenize_pairs` a run config implies (cache_dir included)."""
     return dict(
@@ -97,15 +118,61 @@ def tokenize_options(cfg: Config) -> dict:
     )
 
 
-def tokenize_split(cfg: Config, name: str, records: LoadResult, tokenizer) -> Split:
-    """Tokenize one split; collective. Rank 0 tokenizes and writes the Arrow cache; its outcome (or its
-    error) is broadcast, so a failure there stops every rank instead of leaving them at a barrier."""
-    template_source = cfg.data.chat_template or None
-    kwargs = tokenize_options(cfg)
-    data = main_process_first(
-        name, lambda main: tokenize_pairs(records, tokenizer, is_main_process=main, barrier=None, **kwargs)
+def prepare_split(cfg: Config, name: str, tokenizer) -> Split:
+    """Read, validate and tokenize one split; collective (data/prepare.py). Rank 0 does the work (or
+    finds it cached) and sends the cache's handle; every rank then opens the cache memory-mapped. Rank 0's
+    error is broadcast, so a failure there stops every rank instead of leaving them waiting. A
+    ``data.cache_dir`` that is local to each node works too: the first rank of every node that cannot see
+    rank 0's cache prepares the same split into its own, and that node's other ranks open that one."""
+    key, files, rows = split_sources(cfg)[name]
+
+    def prepare():
+        return prepare_pairs(
+            files,
+            tokenizer,
+            split=cfg.data.split or None,
+            rows=rows or None,
+            key=key,
+            num_proc=cfg.data.num_proc,
+            **tokenize_options(cfg),
+        )
+
+    handle, error = None, None
+    if dist.is_main_process():
+        try:
+            handle = prepare()
+        except DataError as e:
+            error = DataError(str(e), source=key, kind=e.kind)
+        except Exception as e:  # re-raised below on this rank, reported on the others
+            error = e
+    handle, message = dist.broadcast_object(
+        (handle, None if error is None else f"{type(error).__name__}: {error}")
     )
-    return Split(name, records, data, tokenizer_fingerprint(tokenizer, template_source))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise DataError(f"preparing the {name} split failed on rank 0: {message}")
+    meta = os.path.join(handle.cache_path, "meta.json")
+    if not all(dist.gather_objects(os.path.isfile(meta))):
+        if not os.path.isfile(meta) and dist.local_rank() == 0:
+            logger.warning(
+                "rank %d cannot see rank 0's prepared %s split at %s: data.cache_dir is not shared; "
+                "preparing it again on this node",
+                dist.rank(),
+                name,
+                handle.cache_path,
+            )
+            handle = prepare()
+        dist.barrier()
+        if not os.path.isfile(os.path.join(handle.cache_path, "meta.json")):
+            raise DataError(
+                f"rank {dist.rank()} cannot see the prepared {name} split at {handle.cache_path}: "
+                "data.cache_dir must be one filesystem for the ranks of a node (a shared one spares "
+                "every node the work)",
+                source="data.cache_dir",
+            )
+    summary, data = open_pairs(handle, log=dist.is_main_process())
+    return Split(name, summary, data, tokenizer_fingerprint(tokenizer, cfg.data.chat_template or None))
 
 
 def source_params(split: Split, quotas=None) -> dict[str, object]:

@@ -6,10 +6,10 @@
 No launcher, process group or GPU is needed. It goes through the real code paths of a run, in the
 order the trainer takes them: the run config (already validated by load_config), the DeepSpeed
 configs filled for the world size (engine.fill_ds_config), the model config instantiated on the meta
-device (exact parameter count), the data files (splits.load_split_records: every file read and parsed,
-DRY_RUN_SAMPLE rows per split validated and tokenized, the pair count and lengths estimated from them),
-the batch arithmetic of the sampler and packer for step 0 (data.PairSampler), the reference cache's
-fingerprint (reference.reference_fingerprint, refcache.cache_status / RefCache.load), and finally the
+device (exact parameter count), the data files (splits.load_split_records: every file's rows counted,
+DRY_RUN_SAMPLE rows per split parsed, validated and tokenized, the pair count and lengths estimated
+from them), the batch arithmetic of the sampler and packer for step 0 (data.PairSampler), the reference
+cache's fingerprint (reference.reference_fingerprint, refcache.cache_status / RefCache.load), and finally the
 memory plan (hdpo_ds.tools.plan) for the target GPUs. The first problem raises the error a real run would
 raise, naming the config key; a plan that does not fit is an error too.
 """
@@ -54,7 +54,7 @@ __all__ = ["DryRunReport", "dry_run", "format_report"]
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # Rows per split the dry run validates and tokenizes (evenly spaced, per files-list entry by its size);
-# every file is still read and parsed. A split this small or smaller is checked in full.
+# every file's rows are still counted. A split this small or smaller is checked in full.
 DRY_RUN_SAMPLE = 2000
 
 
@@ -182,8 +182,8 @@ def dry_run(
         f"{policy_ds.get('zero_optimization', {}).get('stage', 0)})"
     )
 
-    # ---- data: every file read and parsed; a sample of rows validated and tokenized (in memory; the run's
-    # cache is left alone), the lengths and the pair count estimated from it
+    # ---- data: every file's rows counted; a sample of rows parsed, validated and tokenized (in memory; the
+    # run's cache is left alone), the lengths and the pair count estimated from it
     tokenizer = load_tokenizer(cfg.model)
     records = load_split_records(cfg, sample=DRY_RUN_SAMPLE)
     options = {**tokenize_options(cfg), "cache_dir": None}
