@@ -295,7 +295,7 @@ def test_lookups_check_the_stored_token_counts(built):
     cache = RefCache.load(str(built["dir"]), built["fingerprint"])
     batch = collate(pairs, MicroBatchPacking((3, 4, 5), False, 0, 0), pad_token_id=0, packing=True)
     values = CachedReference(cache, torch.device("cpu")).sequence_logps(batch)
-    row = cache.ids[pairs.ids[4]]
+    row = int(cache.rows_of([pairs.ids[4]])[0])
     assert values[3].item() == pytest.approx(cache.rejected[row])  # pair 4's rejected: the 4th sequence
     stored = int(cache.rejected_tokens[row])
     cache.rejected_tokens[row] += 2
@@ -354,3 +354,29 @@ def test_a_stale_cache_in_cached_mode_gives_advice_that_works_there(setup, tmp_p
     assert "launch/precompute_ref.py reference.rebuild_stale=true" in message
     assert "reference.mode=auto reference.rebuild_stale=true" in message
     assert "data.max_length: 256" in message
+
+
+def test_lookups_by_id_equal_a_dict_with_hash_clashes_and_missing_ids(monkeypatch):
+    """RefCache.rows_of without a Python dict per pair: the Arrow join (many ids) and the hash index (a
+    micro-batch's few) both give the row a dict would, -1 for an id the cache lacks, also when ids share
+    a 64-bit hash (forced here: every id hashes to its length)."""
+    import pyarrow as pa
+
+    from hdpo_ds.reference import cache as cache_module
+
+    ids = [f"pair-{i}" for i in range(200)] + ["x", "yy", "zz"]
+    zeros = np.zeros(len(ids))
+    as_dict = {pair_id: row for row, pair_id in enumerate(ids)}
+    queries = ["zz", "pair-7", "absent", "x", "pair-199", "yy", "ab"]
+    expected = [as_dict.get(q, -1) for q in queries]
+    for hashing in (cache_module._id_hash, len):
+        monkeypatch.setattr(cache_module, "_id_hash", hashing)
+        cache = RefCache(pa.array(ids), zeros, zeros, zeros, zeros, "mem")
+        assert cache.rows_of(queries).tolist() == expected
+        assert cache.rows_of(pa.array(queries)).tolist() == expected
+        monkeypatch.setattr(cache_module, "_JOIN_AT", 2)  # the Arrow join
+        assert cache.rows_of(queries).tolist() == expected
+        monkeypatch.setattr(cache_module, "_JOIN_AT", 4096)
+    assert cache.check_covers(list(reversed(ids))).tolist() == list(reversed(range(len(ids))))
+    with pytest.raises(RefCacheError, match=r"no values for 1 of 203 pair\(s\), e.g. ids \['absent'\]"):
+        cache.check_covers([*ids[:-1], "absent"])

@@ -329,7 +329,7 @@ def _cache_values(cache_dir) -> dict:
 
     manifest = read_manifest(str(cache_dir))
     cache = RefCache.load(str(cache_dir), manifest["fingerprint"])
-    order = sorted(cache.ids, key=cache.ids.get)
+    order = cache.ids.to_pylist()  # in row order
     return {
         "ids": order,
         "chosen": cache.chosen,

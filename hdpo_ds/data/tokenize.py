@@ -132,6 +132,11 @@ class TokenizedPairs(Sequence[TokenizedPair]):
         return self._table.column("id").take(self._keep).to_pylist()
 
     @property
+    def id_array(self):
+        """The pair ids as one pyarrow string array (no Python object per pair)."""
+        return self._table.column("id").take(self._keep).combine_chunks()
+
+    @property
     def sources(self) -> np.ndarray:
         """(num_pairs,) int64: the files-list entry (``PreferenceRecord.source_index``) of each pair."""
         return self._table.column("source").take(self._keep).to_numpy().astype(np.int64)

@@ -99,7 +99,7 @@ def precompute_split(
 ) -> None:
     """Compute and write one split's cache; collective (every rank calls it with the same arguments)."""
     pairs = split.data.pairs
-    ids = pairs.ids
+    ids = pairs.id_array  # Arrow: a shard's ids are read when it is checked or written
     lengths = pairs.lengths
     shard_pairs = cfg.reference.shard_pairs
     num_shards = -(-len(ids) // shard_pairs)
@@ -114,7 +114,8 @@ def precompute_split(
         for k in range(num_shards):
             path = shard_path(cache_dir, k)
             if os.path.isfile(path):
-                sha = _valid_shard(path, fingerprint, ids[k * shard_pairs : (k + 1) * shard_pairs])
+                shard_ids = ids.slice(k * shard_pairs, shard_pairs).to_pylist()
+                sha = _valid_shard(path, fingerprint, shard_ids)
                 if sha is None:
                     os.remove(path)
                 else:
@@ -166,7 +167,7 @@ def precompute_split(
             if [r[0] for r in rows] != list(range(len(positions))):
                 raise RuntimeError(f"reference pass of shard {k} covered pairs {[r[0] for r in rows]}")
             columns = {
-                "id": [ids[int(positions[r[0]])] for r in rows],
+                "id": ids.take(positions[[r[0] for r in rows]]).to_pylist(),
                 "ref_chosen_logps": [r[1] for r in rows],
                 "ref_rejected_logps": [r[2] for r in rows],
                 "chosen_tokens": [r[3] for r in rows],
@@ -324,7 +325,7 @@ def ensure_reference_caches(
         del ref
     caches = {name: RefCache.load(os.path.join(root, name), fingerprints[name], versions) for name in splits}
     for name, cache in caches.items():
-        cache.check_covers(splits[name].data.pairs.ids)
+        cache.check_covers(splits[name].data.pairs.id_array)
     return caches, actions
 
 

@@ -26,7 +26,8 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -164,14 +165,16 @@ def cache_status(cache_dir: str, expected: dict) -> tuple[str, list[str]]:
 
 @dataclass
 class RefCache:
-    """A validated cache, ready for lookups by pair id."""
+    """A validated cache, ready for lookups by pair id (``rows_of``: vectorised in Arrow, no Python object
+    per pair)."""
 
-    ids: dict[str, int]
+    ids: Any  # pyarrow.Array of str: the pair id of each row
     chosen: np.ndarray  # (num_pairs,) float64
     rejected: np.ndarray
     chosen_tokens: np.ndarray
     rejected_tokens: np.ndarray
     path: str
+    _index: _HashIndex | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, cache_dir: str, expected: dict, versions: dict | None = None) -> RefCache:
@@ -210,7 +213,7 @@ class RefCache:
                     f"reference cache shard {path} does not match its sha256 in the manifest (modified?)"
                 )
             tables.append(table)
-        ids = [i for t in tables for i in t.column("id").to_pylist()]
+        ids = _id_array([t.column("id") for t in tables])
         if len(ids) != manifest["num_pairs"]:
             raise RefCacheError(
                 f"reference cache {cache_dir} holds {len(ids)} rows, "
@@ -227,16 +230,17 @@ class RefCache:
         chosen, rejected = column("ref_chosen_logps", np.float64), column("ref_rejected_logps", np.float64)
         bad = ~(np.isfinite(chosen) & np.isfinite(rejected))
         if bad.any():
-            examples = [ids[i] for i in np.flatnonzero(bad)[:5]]
+            examples = ids.take(np.flatnonzero(bad)[:5]).to_pylist()
             raise RefCacheError(
                 f"reference cache {cache_dir} has {int(bad.sum())} non-finite value(s), "
                 f"e.g. pair ids {examples}"
             )
-        index = {pair_id: row for row, pair_id in enumerate(ids)}
-        if len(index) != len(ids):
+        import pyarrow.compute as pc
+
+        if pc.count_distinct(ids).as_py() != len(ids):
             raise RefCacheError(f"reference cache {cache_dir} holds duplicate pair ids")
         return cls(
-            index,
+            ids,
             chosen,
             rejected,
             column("chosen_tokens", np.int64),
@@ -244,16 +248,86 @@ class RefCache:
             cache_dir,
         )
 
-    def check_covers(self, pair_ids: Sequence[str]) -> np.ndarray:
-        """Row of each pair id; missing ids and a row count that differs from the data are errors."""
-        missing = [i for i in pair_ids if i not in self.ids]
-        if missing:
+    def rows_of(self, pair_ids) -> np.ndarray:
+        """(n,) int64: the row of each pair id (a sequence of str or a pyarrow array), -1 where the cache
+        has none. Many ids: one Arrow hash join; a micro-batch's few: a sorted 64-bit hash index of the
+        cache's ids (built once), each hit confirmed against the id itself."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if len(pair_ids) > _JOIN_AT:
+            if not isinstance(pair_ids, pa.Array | pa.ChunkedArray):
+                pair_ids = pa.array(list(pair_ids), pa.string())
+            rows = pc.index_in(pair_ids, value_set=self.ids)
+            return rows.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        if isinstance(pair_ids, pa.Array | pa.ChunkedArray):
+            pair_ids = pair_ids.to_pylist()
+        if self._index is None:
+            self._index = _HashIndex(self.ids)
+        return self._index.rows_of(list(pair_ids))
+
+    def check_covers(self, pair_ids) -> np.ndarray:
+        """Row of each pair id (``rows_of``); missing ids and a row count that differs from the data are
+        errors."""
+        rows = self.rows_of(pair_ids)
+        missing = np.flatnonzero(rows < 0)
+        if len(missing):
+            examples = [str(pair_ids[int(i)]) for i in missing[:5]]
             raise RefCacheError(
-                f"reference cache {self.path} has no values for {len(missing)} of {len(pair_ids)} "
-                f"pair(s), e.g. ids {missing[:5]}"
+                f"reference cache {self.path} has no values for {len(missing)} of {len(rows)} "
+                f"pair(s), e.g. ids {examples}"
             )
-        if len(pair_ids) != len(self.ids):
+        if len(rows) != len(self.ids):
             raise RefCacheError(
-                f"reference cache {self.path} holds {len(self.ids)} pairs, the data has {len(pair_ids)}"
+                f"reference cache {self.path} holds {len(self.ids)} pairs, the data has {len(rows)}"
             )
-        return np.array([self.ids[i] for i in pair_ids], dtype=np.int64)
+        return rows
+
+
+def _id_array(columns: list) -> Any:
+    """The shards' id columns (chunked arrays) as one pyarrow string array."""
+    import pyarrow as pa
+
+    chunks = [chunk.cast(pa.string()) for column in columns for chunk in column.chunks]
+    return pa.chunked_array(chunks, type=pa.string()).combine_chunks()
+
+
+_JOIN_AT = 4096  # more ids than this per lookup: one Arrow join beats hashing each in Python
+
+
+def _id_hash(pair_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "little")
+
+
+class _HashIndex:
+    """The cache's ids by a 64-bit hash, sorted (numpy: no Python object per pair). The rare ids whose
+    hash another id shares are kept apart, by name."""
+
+    def __init__(self, ids) -> None:
+        hashes = np.fromiter((_id_hash(i) for i in _iter_ids(ids)), dtype=np.uint64, count=len(ids))
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted = hashes[self.order]
+        self.ids = ids
+        clash = np.flatnonzero(self.sorted[1:] == self.sorted[:-1])
+        rows = np.unique(np.concatenate([self.order[clash], self.order[clash + 1]])) if len(clash) else []
+        self.clashing = {ids[int(r)].as_py(): int(r) for r in rows}
+
+    def rows_of(self, pair_ids: list[str]) -> np.ndarray:
+        hashes = np.array([_id_hash(i) for i in pair_ids], dtype=np.uint64)
+        at = np.minimum(np.searchsorted(self.sorted, hashes), max(len(self.sorted) - 1, 0))
+        rows = np.full(len(pair_ids), -1, dtype=np.int64)
+        if len(self.sorted):
+            hit = self.sorted[at] == hashes
+            rows[hit] = self.order[at[hit]]
+        found = self.ids.take(np.maximum(rows, 0)).to_pylist() if len(self.sorted) else [None] * len(rows)
+        for j, pair_id in enumerate(pair_ids):
+            if pair_id in self.clashing:
+                rows[j] = self.clashing[pair_id]
+            elif rows[j] >= 0 and found[j] != pair_id:
+                rows[j] = -1
+        return rows
+
+
+def _iter_ids(ids, block: int = 65_536):
+    for start in range(0, len(ids), block):
+        yield from ids.slice(start, block).to_pylist()

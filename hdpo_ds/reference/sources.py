@@ -142,7 +142,10 @@ class CachedReference:
         weights (loss.ld_alpha, refused with a cached reference at config load) cannot apply."""
         if token_weights is not None:
             raise RefCacheError("the reference cache holds plain sequence sums: it cannot weigh tokens")
-        rows = np.array([self.cache.ids[i] for i in batch.pair_ids], dtype=np.int64)
+        rows = self.cache.rows_of(batch.pair_ids)
+        if (rows < 0).any():  # check_covers ran at start-up: only a batch from other data gets here
+            missing = [batch.pair_ids[j] for j in np.flatnonzero(rows < 0)[:5]]
+            raise RefCacheError(f"reference cache {self.cache.path} has no values for pair(s) {missing}")
         chosen, rejected = (idx.cpu() for idx in pair_sequence_indices(batch))
         labelled = batch.labels.cpu() != IGNORE_INDEX  # host sync: one per micro-batch
         counts = torch.bincount(batch.seq_index.cpu()[labelled], minlength=batch.num_seqs).numpy()

@@ -284,7 +284,7 @@ def dry_run(
                 )
             if status == "ok" and records[name].sampled_rows is not None:
                 cache, ids = RefCache.load(where, expected), tokenized[name].pairs.ids
-                missing = [i for i in ids if i not in cache.ids]
+                missing = [ids[i] for i in np.flatnonzero(cache.rows_of(ids) < 0)]
                 if missing:
                     raise RefCacheError(
                         f"reference.cache_path: the reference cache at {where} has no values for "
