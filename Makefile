@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(PY) bench/fused_head.py head --hidden 16 --vocabs 128256 --tokens 4096 --dtypes bfloat16
 	$(PY) bench/fused_head.py step
 	$(PY) bench/data_scale.py --train-steps 2
+	$(PY) bench/lora.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

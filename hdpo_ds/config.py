@@ -182,6 +182,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # complete checkpoints kept (latest and protected ones never go)
     max_nonfinite_steps: int = 5  # consecutive skipped non-finite steps before stopping
     export_hf: bool = True  # write <output_dir>/hf (safetensors, tokenizer) at the end
+    export_merged: bool = False  # LoRA: also the merged model (base + adapter) in <output_dir>/hf
     eval_every: int = 0  # 0: only at the end
     eval_pairs: int = 0  # 0: the whole eval set
     top_k: int = 10
@@ -755,7 +756,14 @@ def _validate_lora(cfg: Config) -> None:
                 "reference.source: adapters_off needs LoRA adapters to switch off (model.lora.r > 0); "
                 "use reference.source=engine or auto"
             )
+        if cfg.train.export_merged:
+            raise ConfigError(
+                "train.export_merged: merges LoRA adapters into the base (model.lora.r > 0); without LoRA "
+                "<output_dir>/hf is the whole model already"
+            )
         return
+    if cfg.train.export_merged and not cfg.train.export_hf:
+        raise ConfigError("train.export_merged: true needs train.export_hf: true (it writes <output_dir>/hf)")
     if not (lora.alpha > 0 and math.isfinite(lora.alpha)):
         raise ConfigError(f"model.lora.alpha: must be a finite number > 0, got {lora.alpha}")
     if not 0 <= lora.dropout < 1:

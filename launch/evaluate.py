@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--base",
+        default="",
+        help="with a LoRA adapter directory as --model: its base model (default: the adapter's)",
+    )
     parser.add_argument("--prompts", required=True)
     parser.add_argument("--checker", default="exact")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0])
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             run_name=args.run_name,
             log_mlflow=not args.no_mlflow,
             show_progress=not args.no_progress,
+            base=args.base,
         )
     except (DataError, ValueError, FileNotFoundError) as err:
         print(f"error (rank {rank}): {err}", file=sys.stderr)

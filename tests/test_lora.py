@@ -150,15 +150,12 @@ def test_disable_dropout_leaves_the_adapters_dropout_as_set():
     assert base.attention_dropout == 0.0
 
 
-def test_what_is_not_built_for_lora_is_refused(tmp_path):
-    """The offline export of a LoRA checkpoint, evaluating an adapter folder or a LoRA checkpoint, the dry
-    run's memory plan and LoRA for SFT are refused, naming what to change, not silently wrong."""
+def test_what_lora_cannot_serve_yet_is_refused(tmp_path):
+    """Evaluating an adapter without a usable base and LoRA for SFT are refused, naming what to change,
+    not silently wrong."""
     from hdpo_ds.config import to_dict
     from hdpo_ds.recipes.evaluate import resolve_model_dir
     from hdpo_ds.recipes.sft import check_sft_config
-    from hdpo_ds.runtime.checkpoint import CheckpointError
-    from hdpo_ds.runtime.export import export_hf_from_checkpoint
-    from hdpo_ds.tools.dryrun import dry_run
 
     cfg = _cfg("model.lora.r=4")
     folder = tmp_path / "checkpoints" / "step00000002"
@@ -166,17 +163,18 @@ def test_what_is_not_built_for_lora_is_refused(tmp_path):
     (folder / "client_state.json").write_text(json.dumps({"config": to_dict(cfg), "dtype": "float32"}))
     (folder / "COMPLETE.json").write_text("{}")
     (tmp_path / "checkpoints" / "latest").write_text("step00000002")
-    with pytest.raises(CheckpointError, match=r"a LoRA run \(model\.lora\.r > 0\)"):
-        export_hf_from_checkpoint(str(folder), str(tmp_path / "out"))
-    with pytest.raises(ValueError, match=r"^--model: .* a checkpoint of a LoRA run"):
-        resolve_model_dir(str(folder), str(tmp_path / "work"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"^--model: .* is a LoRA adapter"):
+    with pytest.raises(ValueError, match=r"^--base: .* names no base model"):
         resolve_model_dir(str(adapter), str(tmp_path / "work"))
-    with pytest.raises(ConfigError, match=r"^model\.lora\.r: 4: the dry run's memory plan"):
-        dry_run(cfg, "no-such-ds.json", world_size=8)
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "configs/models/tiny-demo"})
+    )
+    with pytest.raises(ValueError, match=r"^--base: configs/models/tiny-demo holds a config but no weights"):
+        resolve_model_dir(str(adapter), str(tmp_path / "work"))
+    with pytest.raises(ValueError, match=r"^--base: only with an adapter directory"):
+        resolve_model_dir(str(folder), str(tmp_path / "work"), base="configs/models/tiny-demo")
     with pytest.raises(ConfigError, match=r"^model\.lora\.r: 4: LoRA is not available for SFT"):
         check_sft_config(cfg)
 
@@ -184,7 +182,8 @@ def test_what_is_not_built_for_lora_is_refused(tmp_path):
 # ------------------------------------------------------------------------------ the 2-rank LoRA run
 @pytest.fixture(scope="module")
 def lora2(assets):
-    run = launch(assets, "lora2", "deepspeed", PROBE_STEPS, extra=LORA, script="tests/probes/lora_step.py")
+    extra = [*LORA, "train.export_merged=true"]
+    run = launch(assets, "lora2", "deepspeed", PROBE_STEPS, extra=extra, script="tests/probes/lora_step.py")
     run["probe"] = json.loads((run["dir"] / "lora_probe.json").read_text())
     run.update(mlflow_run(run["dir"]))
     return run
@@ -338,7 +337,6 @@ def test_the_exported_adapter_loads_with_peft_and_gives_the_in_run_logits(assets
 
     adapter = lora2["dir"] / "hf" / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    assert not (lora2["dir"] / "hf" / "config.json").exists()  # no full-model export under LoRA
     saved = torch.load(lora2["dir"] / "lora_logits.pt")
     base = AutoModelForCausalLM.from_pretrained(
         assets["model"], dtype=torch.float32, attn_implementation="sdpa"
@@ -350,6 +348,38 @@ def test_the_exported_adapter_loads_with_peft_and_gives_the_in_run_logits(assets
             base_logits = model(input_ids=saved["input_ids"], use_cache=False).logits.float()
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
     assert (logits - base_logits).abs().max() > 1e-3  # the adapter holds the training
+
+
+@pytest.mark.distributed
+def test_merged_exports_in_run_and_offline_give_base_plus_adapter(assets, lora2, tmp_path):
+    """train.export_merged writes the merged model in hf/ beside the adapter; the offline export of the
+    run's checkpoint writes the same adapter (bit for bit) and the same merged model; both merged models
+    give the in-run logits (1e-5), and evaluate's --model accepts the adapter folder (with --base) and
+    the LoRA checkpoint, giving those logits too."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hdpo_ds.recipes.evaluate import resolve_model_dir
+    from hdpo_ds.runtime.export import export_hf_from_checkpoint
+
+    saved = torch.load(lora2["dir"] / "lora_logits.pt")
+    hf = lora2["dir"] / "hf"
+    offline = tmp_path / "offline"
+    export_hf_from_checkpoint(str(lora2["dir"] / "checkpoints" / "step00000002"), str(offline))
+    adapter_files = ("adapter_model.safetensors",)
+    for name in adapter_files:
+        ours, theirs = load_file(offline / "adapter" / name), load_file(hf / "adapter" / name)
+        assert sorted(ours) == sorted(theirs)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    evaluated = [
+        resolve_model_dir(str(hf / "adapter"), str(tmp_path / "eval"), base=str(assets["model"])),
+        resolve_model_dir(str(lora2["dir"] / "checkpoints"), str(tmp_path / "eval")),
+    ]
+    for folder in (hf, offline, *evaluated):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+        with torch.no_grad():
+            logits = model.eval()(input_ids=saved["input_ids"], use_cache=False).logits.float()
+        torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5, msg=str(folder))
 
 
 # ---------------------------------------------------------------------------------------------- slow
@@ -441,3 +471,11 @@ def test_lora_with_the_fused_head_and_with_a_saved_output_layer(assets):
 
     adapter = load_file(str(saved["dir"] / "hf" / "adapter" / "adapter_model.safetensors"))
     assert any("lm_head" in k for k in adapter), sorted(adapter)[:5]
+
+
+def test_export_merged_is_refused_without_lora_or_without_the_export():
+    with pytest.raises(ConfigError, match=r"^train\.export_merged: merges LoRA adapters"):
+        _cfg("train.export_merged=true")
+    with pytest.raises(ConfigError, match=r"^train\.export_merged: true needs train\.export_hf: true"):
+        _cfg("model.lora.r=4", "train.export_merged=true", "train.export_hf=false")
+    assert _cfg("model.lora.r=4", "train.export_merged=true").train.export_merged

@@ -298,6 +298,42 @@ def demo_args(*extra: str, world_size: int = 2) -> list[str]:
     ]
 
 
+def test_dry_run_plans_lora_with_the_adapters_off_reference(capsys, monkeypatch):
+    """Under model.lora the dry run counts peft's wrap (the trainable count a real wrap gives), plans the
+    adapters-off reference (no reference shard), and needs less memory than full fine-tuning."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hdpo_ds.config import load_config
+    from hdpo_ds.runtime.lora import _peft_config
+    from hdpo_ds.tools.dryrun import dry_run as run_dry
+
+    monkeypatch.chdir(ROOT)
+    lora = ["model.lora.r=8", "model.lora.alpha=16", "model.lora.target_modules=[q_proj,v_proj]"]
+    code, out, err = dry_run(capsys, *demo_args(*lora))
+    assert code == 0, err
+    with torch.device("meta"):
+        wrapped = get_peft_model(
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(f"{MODELS}/tiny-demo")),
+            _peft_config(
+                load_config(None, ["model.name_or_path=m", "data.train_files=[t]", *lora]).model.lora
+            ),
+        )
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert trainable == 4 * 8 * ((128 + 128) + (128 + 64))  # 4 layers: q (128 -> 128), v (128 -> 64)
+    assert f"model.lora: r=8 on 8 layers, {trainable:,} trainable parameters" in out
+    assert "the policy's own engine with its LoRA adapters disabled" in out
+    args = demo_args(*lora)
+    cfg = load_config(args[args.index("--config") + 1], args[args.index("--config") + 2 :])
+    plan = run_dry(cfg, f"{ROOT}/ds_configs/zero3.json", world_size=2).plan
+    plain = demo_args()
+    full = run_dry(load_config(plain[5], plain[6:]), f"{ROOT}/ds_configs/zero3.json", world_size=2).plan
+    assert plan.settings.reference == "adapters_off" and plan.settings.lora.trainable_params == trainable
+    assert not [r for r in plan.rows if r.name.startswith("reference") and r.where == "gpu" and r.bytes]
+    assert plan.peak_bytes < full.peak_bytes
+
+
 def test_dry_run_demo_passes(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, out, err = dry_run(capsys, *demo_args())

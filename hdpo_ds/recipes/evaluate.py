@@ -547,20 +547,23 @@ def write_report(path: str, report: dict[str, Any], meta: dict[str, Any]) -> Non
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def resolve_model_dir(path: str, work_dir: str) -> str:
+def resolve_model_dir(path: str, work_dir: str, base: str = "") -> str:
     """A Hugging Face model directory as is; a training checkpoint (checkpoints/stepN, or a checkpoints root:
-    its newest complete one) exported once by rank 0 to work_dir/model-<tag> (hdpo_ds/runtime/export.py)."""
+    its newest complete one; a LoRA run's: its merged model) exported once by rank 0 to
+    work_dir/model-<tag> (hdpo_ds/runtime/export.py); a LoRA adapter directory (adapter_config.json) merged
+    once into its base model (``base``, else the adapter's ``base_model_name_or_path``) by rank 0 to
+    work_dir/model-adapter-<hash>."""
     from hdpo_ds.runtime import checkpoint, export
 
+    is_adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
+    if base and not is_adapter:
+        raise ValueError(f"--base: only with an adapter directory as --model; {path} is not one")
+    if is_adapter:
+        return _merged_adapter_dir(path, base, work_dir)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     if not os.path.isdir(path):
         raise ValueError(f"--model: no such directory {path}")
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        raise ValueError(
-            f"--model: {path} is a LoRA adapter (adapter_config.json); evaluating an adapter on its base "
-            "model is not built yet: give a full model directory"
-        )
     try:  # a checkpoint folder, a checkpoints root, or a run's output_dir
         folder = checkpoint.find_resume_checkpoint(path, "auto") or checkpoint.find_resume_checkpoint(
             path, path
@@ -569,16 +572,53 @@ def resolve_model_dir(path: str, work_dir: str) -> str:
         raise ValueError(
             f"--model: {path} is neither a model directory (config.json) nor a checkpoint: {err}"
         ) from err
-    if checkpoint.read_client_state(folder)["config"]["model"].get("lora", {}).get("r", 0) > 0:
-        raise ValueError(
-            f"--model: {folder} is a checkpoint of a LoRA run (model.lora.r > 0); evaluating it is not built "
-            "yet (its base model plus adapter: the run writes the adapter to <output_dir>/hf/adapter)"
-        )
     out = os.path.join(work_dir, f"model-{os.path.basename(folder.rstrip('/'))}")
     if dist.is_main_process() and not os.path.isfile(os.path.join(out, "config.json")):
         tmp = f"{out}.tmp-{os.getpid()}"
         export.export_hf_from_checkpoint(folder, tmp)
         os.replace(tmp, out)  # a killed export leaves only the .tmp folder, never a half model under `out`
+    dist.barrier()
+    return out
+
+
+_WEIGHT_FILES = (".safetensors", ".bin")
+
+
+def _merged_adapter_dir(adapter: str, base: str, work_dir: str) -> str:
+    """The adapter merged into its base (peft's merge_and_unload), written once by rank 0 (aside, then
+    renamed), keyed by the adapter's files and the base's path."""
+    import hashlib
+
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        adapter_config = json.load(f)
+    base = base or adapter_config.get("base_model_name_or_path") or ""
+    if not base:
+        raise ValueError(f"--base: {adapter} names no base model (base_model_name_or_path); give --base")
+    if not os.path.isfile(os.path.join(base, "config.json")):
+        raise ValueError(f"--base: {base} is not a model directory (no config.json)")
+    if not any(name.endswith(_WEIGHT_FILES) for name in os.listdir(base)):
+        raise ValueError(
+            f"--base: {base} holds a config but no weights (a run with model.from_scratch keeps its base "
+            "only in its checkpoints: give the checkpoint as --model, it is evaluated merged)"
+        )
+    digest = hashlib.sha256(os.path.abspath(base).encode())
+    for name in sorted(os.listdir(adapter)):
+        if name.endswith((".json", *_WEIGHT_FILES)):
+            with open(os.path.join(adapter, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    out = os.path.join(work_dir, f"model-adapter-{digest.hexdigest()[:16]}")
+    if dist.is_main_process() and not os.path.isfile(os.path.join(out, "config.json")):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        tmp = f"{out}.tmp-{os.getpid()}"
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer_dir = adapter if os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else base
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        os.replace(tmp, out)
+        logger.info("merged the adapter %s into %s -> %s", adapter, base, out)
     dist.barrier()
     return out
 
@@ -617,6 +657,7 @@ def run_evaluation(
     run_name: str = "",
     log_mlflow: bool = True,
     show_progress: bool = True,
+    base: str = "",
 ) -> dict[str, Any]:
     """The whole job on every rank: join the process group (when launched with several), load, sample,
     score; rank 0 writes `out_path` (JSON) and logs params and metrics to one MLflow run."""
@@ -636,7 +677,7 @@ def run_evaluation(
     work_dir = os.path.dirname(os.path.abspath(out_path))
     if dist.is_main_process():
         os.makedirs(work_dir, exist_ok=True)
-    model_dir = resolve_model_dir(model_path, work_dir)
+    model_dir = resolve_model_dir(model_path, work_dir, base)
     model, tokenizer, dtype_name, attn = load_for_sampling(model_dir, device=device, dtype=dtype)
     logger.info(
         "sampling %d prompts x %d at T=%s on %d rank(s), %s, %s attention",

@@ -404,13 +404,19 @@ class TrainingSession:
 
     def save_final_and_export(self, save) -> None:
         """The final checkpoint (unless this step's exists) and the Hugging Face export (under LoRA: the
-        adapter alone, in PEFT's format, at output_dir/hf/adapter)."""
+        adapter, in PEFT's format, at output_dir/hf/adapter, and with train.export_merged the merged model
+        in output_dir/hf)."""
         if self.last_saved != self.step:
             save()
         if not self.cfg.train.export_hf:
             return
         if lora_enabled(self.cfg):  # the adapter in PEFT's format; the base model is model.name_or_path
             lora.export_adapter(self.policy, os.path.join(self.cfg.output_dir, "hf", "adapter"))
+            if self.cfg.train.export_merged:  # merged by rank 0 from the final checkpoint, a tensor at a time
+                folder = checkpoint.latest_complete(os.path.join(self.cfg.output_dir, "checkpoints"))
+                export.export_merged_from_checkpoint(
+                    folder, os.path.join(self.cfg.output_dir, "hf"), self.device
+                )
         else:
             export.export_hf(self.policy, self.tokenizer, os.path.join(self.cfg.output_dir, "hf"))
 

@@ -32,7 +32,13 @@ from hdpo_ds.runtime.checkpoint import (
 )
 from hdpo_ds.runtime.models import config_for_saving
 
-__all__ = ["export_hf", "export_hf_from_checkpoint"]
+__all__ = [
+    "export_hf",
+    "export_hf_from_checkpoint",
+    "export_lora_from_state",
+    "export_merged_from_checkpoint",
+    "merged_lora_tensor",
+]
 
 CONFIG_FILE = "config.json"
 _STAGING_PREFIX = ".export-"
@@ -205,40 +211,166 @@ def export_hf(engine, tokenizer, out_dir: str, *, max_shard_bytes: int = 2 * 2**
 
 def export_hf_from_checkpoint(folder: str, out_dir: str, *, max_shard_bytes: int = 2 * 2**30) -> None:
     """Offline: a saved ZeRO checkpoint -> HF safetensors in the training dtype, one shard in memory
-    at a time (DeepSpeed's lazy fp32 reconstruction), plus config and tokenizer of the run."""
+    at a time (DeepSpeed's lazy fp32 reconstruction), plus config and tokenizer of the run. A LoRA run's
+    checkpoint gives both its adapter in PEFT's format (``out_dir/adapter``) and the merged model."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not is_complete(folder):
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {MARKER})")
     state = read_client_state(folder)
-    if state["config"]["model"].get("lora", {}).get("r", 0) > 0:
-        raise CheckpointError(
-            f"{folder} is a checkpoint of a LoRA run (model.lora.r > 0): exporting its adapter or the merged "
-            "model offline is not built yet; the run itself writes the adapter to <output_dir>/hf/adapter"
+    lora_cfg = state["config"]["model"].get("lora", {})
+    root, tag = os.path.dirname(folder.rstrip("/")), os.path.basename(folder.rstrip("/"))
+    lazy = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, lazy_mode=True)
+    if lora_cfg.get("r", 0) > 0:
+        export_lora_from_state(
+            lazy, folder, out_dir, adapter=True, merged=True, max_shard_bytes=max_shard_bytes
         )
+        return
+    _write_offline(folder, out_dir, lambda name: lazy.get(name), max_shard_bytes)
+
+
+def export_lora_from_state(
+    lazy, folder: str, out_dir: str, *, adapter: bool, merged: bool, max_shard_bytes: int = 2 * 2**30
+) -> None:
+    """A LoRA run's checkpoint ``folder`` (its full fp32 state ``lazy``: peft's names, frozen base
+    included) -> with ``adapter`` the adapter in PEFT's format at ``out_dir/adapter``, with ``merged`` the
+    merged model as HF safetensors in ``out_dir``: each adapted weight W + (alpha / r) B A (Hu et al. 2021,
+    LoRA, eq. 3), each modules_to_save module its trained copy, one tensor materialised at a time."""
+    state = read_client_state(folder)
+    lora_cfg = state["config"]["model"]["lora"]
+    scale = float(lora_cfg["alpha"]) / int(lora_cfg["r"])
+    if adapter:
+        _write_adapter(
+            lazy, folder, lora_cfg, os.path.join(out_dir, "adapter"), getattr(torch, state["dtype"])
+        )
+    if merged:
+        _write_offline(folder, out_dir, lambda name: merged_lora_tensor(lazy, name, scale), max_shard_bytes)
+
+
+def export_merged_from_checkpoint(folder: str, out_dir: str, device) -> None:
+    """Collective: rank 0 writes a LoRA run's merged model from its checkpoint ``folder`` into ``out_dir``
+    (``export_lora_from_state``); a failure there stops every rank together."""
+    problem, cause = None, None
+    if dist.is_main_process():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        def merge() -> None:
+            root, tag = os.path.dirname(folder.rstrip("/")), os.path.basename(folder.rstrip("/"))
+            lazy = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, lazy_mode=True)
+            export_lora_from_state(lazy, folder, out_dir, adapter=False, merged=True)
+
+        problem, cause = _attempt(merge)
+    _raise_together(problem, "the merged export", device, cause)
+
+
+_PEFT_PREFIX = "base_model.model."  # where peft puts the wrapped model's names (PeftModelForCausalLM)
+
+
+def merged_lora_tensor(lazy, name: str, scale: float):
+    """The merged model's tensor ``name`` (the plain model's name) from a LoRA state in peft's names: a
+    modules_to_save module's trained copy, an adapted Linear's W + scale * B A (an adapted Embedding's
+    W + scale * (B A)^T), else the frozen tensor itself; None when the state has none of them. A lazy
+    tensor is returned as it is (materialised by the caller), a merged one computed here."""
+    module, _, param = name.rpartition(".")
+    head = _PEFT_PREFIX + (module + "." if module else "")
+    saved = f"{head}modules_to_save.default.{param}"
+    if saved in lazy:
+        return lazy[saved]
+    base = f"{head}base_layer.{param}"
+    if base not in lazy:
+        return lazy.get(_PEFT_PREFIX + name)
+    if param != "weight" or (
+        f"{head}lora_A.default.weight" not in lazy and f"{head}lora_embedding_A.default" not in lazy
+    ):
+        return lazy[base]
+    weight = _materialise(lazy[base])
+    if f"{head}lora_A.default.weight" in lazy:
+        a, b = (
+            _materialise(lazy[f"{head}lora_A.default.weight"]),
+            _materialise(lazy[f"{head}lora_B.default.weight"]),
+        )
+        return weight + scale * (b @ a)
+    a, b = (
+        _materialise(lazy[f"{head}lora_embedding_A.default"]),
+        _materialise(lazy[f"{head}lora_embedding_B.default"]),
+    )
+    return weight + scale * (b @ a).T
+
+
+def _materialise(tensor) -> torch.Tensor:
+    return (tensor.contiguous() if hasattr(tensor, "contiguous") else tensor).float()
+
+
+def _write_adapter(lazy, folder: str, lora_cfg: dict, out: str, dtype: torch.dtype) -> None:
+    """The adapter (and modules_to_save copies) in PEFT's format, through peft's own save_pretrained on a
+    meta-device skeleton that holds only the trained tensors; written aside and renamed into place."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hdpo_ds.config import LoraConfig
+    from hdpo_ds.runtime.lora import _peft_config
+
+    config = AutoConfig.from_pretrained(os.path.join(folder, "hf_config"))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+        wrapped = get_peft_model(skeleton, _peft_config(LoraConfig(**lora_cfg)), autocast_adapter_dtype=False)
+    trained = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    missing = [n for n in trained if n not in lazy]
+    if missing:
+        raise CheckpointError(f"{folder} lacks adapter tensors, e.g. {missing[:3]}")
+    values = {n: _materialise(lazy[n]).to(dtype) for n in trained}
+    wrapped.load_state_dict(values, strict=False, assign=True)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=parent)
+    try:
+        wrapped.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+        for name in os.listdir(staging):
+            fsync_path(os.path.join(staging, name))
+        if os.path.isdir(out):  # an earlier export: set aside, then dropped once the new one is in place
+            old = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=parent)
+            os.replace(out, os.path.join(old, "adapter"))
+            os.replace(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_offline(folder: str, out_dir: str, tensor_of, max_shard_bytes: int) -> None:
+    """The plain model's tensors (``tensor_of(name)``: a tensor, a lazy one, or None when missing) in the
+    training dtype as HF safetensors shards in ``out_dir``, with the run's config and tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state = read_client_state(folder)
     dtype = getattr(torch, state["dtype"])
     hf_config = os.path.join(folder, "hf_config")
-    root, tag = os.path.dirname(folder.rstrip("/")), os.path.basename(folder.rstrip("/"))
     config = AutoConfig.from_pretrained(hf_config)
     # The names the in-run export writes: one per parameter (tied weights once) and persistent buffers.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    names = [n for n, _ in skeleton.named_parameters()] + list(_persistent_buffers(skeleton))
-    lazy = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag, lazy_mode=True)
-    missing = [n for n in names if n not in lazy]
+    tensors = {**dict(skeleton.named_parameters()), **_persistent_buffers(skeleton)}
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    names = list(tensors)
+    missing = [n for n in names if tensor_of(n) is None]
     if missing:
         raise CheckpointError(f"{folder} lacks tensors the model needs, e.g. {missing[:3]}")
-    split = _plan({name: (tuple(lazy[name].shape), dtype) for name in names}, max_shard_bytes)
+    split = _plan({name: (shapes[name], dtype) for name in names}, max_shard_bytes)
     staged = _StagedExport(out_dir, split)
     try:
         staged.start()
         for filename, shard_names in split.filename_to_tensors.items():
             shard = {}
             for name in shard_names:  # one tensor materialised at a time
-                tensor = lazy[name]
-                value = tensor.contiguous() if hasattr(tensor, "contiguous") else tensor
-                shard[name] = value.to(dtype).contiguous()
+                value = _materialise(tensor_of(name)).to(dtype).contiguous()
+                if tuple(value.shape) != shapes[name]:
+                    raise CheckpointError(
+                        f"{folder}: {name} has shape {tuple(value.shape)}, the model {shapes[name]}"
+                    )
+                shard[name] = value
             staged.write_shard(filename, shard)
             shard.clear()
 

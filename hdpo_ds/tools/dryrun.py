@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hdpo_ds.config import Config, ConfigError, lora_enabled
+from hdpo_ds.config import Config, ConfigError, lora_enabled, reference_source
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
@@ -41,6 +41,7 @@ from hdpo_ds.tools.plan import (
     MemoryPlan,
     format_plan,
     load_hf_config,
+    lora_shape,
     micro_batch_flops,
     model_shape,
     plan_memory,
@@ -123,12 +124,6 @@ def dry_run(
     gpus_per_node = gpus_per_node or min(world_size, 8)
     if world_size % gpus_per_node:
         raise ConfigError(f"--world-size: {world_size} is not a multiple of --gpus-per-node {gpus_per_node}")
-    if lora_enabled(cfg):
-        raise ConfigError(
-            f"model.lora.r: {cfg.model.lora.r}: the dry run's memory plan does not count LoRA yet (a frozen "
-            "base without optimizer state, adapters beside it, the adapters-off reference); start the run "
-            "itself, whose start-up checks run before any engine"
-        )
     report = DryRunReport(world_size)
     ok = report.checks.append
 
@@ -149,6 +144,23 @@ def dry_run(
         else ""
     )
     ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device){experts}")
+    lora = None
+    if lora_enabled(cfg):  # peft's wrap on the meta device, counted exactly (the planner's LoraShape)
+        spec = cfg.model.lora
+        lora = lora_shape(
+            hf_config,
+            spec.r,
+            spec.target_modules,
+            list(spec.modules_to_save),
+            spec.dropout,
+            trust_remote_code=cfg.model.trust_remote_code,
+            key="model.lora.target_modules",
+        )
+        ok(
+            f"model.lora: r={spec.r} on {lora.adapted_layers} layers, {lora.trainable_params:,} trainable "
+            f"parameters ({100 * lora.trainable_params / shape.num_params:.3f}%), the frozen base without "
+            "optimizer state"
+        )
     ok(_check_weights(cfg))
     ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
     if cfg.reference.name_or_path:
@@ -296,6 +308,8 @@ def dry_run(
                 ok(f"reference cache ({name}): {where} matches this run and covers every pair")
             else:
                 ok(f"reference cache ({name}): {status} at {where}; reference.mode=auto computes it first")
+    elif reference_source(cfg) == "adapters_off":
+        ok("reference: online, the policy's own engine with its LoRA adapters disabled (no second model)")
     else:
         ok("reference: online (a ZeRO-3 inference engine beside the policy)")
 
@@ -303,7 +317,8 @@ def dry_run(
     settings = settings_from_ds_config(
         policy_ds,
         micro_batch_tokens=cfg.data.max_tokens_per_micro_batch,
-        reference="none" if reference_free else "online" if cfg.reference.mode == "online" else "cached",
+        reference=_planned_reference(cfg, reference_free),
+        lora=lora,
         reference_offload=cfg.reference.offload,
         grad_checkpointing=cfg.model.gradient_checkpointing,
         logits_chunk_size=cfg.train.logits_chunk_size,
@@ -353,3 +368,13 @@ def format_report(report: DryRunReport) -> str:
         lines += ["", format_plan(report.plan, report.recommendation)]
         lines.append(f"step 0 on rank 0 [assumption: MFU]: about {report.step_seconds:.2f} s of compute")
     return "\n".join(lines)
+
+
+def _planned_reference(cfg: Config, reference_free: bool) -> str:
+    """The planner's reference for this run: none, cached, adapters_off (LoRA's disabled adapters) or
+    online (an engine of its own)."""
+    if reference_free:
+        return "none"
+    if cfg.reference.mode != "online":
+        return "cached"
+    return "adapters_off" if reference_source(cfg) == "adapters_off" else "online"
