@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from bench.plan_rss import _free_port, _status  # noqa: E402  (the same /proc and port helpers)
 
 WORDS = (
     "the a model answer question because water light river number seven quickly carefully explain "
@@ -86,15 +87,6 @@ def overrides(data: str, cache: str, out: str, num_proc: int) -> list[str]:
         f"logging.tracking_uri=sqlite:///{os.path.join(out, 'mlflow.db')}",
         "logging.progress_bar=false",
     ]
-
-
-def _status(field: str) -> int:
-    """A /proc/self/status entry in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 class PeakSampler:
@@ -175,12 +167,6 @@ def worker(argv: list[str]) -> None:
     dist.shutdown()
     with open(os.path.join(args.out, f"rank{report['rank']}.json"), "w") as f:
         json.dump(report, f)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:

@@ -20,8 +20,8 @@ errors, as ``load_records`` then ``tokenize_pairs`` would) and no cache is writt
 counts per reason are exact and three examples of each are logged. Explicit ids that repeat with different
 content (``duplicate_id``) are found after the pass, in Arrow.
 
-The cache directory must be shared by all ranks (one filesystem for the job): rank 0 does all the work
-(recipes/splits.py ``prepare_split``), the other ranks wait and then open what it wrote.
+Rank 0 does the work (recipes/splits.py ``prepare_split``); the other ranks wait and then open what it
+wrote. On a ``data.cache_dir`` local to each node, the first rank of every other node prepares its own.
 """
 
 from __future__ import annotations

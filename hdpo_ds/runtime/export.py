@@ -1,6 +1,7 @@
 """Export to Hugging Face format: from the running engine (collective) or offline from a saved checkpoint.
 
     python -m hdpo_ds.runtime.export CKPT_DIR OUT_DIR     # any complete checkpoint -> HF safetensors
+                                                          # (LoRA: OUT_DIR/adapter + the merged model)
 
 Both plan the safetensors shards up front with huggingface_hub's splitter (names, shapes and dtypes
 only), then gather, write and free one shard at a time, so a large model is never whole in memory.
