@@ -80,6 +80,9 @@ bench: $(STAMP)
 	$(PY) bench/fused_head.py step
 	$(PY) bench/data_scale.py --train-steps 2
 	$(PY) bench/lora.py
+	$(PY) bench/sequence_parallel.py --steps 4
+	$(PY) bench/moe_leaf.py
+	$(PY) bench/moe_leaf.py --steps 12
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

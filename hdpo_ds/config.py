@@ -85,6 +85,10 @@ class ModelConfig:
     # Mixture-of-experts models: the weight of the router's load-balancing loss added to the objective
     # (objectives/router.py); None: the model config's router_aux_loss_coef. Refused for a dense model.
     router_aux_loss_coef: float | None = None
+    # Mixture-of-experts models under ZeRO-3: each sparse block (router + stacked experts) as one ZeRO-3
+    # leaf module, gathered whole by one hook pair (runtime/engine.py mark_moe_leaves); off by default:
+    # 7% slower on CPU (docs/benchmarks.md). A dense model refuses true.
+    moe_leaf_modules: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -195,6 +199,9 @@ class TrainConfig:
     # How long a collective may wait for the slowest rank: rank-0-only work (hashing weight files,
     # tokenizing a large dataset, fsync of a 35B checkpoint) runs while the others wait in one.
     dist_timeout_minutes: float = 60.0
+    # Ulysses sequence parallelism: groups of this many ranks share each micro-batch's tokens
+    # (runtime/sequence_parallel.py); data.max_tokens_per_micro_batch stays per rank
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -475,6 +482,7 @@ def validate(cfg: Config) -> None:
         "train.logits_chunk_size": cfg.train.logits_chunk_size,
         "reference.shard_pairs": cfg.reference.shard_pairs,
         "train.max_nonfinite_steps": cfg.train.max_nonfinite_steps,
+        "train.sequence_parallel": cfg.train.sequence_parallel,
     }
     for key, value in positive.items():
         if value < 1:
@@ -484,10 +492,20 @@ def validate(cfg: Config) -> None:
             f"data.max_prompt_length: must be < data.max_length ({cfg.data.max_length}), "
             f"got {cfg.data.max_prompt_length}"
         )
-    if cfg.data.max_tokens_per_micro_batch < 2 * cfg.data.max_length:
+    sp = cfg.train.sequence_parallel
+    if not isinstance(sp, int) or isinstance(sp, bool):
+        raise ConfigError(f"train.sequence_parallel: must be an integer >= 1, got {sp!r}")
+    if sp > 1 and not cfg.data.packing:
         raise ConfigError(
-            f"data.max_tokens_per_micro_batch: must be >= 2 * data.max_length = {2 * cfg.data.max_length} "
-            f"so a pair fits in one micro-batch, got {cfg.data.max_tokens_per_micro_batch}"
+            f"train.sequence_parallel: {sp} splits packed rows; set data.packing=true (padded rows are not "
+            "split)"
+        )
+    if cfg.data.max_tokens_per_micro_batch * sp < 2 * cfg.data.max_length:
+        per_group = "" if sp == 1 else f" x train.sequence_parallel ({sp}), the group's budget,"
+        raise ConfigError(
+            f"data.max_tokens_per_micro_batch{per_group}: must be >= 2 * data.max_length = "
+            f"{2 * cfg.data.max_length} so a pair fits in one micro-batch, got "
+            f"{cfg.data.max_tokens_per_micro_batch}"
         )
     for key, value in {
         "train.save_every": cfg.train.save_every,

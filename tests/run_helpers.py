@@ -183,19 +183,26 @@ def launch(
     env_extra: dict | None = None,
     expect_success: bool = True,
     script: str = "launch/train.py",
+    ranks: int = 2,
 ):
-    """Run a launcher in its own session (process group); returns the CompletedProcess-like result and,
-    when the run finished, its MLflow metrics and params."""
+    """Run a launcher (`ranks` processes) in its own session (process group); returns the
+    CompletedProcess-like result and, when the run finished, its MLflow metrics and params."""
     port = free_port()
     cmd = {
         "deepspeed": [
             os.path.join(VENV_BIN, "deepspeed"),
             "--num_accelerators",
-            "2",
+            str(ranks),
             "--master_port",
             str(port),
         ],
-        "torchrun": [os.path.join(VENV_BIN, "torchrun"), "--nproc-per-node", "2", "--master-port", str(port)],
+        "torchrun": [
+            os.path.join(VENV_BIN, "torchrun"),
+            "--nproc-per-node",
+            str(ranks),
+            "--master-port",
+            str(port),
+        ],
         "python": [sys.executable],
     }[launcher]
     ds = "zero3_infer.json" if script.endswith("precompute_ref.py") else "zero3.json"

@@ -66,6 +66,33 @@ def test_refuses_bad_arguments():
         router_stats((), top_k=1)
 
 
+def test_sparse_blocks_become_zero3_leaves(assets):
+    """moe_blocks finds Mixtral's sparse block (router + stacked experts) and nothing in a dense Llama;
+    model.moe_leaf_modules marks it under ZeRO-3 only, and true is refused for a dense model."""
+    from deepspeed.utils import z3_leaf_module
+    from transformers import AutoModelForCausalLM
+
+    from hdpo_ds.config import ConfigError
+    from hdpo_ds.runtime.engine import mark_moe_leaves, moe_blocks
+
+    moe, dense = _tiny_moe(512), AutoModelForCausalLM.from_pretrained(assets["model"])
+    assert [c.__name__ for c in moe_blocks(moe)] == ["MixtralSparseMoeBlock"] and moe_blocks(dense) == []
+    zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+    assert mark_moe_leaves(moe, zero2, True) == [] and not z3_leaf_module(moe.model.layers[0].mlp)
+    assert mark_moe_leaves(moe, zero3, False) == [] and not z3_leaf_module(moe.model.layers[0].mlp)
+    assert mark_moe_leaves(moe, zero3, True) == ["MixtralSparseMoeBlock"]
+    assert all(z3_leaf_module(layer.mlp) for layer in moe.model.layers)
+    assert mark_moe_leaves(dense, zero3, False) == []
+    with pytest.raises(ConfigError, match="model.moe_leaf_modules: true"):
+        mark_moe_leaves(dense, zero3, True)
+    from hdpo_ds.config import load_config
+    from hdpo_ds.recipes.preference import check_before_engines
+
+    base = [f"model.name_or_path={assets['model']}", f"data.train_files=[{assets['train']}]", "output_dir=o"]
+    with pytest.raises(ConfigError, match="model.moe_leaf_modules: true, but .* is not a mixture"):
+        check_before_engines(load_config(None, [*base, "model.moe_leaf_modules=true"]))
+
+
 def test_config_refuses_a_coefficient_for_a_dense_model_and_a_bad_value(assets):
     from hdpo_ds.config import ConfigError, load_config
     from hdpo_ds.recipes.preference import check_before_engines
@@ -128,8 +155,9 @@ def _moe_step0(model_dir, assets, coef):
 @pytest.mark.distributed
 def test_two_rank_zero3_moe_step0_equals_one_process(assets, tmp_path):
     """The tiny Mixtral (4 experts, top-2) on 2 ranks of ZeRO-3 (persistence threshold 0, every expert
-    tensor partitioned), router loss weight 0.5 so that it shows: step-0 loss, moe/aux_loss and the full
-    gathered gradient equal the one-process computation over the same micro-batches (rtol 1e-5)."""
+    tensor partitioned; the sparse blocks leaves, model.moe_leaf_modules), router loss weight 0.5 so
+    that it shows: step-0 loss, moe/aux_loss and the full gathered gradient equal the one-process
+    computation over the same micro-batches (rtol 1e-5)."""
     model_dir = tmp_path / "moe"
     model = _tiny_moe(len(assets["tokenizer"]))
     model.save_pretrained(model_dir)
@@ -143,6 +171,7 @@ def test_two_rank_zero3_moe_step0_equals_one_process(assets, tmp_path):
         extra=[
             f"model.name_or_path={model_dir}",
             f"model.router_aux_loss_coef={coef}",
+            "model.moe_leaf_modules=true",
             "train.export_hf=false",
         ],
     )
@@ -154,4 +183,5 @@ def test_two_rank_zero3_moe_step0_equals_one_process(assets, tmp_path):
     assert 1.0 <= metrics["moe/load_max_over_mean"][0] <= 4.0
     assert math.isfinite(metrics["moe/load_max_over_mean/layer1"][0])
     assert_grads_close(torch.load(run["dir"] / "diagnostics" / "grads_step0.pt"), grads)
+    assert run["params"]["run.moe_leaf_modules"] == "MixtralSparseMoeBlock"
     assert json.loads((run["dir"] / "run_info.json").read_text())["run_id"]

@@ -67,6 +67,15 @@ BY_HAND = {
 }
 
 DEMO_TRAIN = os.path.join(ROOT, "configs/data/demo/train.jsonl")
+# the dry run of the shipped 35B config at 16 ranks
+BIG_35B_16 = [
+    "--world-size",
+    "16",
+    "--ds",
+    "ds_configs/zero3_35b.json",
+    "--config",
+    "configs/command-r-35b.yaml",
+]
 BIG_PATHS = [
     "model.from_scratch=true",
     f"model.tokenizer={MODELS}/tiny-demo",
@@ -344,14 +353,7 @@ def test_dry_run_demo_passes(capsys, monkeypatch):
 
 def test_dry_run_35b_passes_at_16_and_fails_without_checkpointing(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
-    args = [
-        "--world-size",
-        "16",
-        "--ds",
-        "ds_configs/zero3_35b.json",
-        "--config",
-        "configs/command-r-35b.yaml",
-    ]
+    args = BIG_35B_16
     code, out, err = dry_run(capsys, *args, *BIG_PATHS)
     assert code == 0, err
     assert "34,980,831,232 parameters" in out and "16 ranks" in out and "verdict: FITS" in out
@@ -633,3 +635,46 @@ def test_lora_counts_and_rows_by_hand(shapes):
     # full fine-tuning: 16x + buckets + the step's fp32 gradient 4x (larger than the gathered 4·131,072,000)
     assert full.model_states_bytes == 16 * x + buckets + 4 * x
     assert full.model_states_bytes - plan.model_states_bytes == 18 * x - 16 * xt - 2 * 131_072_000
+
+
+def test_sequence_parallel_rows_and_flops_by_hand(shapes):
+    """Sequence parallel S at T tokens per rank: the rows of S = 1 at T, plus Ulysses' copies per local
+    token and layer (2·q + 2·max(kv, S)·d)·b, kept for every layer without checkpointing; attention FLOPs
+    over sequences of up to S·T tokens (2·layers·T·min(seq, S·T)·q per forward)."""
+    from hdpo_ds.tools.plan import micro_batch_flops, ulysses_bytes_per_token_layer
+
+    shape = shapes["llama-7b"]  # 32 heads of 128, no GQA, 32 layers
+    hardware = Hardware(1, 8, 80.0)
+    one = Settings(4096, reference="cached", seq_tokens=8192)
+    two = dataclasses.replace(one, sequence_parallel=2)
+    per = ulysses_bytes_per_token_layer(shape, 2, 2)
+    assert per == (2 * 4096 + 2 * 32 * 128) * 2 and ulysses_bytes_per_token_layer(shape, 2, 1) == 0
+    plain, split = plan_memory(shape, hardware, one), plan_memory(shape, hardware, two)
+    assert split.peak_bytes - plain.peak_bytes == per * 4096 * (32 + 1)
+    ulysses = [r for r in split.rows if "Ulysses" in r.name]
+    assert len(ulysses) == 1 and ulysses[0].bytes == per * 4096 * 33 and ulysses[0].where == "-"
+    attention = lambda seq: 6 * 32 * 4096 * seq * 4096  # noqa: E731  3 x the forward 2·layers·T·seq·q
+    assert micro_batch_flops(shape, two) - micro_batch_flops(shape, one) == attention(8192) - attention(4096)
+
+
+def test_dry_run_35b_plans_128k_pairs_with_sequence_parallel(capsys, monkeypatch):
+    """128k-token pairs on 16 ranks: refused without sequence parallelism (a pair cannot fit 16k tokens),
+    planned and fitting with train.sequence_parallel=8 (2 groups); eager attention is refused by key."""
+    monkeypatch.chdir(ROOT)
+    args = BIG_35B_16
+    long = [
+        *BIG_PATHS,
+        "data.max_length=65536",
+        "data.max_tokens_per_micro_batch=16384",
+        "train.fused_head=true",
+    ]
+    code, out, err = dry_run(capsys, *args, *long, "train.sequence_parallel=8")
+    assert code == 0, err
+    assert "train.sequence_parallel: 2 group(s) of 8 ranks, each sharing rows of up to 131,072 tokens" in out
+    assert "rows of 131,072 tokens" in out and "verdict: FITS" in out
+    code, _, err = dry_run(capsys, *args, *long)
+    assert code == 2 and "data.max_tokens_per_micro_batch" in err
+    code, _, err = dry_run(
+        capsys, *args, *long, "train.sequence_parallel=8", "model.attn_implementation=eager"
+    )
+    assert code == 2 and "model.attn_implementation: eager cannot run under train.sequence_parallel" in err

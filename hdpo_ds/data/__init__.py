@@ -11,6 +11,8 @@ from hdpo_ds.data.packing import (
     pack_sequences,
     pack_step,
     packing_stats,
+    pad_row,
+    sequence_shard,
 )
 from hdpo_ds.data.records import DataError, LoadResult, PreferenceRecord, load_records, normalise_record
 from hdpo_ds.data.sampler import IndexedPairs, PairSampler, StepAssignment
@@ -47,7 +49,9 @@ __all__ = [
     "pack_sequences",
     "pack_step",
     "packing_stats",
+    "pad_row",
     "resolve_chat_template",
+    "sequence_shard",
     "tokenize_pairs",
     "tokenizer_fingerprint",
 ]

@@ -159,18 +159,24 @@ def pack_step(
     world_size: int,
     max_tokens_per_micro_batch: int,
     packing: bool = True,
+    multiple_of: int = 1,
 ) -> StepPacking:
     """Pack one optimizer step into micro-batches.
 
     ``pairs_lengths_for_step``: (num_pairs, 2) ints, the token lengths of each pair's chosen sequence and
     rejected sequence (prompt included), in step order. Returns a :class:`StepPacking` whose micro-batch pair
     positions index this list. Every pair appears in exactly one non-filler micro-batch on exactly one rank.
+    ``multiple_of`` (packed only): each micro-batch's row is padded to a multiple of it (fewer than
+    ``multiple_of`` pad tokens, in ``tensor_tokens``), as sequence parallelism splits the row evenly; the
+    budget holds the real tokens.
     """
     lengths = np.asarray(pairs_lengths_for_step, dtype=np.int64).reshape(-1, 2)
     n = len(lengths)
     budget = int(max_tokens_per_micro_batch)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if multiple_of < 1 or (multiple_of > 1 and not packing):
+        raise ValueError(f"multiple_of={multiple_of}: must be >= 1, and 1 unless packed")
     if n == 0:
         raise ValueError("a step needs at least one pair")
     if lengths.min() < 1:
@@ -184,7 +190,13 @@ def pack_step(
             f"and {lengths[i, 1]} tokens{'' if packing else ', padded'}); it must be >= 2 × data.max_length"
         )
     return _pack_items(
-        [int(x) for x in lengths.sum(axis=1)], [int(x) for x in longest], 2, world_size, budget, packing
+        [int(x) for x in lengths.sum(axis=1)],
+        [int(x) for x in longest],
+        2,
+        world_size,
+        budget,
+        packing,
+        multiple_of,
     )
 
 
@@ -215,10 +227,20 @@ def pack_sequences(
 
 
 def _pack_items(
-    sizes: list[int], longest: list[int], seqs_per_item: int, world_size: int, budget: int, packing: bool
+    sizes: list[int],
+    longest: list[int],
+    seqs_per_item: int,
+    world_size: int,
+    budget: int,
+    packing: bool,
+    multiple_of: int = 1,
 ) -> StepPacking:
     """Bins for items (pairs or single sequences) of `sizes` real tokens, `longest` sequence each."""
     n = len(sizes)
+
+    def padded(tokens: int) -> int:  # the packed row, padded to a multiple of `multiple_of`
+        return -(-tokens // multiple_of) * multiple_of
+
     if packing:
         bins = _packed_bins(sizes, world_size, budget)
     else:
@@ -234,14 +256,16 @@ def _pack_items(
                 members = tuple(sorted(members))
                 tokens = sum(sizes[i] for i in members)
                 tensor = (
-                    tokens if packing else seqs_per_item * len(members) * max(longest[i] for i in members)
+                    padded(tokens)
+                    if packing
+                    else seqs_per_item * len(members) * max(longest[i] for i in members)
                 )
                 mbs.append(MicroBatchPacking(members, False, tokens, tensor))
         # Largest first on every rank, so that the k-th micro-batches of all ranks are alike in size: under
         # ZeRO-3 the ranks wait for each other inside every micro-batch.
         mbs.sort(key=lambda mb: (-mb.tensor_tokens, mb.pairs))
         while len(mbs) < len(rank_bins):
-            tensor = sizes[shortest] if packing else seqs_per_item * longest[shortest]
+            tensor = padded(sizes[shortest]) if packing else seqs_per_item * longest[shortest]
             mbs.append(MicroBatchPacking((shortest,), True, sizes[shortest], tensor))
         ranks.append(tuple(mbs))
     return StepPacking(tuple(ranks), budget, packing, n)
@@ -284,11 +308,14 @@ def packing_stats(packed: StepPacking) -> PackingStats:
     )
 
 
-def collate(pairs: Any, micro_batch: MicroBatchPacking, *, pad_token_id: int, packing: bool) -> PackedBatch:
+def collate(
+    pairs: Any, micro_batch: MicroBatchPacking, *, pad_token_id: int, packing: bool, multiple_of: int = 1
+) -> PackedBatch:
     """Build the tensors of one micro-batch (layout and label convention: :class:`PackedBatch`).
 
     ``pairs``: anything indexable by the packing's pair positions that yields objects with ``id``,
-    ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (``TokenizedPair``).
+    ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (``TokenizedPair``). ``multiple_of`` (packed):
+    pad the row to a multiple of it (:func:`pad_row`), as :func:`pack_step` planned.
     """
     seqs: list[np.ndarray] = []
     prompt_lens: list[int] = []
@@ -307,12 +334,56 @@ def collate(pairs: Any, micro_batch: MicroBatchPacking, *, pad_token_id: int, pa
             prompt_lens.append(len(prompt))
     tensors = _sequence_tensors(seqs, prompt_lens, pad_token_id=pad_token_id, packing=packing)
     num_seqs = len(seqs)
-    return PackedBatch(
+    batch = PackedBatch(
         **tensors,
         pair_index=torch.arange(num_seqs) // 2,
         is_chosen=torch.arange(num_seqs) % 2 == 0,
         pair_ids=pair_ids,
         weight=0.0 if micro_batch.filler else 1.0,
+    )
+    return pad_row(batch, multiple_of, pad_token_id) if multiple_of > 1 else batch
+
+
+def pad_row(batch: PackedBatch, multiple_of: int, pad_token_id: int) -> PackedBatch:
+    """A packed batch (B == 1) with its row padded at the end to a multiple of ``multiple_of``.
+
+    The k < multiple_of pad tokens: ``pad_token_id``, label -100, ``seq_index`` -1, and ``position_ids``
+    0..k-1 (a sequence of their own, so per-sequence attention keeps them apart). Sums, counts and
+    ``num_real_tokens`` are unchanged."""
+    if batch.attention_mask is not None or batch.input_ids.shape[0] != 1:
+        raise ValueError("pad_row: only packed batches (one row, no attention mask) are padded")
+    k = -batch.input_ids.shape[1] % multiple_of
+    if k == 0:
+        return batch
+
+    def extend(t: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, tail.to(t.device, t.dtype)[None]], dim=1)
+
+    return dataclasses.replace(
+        batch,
+        input_ids=extend(batch.input_ids, torch.full((k,), pad_token_id)),
+        position_ids=extend(batch.position_ids, torch.arange(k)),
+        labels=extend(batch.labels, torch.full((k,), IGNORE_INDEX)),
+        seq_index=extend(batch.seq_index, torch.full((k,), -1)),
+    )
+
+
+def sequence_shard(batch: PackedBatch, size: int, rank: int) -> PackedBatch:
+    """Shard ``rank`` of ``size`` equal, consecutive slices of a packed row (its length a multiple of
+    ``size``: :func:`pad_row`): input_ids, position_ids, labels and seq_index (1, L / size). Labels are
+    already shifted, so a slice's logits predict its own labels even where a sequence straddles the cut;
+    the per-sequence metadata (pair_index, is_chosen, pair_ids, num_real_tokens) stays the whole row's."""
+    length = batch.input_ids.shape[1]
+    if batch.attention_mask is not None or length % size:
+        raise ValueError(f"sequence_shard: a packed row of length {length} does not split into {size} shards")
+    width = length // size
+    cut = slice(rank * width, (rank + 1) * width)
+    return dataclasses.replace(
+        batch,
+        input_ids=batch.input_ids[:, cut],
+        position_ids=batch.position_ids[:, cut],
+        labels=batch.labels[:, cut],
+        seq_index=batch.seq_index[:, cut],
     )
 
 

@@ -92,7 +92,9 @@ class PairSampler:
     without it that step is shorter (``StepAssignment.num_pairs`` says by how much). Iterating runs from the
     current position to the end of the epoch, then moves to the next epoch. ``sources`` (num_pairs,): each
     pair's source index (``TokenizedPairs.sources``); ``weights``: one per source, for a weighted mixture
-    drawn by the rule in the module docstring (None: every pair once per epoch).
+    drawn by the rule in the module docstring (None: every pair once per epoch). Under sequence
+    parallelism ``world_size`` and ``rank`` are the data-parallel ones (groups of ranks share a micro-batch),
+    the budget is the group's, and ``multiple_of`` (the group size) pads each row (``pack_step``).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class PairSampler:
         drop_last: bool = True,
         sources: Sequence[int] | np.ndarray | None = None,
         weights: Sequence[float] | None = None,
+        multiple_of: int = 1,
     ) -> None:
         self.lengths = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
         num_pairs = len(self.lengths)
@@ -143,6 +146,7 @@ class PairSampler:
         self.seed = int(seed)
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.packing = packing
+        self.multiple_of = multiple_of  # sequence parallelism: rows padded to a multiple (pack_step)
         self.drop_last = drop_last
         self.epoch = 0
         self.offset = 0  # steps of the current epoch already handed out
@@ -212,6 +216,7 @@ class PairSampler:
             world_size=self.world_size,
             max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
             packing=self.packing,
+            multiple_of=self.multiple_of,
         )
         return StepAssignment(int(epoch), int(step), self.rank, indices.copy(), packed)
 

@@ -45,7 +45,7 @@ from hdpo_ds.reference.sources import (
     reference_fingerprint,
     versions_of_interest,
 )
-from hdpo_ds.runtime import dist, engine
+from hdpo_ds.runtime import dist, engine, sequence_parallel
 from hdpo_ds.runtime.fused_head import use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_model, load_model_config, load_tokenizer
 
@@ -103,7 +103,8 @@ def precompute_split(
     lengths = pairs.lengths
     shard_pairs = cfg.reference.shard_pairs
     num_shards = -(-len(ids) // shard_pairs)
-    world, rank = dist.world_size(), dist.rank()
+    layout = sequence_parallel.layout()  # a sequence-parallel group shares each micro-batch
+    world, rank = layout.data_size, layout.data_rank
 
     # Rank 0 decides which shards are already complete; everybody follows that one decision.
     done: dict[int, str] = {}
@@ -138,15 +139,18 @@ def precompute_split(
         packed = pack_step(
             lengths[positions],
             world_size=world,
-            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch * layout.size,
             packing=cfg.data.packing,
+            multiple_of=layout.size,
         )
         view = IndexedPairs(pairs, positions)
         local = []
         for mb in packed.for_rank(rank):
-            batch = collate(view, mb, pad_token_id=pad_token_id, packing=cfg.data.packing).to(device)
+            batch = collate(
+                view, mb, pad_token_id=pad_token_id, packing=cfg.data.packing, multiple_of=layout.size
+            ).to(device)
             sums = reference.sequence_sums(batch, dtype=torch.float64)  # every rank runs it, fillers too
-            if mb.filler:
+            if mb.filler or not layout.reports:  # a group's ranks hold the same sums: its first writes them
                 continue
             chosen, rejected = pair_sequence_indices(batch)
             values = sums.sums.cpu()
@@ -210,6 +214,7 @@ def load_reference_engine(cfg: Config, ref_ds: dict, dtype: torch.dtype, device_
         for_training=False,
         packing=cfg.data.packing,
     ).model
+    engine.mark_moe_leaves(model, ref_ds, cfg.model.moe_leaf_modules)
     ref_engine = engine.build_reference_engine(model, ref_ds)
     del handle
     # TDPO never asks the engine for sums: its reference head runs in the policy's fused pass
@@ -345,10 +350,12 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
         )
     infer_ds = engine.load_ds_config(ds_config_path)
     check_model_source(cfg.model)
+    sequence_parallel.check_run(cfg, token_kl=False, reference=True, loss=cfg.loss.type)
     tokenizer = load_tokenizer(cfg.model)
     check_data_options(cfg)
     engine.init_distributed(cfg.train.dist_timeout_minutes)
     device_type, device = engine.device_type(), engine.current_device()
+    sequence_parallel.setup(cfg, device_type)
     splits = {name: prepare_split(cfg, name, tokenizer) for name in split_sources(cfg)}
     dtype = engine.resolve_dtype(cfg, infer_ds)
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)

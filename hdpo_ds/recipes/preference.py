@@ -7,8 +7,11 @@ policy forward -> token_stats -> per-sequence sums -> the reference's values (wh
 sequence sums, or TDPO's logits; nothing for the reference-free SimPO, CPO, ORPO, whose runs build no
 reference at all) -> the objective's per-pair losses; its summed loss is scaled by
 world_size / global_pairs so that, after DeepSpeed averages gradients over ranks, the step's gradient
-is that of the mean over all pairs (docs/design.md §5). The accumulation boundary is each rank's last
-micro-batch. Before the optimizer update one collective agrees whether any rank saw a non-finite loss
+is that of the mean over all pairs (docs/design.md §5). Under sequence parallelism
+(train.sequence_parallel N) a group of N ranks shares each micro-batch: the forward runs on each rank's
+slice, the per-token statistics are gathered, and the scale is (world_size / N) / global_pairs (§5 rule
+12). The accumulation boundary is each rank's last micro-batch. Before the optimizer update one
+collective agrees whether any rank saw a non-finite loss
 or gradient partition (then every rank skips the update); after it, one all-reduce carries all of the
 step's metrics (the gradient norm too), and whether any rank got a stop signal (runtime/stop.py: then
 every rank checkpoints after that step and leaves with stop.EXIT_STOPPED). aot / aot_unpaired add one
@@ -66,7 +69,7 @@ from hdpo_ds.reference.sources import (
     OnlineReference,
     pair_sequence_indices,
 )
-from hdpo_ds.runtime import checkpoint, dist, engine, lora, stop
+from hdpo_ds.runtime import checkpoint, dist, engine, lora, sequence_parallel, stop
 from hdpo_ds.runtime.fused_head import (
     head_transform,
     policy_token_stats,
@@ -129,6 +132,15 @@ def check_before_engines(cfg: Config) -> None:
             f"model.router_aux_loss_coef: {cfg.model.name_or_path} is not a mixture-of-experts model with a "
             "router loss (its config has no output_router_logits / router_aux_loss_coef); leave it null"
         )
+    if cfg.model.moe_leaf_modules and moe_routing(load_model_config(cfg.model)) is None:
+        raise ConfigError(
+            f"model.moe_leaf_modules: true, but {cfg.model.name_or_path} is not a mixture-of-experts model; "
+            "set it false"
+        )
+    objective = make_objective(cfg.loss, chunk_size=cfg.train.logits_chunk_size)
+    sequence_parallel.check_run(
+        cfg, token_kl=objective.has_kl, reference=objective.needs_reference, loss=loss_label(cfg.loss)
+    )
     if cfg.train.fused_head is True:
         models = {"model.name_or_path": cfg.model}
         if cfg.reference.name_or_path and cfg.loss.type not in REFERENCE_FREE_LOSS_TYPES:
@@ -197,6 +209,7 @@ class PreferenceRecipe:
         check_data_options(cfg)
 
         s.start_distributed()
+        self.sp = sequence_parallel.setup(cfg, s.device_type)
         self.splits = {name: prepare_split(cfg, name, s.tokenizer) for name in split_sources(cfg)}
         self.train_data = self.splits["train"].data
         self.eval_data = self.splits["eval"].data if "eval" in self.splits else None
@@ -204,14 +217,15 @@ class PreferenceRecipe:
         self.sampler = PairSampler(
             self.train_data.pairs.lengths,
             pairs_per_step=cfg.train.pairs_per_step,
-            world_size=s.world_size,
-            rank=s.rank,
+            world_size=self.sp.data_size,  # a sequence-parallel group shares its micro-batches
+            rank=self.sp.data_rank,
             seed=cfg.train.seed,
-            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            max_tokens_per_micro_batch=self._budget,
             max_length=cfg.data.max_length,
             packing=cfg.data.packing,
             sources=self.train_data.pairs.sources if weights is not None else None,
             weights=weights,
+            multiple_of=self.sp.size,
         )
         if s.rank == 0:
             log_sources(self.splits["train"], "data.train_files", self.sampler.quotas)
@@ -239,6 +253,22 @@ class PreferenceRecipe:
             logger.info("loss: %s%s", loss_label(cfg.loss), modifiers)
         s.open_progress(loss_label(cfg.loss))
         self._ready = True
+
+    @property
+    def _budget(self) -> int:
+        """Real tokens per micro-batch: data.max_tokens_per_micro_batch per rank, times the group size."""
+        return self.cfg.data.max_tokens_per_micro_batch * self.sp.size
+
+    def _collate(self, pairs, mb):
+        """One micro-batch's tensors, its packed row padded to a multiple of the sequence-parallel size."""
+        s = self.session
+        return collate(
+            pairs,
+            mb,
+            pad_token_id=s.tokenizer.pad_token_id,
+            packing=self.cfg.data.packing,
+            multiple_of=self.sp.size,
+        )
 
     def _setup_reference(self) -> None:
         """The reference (`reference_source`): its own engine (`engine`), the policy's engine with its LoRA
@@ -398,7 +428,9 @@ class PreferenceRecipe:
         policy.train()
         acc = self._accumulator(device)
         micro_batches = assignment.micro_batches
-        scale = s.world_size / assignment.num_pairs
+        # DeepSpeed averages over all ranks; a group's ranks share its pairs, and the gather's backward
+        # sums the group's identical losses: so each pair counts once (docs/design.md §5)
+        scale = self.sp.data_size / assignment.num_pairs
         real_tokens = 0
         if self.moe is not None:  # the router loss of a micro-batch weighs by its share of the step's tokens
             step_tokens = sum(mb.tokens for rank in assignment.packed.ranks for mb in rank if not mb.filler)
@@ -409,12 +441,7 @@ class PreferenceRecipe:
         bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient here
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            batch = collate(
-                assignment.pairs(self.train_data.pairs),
-                mb,
-                pad_token_id=s.tokenizer.pad_token_id,
-                packing=cfg.data.packing,
-            ).to(device)
+            batch = self._collate(assignment.pairs(self.train_data.pairs), mb).to(device)
             policy.set_gradient_accumulation_boundary(last)
             planted = s.faults.plant_nan_gradient(step, i, policy)
             out = self._run_batch(self.references["train"], batch, track_grad=True, alpha=alpha, **coupled[i])
@@ -441,7 +468,7 @@ class PreferenceRecipe:
                 policy.step()
             else:
                 skip_step = self._update(bad)
-            if not mb.filler:
+            if not mb.filler and self.sp.reports:  # a group's pairs count once
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
         acc.add("real_tokens", real_tokens)
@@ -523,18 +550,18 @@ class PreferenceRecipe:
         ZeRO-3 gathers parameters collectively), gather the values AOT sorts from all ranks by step
         position (`dist.gather_rows`, one collective), sort, and hand each micro-batch its pairs'
         partners. The reference values are kept for the gradient pass, which reads them again."""
-        s, device = self.session, self.session.device
+        device = self.session.device
         rows, positions, kept = [], [], []
         for mb in micro_batches:
-            batch = collate(pairs, mb, pad_token_id=s.tokenizer.pad_token_id, packing=self.cfg.data.packing)
-            batch = batch.to(device)
+            batch = self._collate(pairs, mb).to(device)
             ref_values = self._reference_values(reference, batch)
             zeros = torch.zeros((len(mb.pairs), 2), device=device)  # a placeholder pairing: loss unused
             out = self._run_batch(
                 None, batch, track_grad=False, alpha=1.0, partners=zeros, ref_values=ref_values
             )
             kept.append(ref_values)
-            if not mb.filler:  # a filler repeats a real pair: it must not enter the sort twice
+            # a filler repeats a real pair: it must not enter the sort twice; nor a group's other ranks' rows
+            if not mb.filler and self.sp.reports:
                 unpaired = self.objective.coupled_type == "aot_unpaired"
                 rows.append(aot_sort_values(*out.lp, *out.ref, unpaired=unpaired))
                 positions.append(torch.as_tensor(mb.pairs, dtype=torch.long, device=device))
@@ -615,7 +642,10 @@ class PreferenceRecipe:
         and compute the per-pair losses at this step's `alpha` (with the step's coupling constants,
         `baseline` or `partners`, for the objectives coupled across the step)."""
         cfg, objective = self.cfg, self.objective
-        inputs = batch.model_inputs()
+        # the forward sees this rank's slice of the row (sequence parallelism); everything after the
+        # gathered per-token statistics sees the whole row
+        local = self.sp.shard(batch)
+        inputs = local.model_inputs()
         mask = batch.labels != -100
         num_seqs = batch.num_seqs
         ld_weights = self._ld_weights(batch)
@@ -657,7 +687,7 @@ class PreferenceRecipe:
                     call,
                     policy.module,
                     inputs,
-                    batch.labels,
+                    local.labels,
                     top_k=cfg.train.top_k,
                     chunk_size=cfg.train.logits_chunk_size,
                     collision=collision,
@@ -666,11 +696,12 @@ class PreferenceRecipe:
                 logits = call(**inputs).logits
                 stats = token_stats(
                     logits,
-                    batch.labels,
+                    local.labels,
                     top_k=cfg.train.top_k,
                     chunk_size=cfg.train.logits_chunk_size,
                     collision=collision,
                 )
+            stats = self.sp.gather_stats(stats)
             plain = segment_sums(stats.logps, batch.seq_index, num_seqs, mask=mask, dtype=torch.float32)
             seq = plain
             if ld_weights is not None:  # LD-DPO: the loss sees the desensitised sums, the NLL the plain
@@ -762,21 +793,20 @@ class PreferenceRecipe:
             chunk = positions[start : start + cfg.train.pairs_per_step]
             packed = pack_step(
                 lengths[chunk],
-                world_size=s.world_size,
-                max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+                world_size=self.sp.data_size,
+                max_tokens_per_micro_batch=self._budget,
                 packing=cfg.data.packing,
+                multiple_of=self.sp.size,
             )
             view = IndexedPairs(eval_data.pairs, chunk)  # this rank reads only its own micro-batches' pairs
-            micro_batches = packed.for_rank(s.rank)
+            micro_batches = packed.for_rank(self.sp.data_rank)
             coupled = self._eval_coupling(view, micro_batches, len(chunk))
             for i, mb in enumerate(micro_batches):
-                batch = collate(view, mb, pad_token_id=s.tokenizer.pad_token_id, packing=cfg.data.packing).to(
-                    s.device
-                )
+                batch = self._collate(view, mb).to(s.device)
                 out = self._run_batch(
                     self.references["eval"], batch, track_grad=False, alpha=self.last_alpha, **coupled[i]
                 )
-                if not mb.filler:
+                if not mb.filler and self.sp.reports:
                     _accumulate(acc, out)
                     if num_sources:
                         sources = torch.as_tensor(self.eval_sources[chunk[list(mb.pairs)]])

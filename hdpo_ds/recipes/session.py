@@ -215,6 +215,11 @@ class TrainingSession:
             schedule=cfg.optim.schedule,
             min_lr_ratio=cfg.optim.min_lr_ratio,
         )
+        self.moe_leaves = engine.mark_moe_leaves(
+            self.loaded.model, self.policy_ds, cfg.model.moe_leaf_modules
+        )
+        if self.moe_leaves and dist.is_main_process():
+            logger.info("ZeRO-3 leaf modules (gathered whole): %s", ", ".join(self.moe_leaves))
         self.policy = engine.build_policy_engine(
             self.loaded.model, self.policy_ds, lambda s: lr_multiplier(s, **schedule)
         )
@@ -259,6 +264,7 @@ class TrainingSession:
             "run.device": self.device_type,
             "run.dtype": self.dtype_name,
             "run.attn_implementation": self.loaded.attn_implementation,
+            "run.moe_leaf_modules": ",".join(self.moe_leaves) or "none",
         }
 
     def open_progress(self, desc: str) -> None:

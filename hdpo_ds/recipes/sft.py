@@ -49,6 +49,7 @@ _UNUSED_KEYS = (
     "train.fused_head",
     "model.router_aux_loss_coef",
     "data.num_proc",  # SFT tokenizes on rank 0 in one process (data/sft.py)
+    "train.sequence_parallel",  # preference training only (runtime/sequence_parallel.py)
 )
 
 
@@ -59,8 +60,8 @@ def check_sft_config(cfg: Config) -> None:
         if (key.startswith(_UNUSED_PREFIXES) or key in _UNUSED_KEYS) and value != defaults[key]:
             raise ConfigError(
                 f"{key}: does not apply to SFT (launch/sft.py has no reference, preference loss, monitors, "
-                "top-k statistics, gradient dumps, fused head, router loss or worker pool); leave it at its "
-                f"default {defaults[key]!r}"
+                "top-k statistics, gradient dumps, fused head, router loss, sequence parallelism or worker "
+                f"pool); leave it at its default {defaults[key]!r}"
             )
     for i, entry in enumerate(cfg.data.train_files):
         if isinstance(entry, dict) and "weight" in entry:

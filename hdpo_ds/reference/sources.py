@@ -22,7 +22,7 @@ from hdpo_ds.config import Config
 from hdpo_ds.data.packing import IGNORE_INDEX, PackedBatch
 from hdpo_ds.objectives.logprobs import SegmentSums, segment_sums, token_logps
 from hdpo_ds.reference.cache import CACHE_FORMAT_VERSION, RefCache, RefCacheError, file_sha256
-from hdpo_ds.runtime import lora
+from hdpo_ds.runtime import lora, sequence_parallel
 from hdpo_ds.runtime.fused_head import reference_head_inputs, reference_token_logps
 
 __all__ = [
@@ -56,6 +56,8 @@ class OnlineReference:
 
     @torch.no_grad()
     def logits(self, batch: PackedBatch) -> torch.Tensor:
+        if sequence_parallel.layout().size > 1:  # TDPO's full logits; refused at start-up
+            raise RuntimeError("the reference's logits are not gathered under train.sequence_parallel")
         return self.engine(**batch.model_inputs()).logits
 
     @torch.no_grad()
@@ -65,21 +67,32 @@ class OnlineReference:
         """Per-sequence sums of the response tokens' log-probs; `token_weights` (shaped like the labels,
         e.g. LD-DPO's, objectives/modifiers.py) weigh each token's log-prob in its sum."""
         tokens = token_logps(logits, batch.labels, chunk_size=self.chunk_size)
-        if token_weights is not None:
-            tokens = tokens * token_weights
-        return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
+        return self._sums(tokens, batch, dtype, token_weights)
+
+    @torch.no_grad()
+    def token_logps(self, batch: PackedBatch) -> torch.Tensor:
+        """The reference's log-prob of each label, (B, L) like `batch.labels` (0 where there is none).
+        Under sequence parallelism each rank forwards its slice of the row and the slices are gathered."""
+        layout = sequence_parallel.layout()
+        local = layout.shard(batch)
+        if self.fused_head:
+            tokens = reference_token_logps(
+                self.engine.module, local.model_inputs(), local.labels, chunk_size=self.chunk_size
+            )
+        else:
+            logits = self.engine(**local.model_inputs()).logits
+            tokens = token_logps(logits, local.labels, chunk_size=self.chunk_size)
+        return layout.gather(tokens)
 
     def sequence_sums(
         self, batch: PackedBatch, dtype: torch.dtype = torch.float32, token_weights=None
     ) -> SegmentSums:
-        if not self.fused_head:
-            return self.sums_from_logits(self.logits(batch), batch, dtype=dtype, token_weights=token_weights)
-        with torch.no_grad():
-            tokens = reference_token_logps(
-                self.engine.module, batch.model_inputs(), batch.labels, chunk_size=self.chunk_size
-            )
-            if token_weights is not None:
-                tokens = tokens * token_weights
+        return self._sums(self.token_logps(batch), batch, dtype, token_weights)
+
+    @staticmethod
+    def _sums(tokens: torch.Tensor, batch: PackedBatch, dtype, token_weights) -> SegmentSums:
+        if token_weights is not None:
+            tokens = tokens * token_weights
         return segment_sums(tokens, batch.seq_index, batch.num_seqs, mask=batch.labels != -100, dtype=dtype)
 
     def sequence_logps(self, batch: PackedBatch, token_weights: torch.Tensor | None = None) -> torch.Tensor:

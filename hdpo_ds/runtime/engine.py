@@ -32,6 +32,8 @@ __all__ = [
     "init_distributed",
     "load_ds_config",
     "local_all_finite",
+    "mark_moe_leaves",
+    "moe_blocks",
     "paired_parameters",
     "resolve_dtype",
     "sync_reference",
@@ -116,10 +118,12 @@ def fill_ds_config(
     A key that is still "auto" afterwards, or a value that contradicts the run config, raises
     ConfigError naming the ds_config key.
     """
-    if cfg.train.pairs_per_step % world_size:
+    data_parallel = max(world_size // cfg.train.sequence_parallel, 1)  # a sequence-parallel group: one share
+    if cfg.train.pairs_per_step % data_parallel:
+        groups = "" if data_parallel == world_size else f" / train.sequence_parallel = {data_parallel}"
         raise ConfigError(
             f"train.pairs_per_step: {cfg.train.pairs_per_step} is not divisible by the "
-            f"world size {world_size}"
+            f"world size {world_size}{groups}"
         )
     ds = copy.deepcopy(ds_config)
     _set_auto(ds, "train_micro_batch_size_per_gpu", 1, "train_micro_batch_size_per_gpu")
@@ -274,6 +278,36 @@ def zero3_loading(ds_config: dict):
     from transformers.integrations import HfDeepSpeedConfig
 
     return HfDeepSpeedConfig(ds_config)
+
+
+def moe_blocks(model: torch.nn.Module) -> list[type]:
+    """The classes of a mixture of experts' sparse blocks in `model`: modules with an `experts` child and
+    a router (a `gate` or `router` child), as transformers 5 builds Mixtral, Qwen-MoE, OLMoE, DeepSeek,
+    gpt-oss. In module order, each class once."""
+    classes: list[type] = []
+    for module in model.modules():
+        children = {name for name, _ in module.named_children()}
+        if "experts" in children and children & {"gate", "router"} and type(module) not in classes:
+            classes.append(type(module))
+    return classes
+
+
+def mark_moe_leaves(model: torch.nn.Module, ds_config: dict, enabled: bool) -> list[str]:
+    """model.moe_leaf_modules under ZeRO-3: mark every sparse block a ZeRO-3 leaf module (DeepSpeed's
+    `set_z3_leaf_modules`), so its router and stacked experts are gathered in one fetch with one hook pair
+    instead of one per child. Before deepspeed.initialize. Returns the marked class names."""
+    if not enabled or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return []
+    classes = moe_blocks(model)
+    if not classes:
+        raise ConfigError(
+            "model.moe_leaf_modules: true, but the model has no mixture-of-experts block (a module with "
+            "`experts` and a `gate` or `router`); set it false"
+        )
+    from deepspeed.utils import set_z3_leaf_modules
+
+    set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
 
 
 def build_policy_engine(model: torch.nn.Module, ds_config: dict, lr_lambda: Callable[[int], float]):

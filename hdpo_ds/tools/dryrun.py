@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hdpo_ds.config import Config, ConfigError, lora_enabled, reference_source
+from hdpo_ds.config import Config, ConfigError, lora_enabled, loss_label, reference_source
 from hdpo_ds.data import PairSampler, packing_stats, tokenize_pairs, tokenizer_fingerprint
+from hdpo_ds.objectives.objective import make_objective
 from hdpo_ds.objectives.reference_free import REFERENCE_FREE_LOSS_TYPES
 from hdpo_ds.recipes.precompute import cache_root
 from hdpo_ds.recipes.splits import load_split_records, tokenize_options
 from hdpo_ds.reference.cache import RefCache, RefCacheError, cache_status
 from hdpo_ds.reference.sources import model_identity, reference_fingerprint
-from hdpo_ds.runtime import engine
+from hdpo_ds.runtime import engine, sequence_parallel
 from hdpo_ds.runtime.attention import attention_features, check_attention, select_attention
 from hdpo_ds.runtime.fused_head import use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_tokenizer
@@ -108,6 +109,21 @@ def _check_attention(cfg: Config, hf_config, source: str, device_type: str) -> s
     )
 
 
+def _check_sequence_parallel(cfg: Config, hf_config, device_type: str, world_size: int) -> str:
+    """train.sequence_parallel against the loss, the models, the attention core and the world size."""
+    sp = cfg.train.sequence_parallel
+    objective = make_objective(cfg.loss, chunk_size=cfg.train.logits_chunk_size)
+    sequence_parallel.check_run(
+        cfg, token_kl=objective.has_kl, reference=objective.needs_reference, loss=loss_label(cfg.loss)
+    )
+    attn = select_attention(cfg.model.attn_implementation, device_type, hf_config, packing=cfg.data.packing)
+    sequence_parallel.check_layout(sp, attn, world_size)
+    return (
+        f"train.sequence_parallel: {world_size // sp} group(s) of {sp} ranks, each sharing rows of up to "
+        f"{sp * cfg.data.max_tokens_per_micro_batch:,} tokens (Ulysses over {attn})"
+    )
+
+
 def dry_run(
     cfg: Config,
     ds_config_path: str,
@@ -163,6 +179,9 @@ def dry_run(
         )
     ok(_check_weights(cfg))
     ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
+    sp = cfg.train.sequence_parallel
+    if sp > 1:
+        ok(_check_sequence_parallel(cfg, hf_config, device_type, world_size))
     if cfg.reference.name_or_path:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
@@ -239,14 +258,15 @@ def dry_run(
         sampler = PairSampler(
             lengths,
             pairs_per_step=pairs_per_step,
-            world_size=world_size,
+            world_size=world_size // sp,  # a sequence-parallel group shares its micro-batches
             rank=0,
             seed=cfg.train.seed,
-            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch,
+            max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch * sp,
             max_length=cfg.data.max_length,
             packing=cfg.data.packing,
             sources=sources if weights is not None else None,
             weights=weights,
+            multiple_of=sp,
         )
     except ValueError as e:
         message = str(e)
@@ -326,16 +346,17 @@ def dry_run(
         fused_optimizer=device_type != "cpu",
         dtype_bytes=torch.finfo(dtype).bits // 8,
         seq_tokens=max(1, int(np.mean(lengths))),
+        sequence_parallel=sp,
     )
     hardware = Hardware(world_size // gpus_per_node, gpus_per_node, gpu_mem_gib, peak_tflops)
     report.plan = plan_memory(shape, hardware, settings)
     # Step time: rank 0's micro-batches of step 0 at their real token counts.
     rate = settings.mfu * peak_tflops * 1e12
     report.step_seconds = sum(
-        micro_batch_flops(shape, dataclasses.replace(settings, micro_batch_tokens=mb.tokens)) / rate
+        micro_batch_flops(shape, dataclasses.replace(settings, micro_batch_tokens=mb.tokens // sp)) / rate
         for mb in packed.for_rank(0)
     )
-    report.recommendation = recommend(shape, hardware, settings, min_tokens=2 * cfg.data.max_length)
+    report.recommendation = recommend(shape, hardware, settings, min_tokens=-(-2 * cfg.data.max_length // sp))
     if not report.plan.fits:
         hint = _describe(report.recommendation)
         raise ConfigError(

@@ -314,6 +314,9 @@ class Settings:
     fused_head: bool = False  # train.fused_head resolved: no T×V logits (runtime/fused_head.py)
     fused_optimizer: bool = True  # GPU FusedAdam updates in place; torch's AdamW (CPU) makes temporaries
     lora: LoraShape | None = None  # model.lora: a frozen base, only the adapters (+ modules_to_save) train
+    # train.sequence_parallel: groups of this many ranks share a row of sequence_parallel x
+    # micro_batch_tokens tokens (Ulysses); micro_batch_tokens stays per rank
+    sequence_parallel: int = 1
     # Assumptions (stated in the output):
     mfu: float = 0.40
     fragmentation: float = 0.10  # allocator fragmentation on top of live tensors
@@ -415,6 +418,18 @@ class MemoryPlan:
         }
 
 
+def ulysses_bytes_per_token_layer(shape: ModelShape, dtype_bytes: int, sequence_parallel: int) -> int:
+    """What Ulysses adds per local token and layer (assumption): the attention core keeps its inputs and
+    output in the all-to-all's layout (q, k, v for the whole row at H/S heads, the same bytes as the local
+    q, k, v; key/value heads replicated up to S when there are fewer), and the output before the
+    reverse all-to-all."""
+    if sequence_parallel == 1:
+        return 0
+    q = shape.num_heads * shape.head_dim
+    kv = max(shape.num_kv_heads, sequence_parallel) * shape.head_dim
+    return (2 * q + 2 * kv) * dtype_bytes
+
+
 def activation_bytes_per_token_layer(shape: ModelShape, dtype_bytes: int) -> int:
     """Bytes one decoder layer keeps for its backward, per token (assumption: the formula below).
 
@@ -482,11 +497,14 @@ def _flops_params(shape: ModelShape) -> int:
 
 def micro_batch_flops(shape: ModelShape, settings: Settings) -> float:
     """Policy forward + backward (6·N·T, 8·N·T with recomputation), causal attention over sequences of
-    `seq_tokens` (assumption), and the online reference's forward (2·N·T)."""
+    `seq_tokens` (assumption), and the online reference's forward (2·N·T), per rank. Under sequence
+    parallelism (S ranks per row of S·T tokens) a rank's T queries attend over sequences of up to S·T
+    tokens (for H/S heads each of the group's S·T queries: the same count)."""
     t = settings.micro_batch_tokens
     n = _flops_params(shape)
     q_dim = shape.num_heads * shape.head_dim
-    attn_fwd = 2 * shape.num_layers * t * min(settings.seq_tokens, t) * q_dim  # QK^T and AV, causal half
+    row = settings.sequence_parallel * t
+    attn_fwd = 2 * shape.num_layers * t * min(settings.seq_tokens, row) * q_dim  # QK^T and AV, causal half
     if settings.lora is None:
         weights = (8 if settings.grad_checkpointing else 6) * n * t
     else:
@@ -535,6 +553,11 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
     buffers = (reduce_bucket * b if settings.contiguous_gradients else 0) + prefetch_bucket * b
     acts = activation_bytes(shape, t, b, settings.grad_checkpointing)
     acts_other = activation_bytes(shape, t, b, not settings.grad_checkpointing)
+    sp = settings.sequence_parallel
+    ulysses = ulysses_bytes_per_token_layer(shape, b, sp) * t
+    # with checkpointing one layer at a time is recomputed: its Ulysses copies only
+    ulysses_kept = ulysses * (2 if settings.grad_checkpointing else shape.num_layers + 1)
+    acts += ulysses_kept
     if lora is not None:
         acts += lora_activation_bytes(lora, shape, t, b, settings.grad_checkpointing)
         acts_other += lora_activation_bytes(lora, shape, t, b, not settings.grad_checkpointing)
@@ -620,6 +643,20 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
             "formula: activation_bytes_per_token_layer",
             assumption=True,
         ),
+        *(
+            []
+            if sp == 1
+            else [
+                Row(
+                    f"  of which Ulysses' all-to-all copies (sequence parallel {sp})",
+                    ulysses_kept,
+                    "-",
+                    f"a row of {sp * t:,} tokens over {sp} ranks; included above "
+                    "(formula: ulysses_bytes_per_token_layer)",
+                    assumption=True,
+                )
+            ]
+        ),
         Row(
             f"  (activations {'without' if settings.grad_checkpointing else 'with'} checkpointing, not used)",
             acts_other,
@@ -687,6 +724,11 @@ def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> Me
         f"runtime reserve {settings.runtime_reserve_gib:g} GiB per GPU (CUDA context, NCCL, workspaces)",
         "not modelled: CPU-Adam and PCIe time under offload; the reference engine's own live parameters",
     ]
+    if sp > 1:
+        assumptions.append(
+            f"sequence parallel {sp}: Ulysses' all-to-all copies per layer (ulysses_bytes_per_token_layer); "
+            "its all-to-all time is not in the step time"
+        )
     if lora is not None:
         assumptions.append(
             "LoRA activations: lora_A's output (r per adapted layer and token) and, with dropout, each "
@@ -812,8 +854,14 @@ def format_plan(
         f"cluster: {hw.nodes} node(s) × {hw.gpus_per_node} GPU(s) = {hw.world_size} ranks, "
         f"{hw.gpu_mem_gib:g} GiB per GPU",
         f"settings: {'bf16' if s.dtype_bytes == 2 else 'fp32'}, ZeRO-3, "
-        f"micro-batch {s.micro_batch_tokens:,} tokens, "
-        f"offload optimizer {'on' if s.offload_optimizer else 'off'}, offload parameters "
+        f"micro-batch {s.micro_batch_tokens:,} tokens"
+        + (
+            f" per rank (sequence parallel {s.sequence_parallel}: rows of "
+            f"{s.sequence_parallel * s.micro_batch_tokens:,} tokens), "
+            if s.sequence_parallel > 1
+            else ", "
+        )
+        + f"offload optimizer {'on' if s.offload_optimizer else 'off'}, offload parameters "
         f"{'on' if s.offload_param else 'off'}, "
         f"gradient checkpointing {'on' if s.grad_checkpointing else 'off'}, "
         f"reference {s.reference}{' (offloaded)' if s.reference_offload and s.reference == 'online' else ''}",
@@ -910,6 +958,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seq-tokens", type=int, default=Settings.seq_tokens, help="assumed mean sequence length"
     )
+    parser.add_argument(
+        "--sequence-parallel",
+        type=int,
+        default=1,
+        help="train.sequence_parallel: ranks per row (--micro-batch-tokens stays per rank)",
+    )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
@@ -918,9 +972,15 @@ def main(argv: list[str] | None = None) -> int:
             ("--nodes", args.nodes),
             ("--gpus-per-node", args.gpus_per_node),
             ("--micro-batch-tokens", args.micro_batch_tokens),
+            ("--sequence-parallel", args.sequence_parallel),
         ):
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if (args.nodes * args.gpus_per_node) % args.sequence_parallel:
+            raise ConfigError(
+                f"--sequence-parallel: {args.sequence_parallel} does not divide the "
+                f"{args.nodes * args.gpus_per_node} ranks"
+            )
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu: must lie in (0, 1], got {args.mfu}")
         if args.lora_r < 0:
@@ -929,6 +989,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--reference: adapters_off needs LoRA adapters to switch off (--lora-r > 0)")
         hf_config = load_hf_config(args.model, trust_remote_code=args.trust_remote_code)
         shape = model_shape(hf_config, trust_remote_code=args.trust_remote_code)
+        sp = args.sequence_parallel
+        if shape.num_heads % sp or (shape.num_kv_heads % sp and sp % shape.num_kv_heads):
+            raise ConfigError(
+                f"--sequence-parallel: {sp} must divide the model's {shape.num_heads} attention heads, and "
+                f"its {shape.num_kv_heads} key/value heads must be a multiple or a divisor of it"
+            )
         lora = None
         if args.lora_r:
             targets = args.lora_targets.strip()
@@ -950,6 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
             mfu=args.mfu,
             seq_tokens=args.seq_tokens,
             fused_head=args.fused_head,
+            sequence_parallel=args.sequence_parallel,
         )
         if args.ds:
             from hdpo_ds.runtime.engine import load_ds_config
