@@ -157,24 +157,20 @@ def test_two_rank_zero3_moe_step0_equals_one_process(assets, tmp_path):
     """The tiny Mixtral (4 experts, top-2) on 2 ranks of ZeRO-3 (persistence threshold 0, every expert
     tensor partitioned; the sparse blocks leaves, model.moe_leaf_modules), router loss weight 0.5 so
     that it shows: step-0 loss, moe/aux_loss and the full gathered gradient equal the one-process
-    computation over the same micro-batches (rtol 1e-5)."""
+    computation over the same micro-batches (rtol 1e-5). The run goes on to step 1 with a checkpoint after
+    each step; resumed after step 0 with the reference cached instead (reference.mode=auto computes it
+    first), it ends with the same weights."""
     model_dir = tmp_path / "moe"
     model = _tiny_moe(len(assets["tokenizer"]))
     model.save_pretrained(model_dir)
     assets["tokenizer"].save_pretrained(model_dir)
     coef = 0.5
-    run = launch(
-        assets,
-        "moe2",
-        "deepspeed",
-        1,
-        extra=[
-            f"model.name_or_path={model_dir}",
-            f"model.router_aux_loss_coef={coef}",
-            "model.moe_leaf_modules=true",
-            "train.export_hf=false",
-        ],
-    )
+    moe = [
+        f"model.name_or_path={model_dir}",
+        f"model.router_aux_loss_coef={coef}",
+        "model.moe_leaf_modules=true",
+    ]
+    run = launch(assets, "moe2", "deepspeed", 2, extra=[*moe, "train.save_every=1"])
     loss, aux, grads = _moe_step0(model_dir, assets, coef)
     metrics = run["metrics"]
     assert metrics["moe/aux_weight"][0] == coef
@@ -184,4 +180,22 @@ def test_two_rank_zero3_moe_step0_equals_one_process(assets, tmp_path):
     assert math.isfinite(metrics["moe/load_max_over_mean/layer1"][0])
     assert_grads_close(torch.load(run["dir"] / "diagnostics" / "grads_step0.pt"), grads)
     assert run["params"]["run.moe_leaf_modules"] == "MixtralSparseMoeBlock"
+    first = run["dir"] / "checkpoints" / "step00000001"
+    resumed = launch(
+        assets,
+        "moe2_resumed",
+        "deepspeed",
+        2,
+        extra=[*moe, f"train.resume={first}", "reference.mode=auto", "train.dump_gradients_at=[]"],
+    )
+    assert "resumed from" in resumed["stderr"] and "reference: cached values" in resumed["stderr"]
+    from safetensors.torch import load_file
+
+    got = load_file(str(resumed["dir"] / "hf" / "model.safetensors"))
+    expected = load_file(str(run["dir"] / "hf" / "model.safetensors"))
+    assert set(got) == set(expected)
+    # the cached sums (float64) differ from the online ones (float32) by ~1e-7 relative; Adam can turn that
+    # into ~1e-7 on a weight whose gradient is near 0: 1e-6 is a thousandth of one step (lr 1e-3)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
     assert json.loads((run["dir"] / "run_info.json").read_text())["run_id"]
