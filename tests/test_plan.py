@@ -659,7 +659,8 @@ def test_sequence_parallel_rows_and_flops_by_hand(shapes):
 
 def test_dry_run_35b_plans_128k_pairs_with_sequence_parallel(capsys, monkeypatch):
     """128k-token pairs on 16 ranks: refused without sequence parallelism (a pair cannot fit 16k tokens),
-    planned and fitting with train.sequence_parallel=8 (2 groups); eager attention is refused by key."""
+    planned and fitting with train.sequence_parallel=8 (2 groups); eager attention is refused by key, and
+    so is model.moe_leaf_modules for the dense 35B."""
     monkeypatch.chdir(ROOT)
     args = BIG_35B_16
     long = [
@@ -678,3 +679,5 @@ def test_dry_run_35b_plans_128k_pairs_with_sequence_parallel(capsys, monkeypatch
         capsys, *args, *long, "train.sequence_parallel=8", "model.attn_implementation=eager"
     )
     assert code == 2 and "model.attn_implementation: eager cannot run under train.sequence_parallel" in err
+    code, _, err = dry_run(capsys, *args, *BIG_PATHS, "model.moe_leaf_modules=true")
+    assert code == 2 and "model.moe_leaf_modules: true, but" in err

@@ -4,11 +4,11 @@
 
 All ranks run the reference (ZeRO-3 inference) over the same tokenized pairs as training, shard by
 shard: each shard's pairs are packed for the world size (every rank runs the same number of
-forwards, fillers included), the per-pair sums (float64) are gathered to rank 0, which writes the shard
-atomically. A killed precompute resumes at the first shard that is not complete; the manifest is
-written last, so an unfinished cache is never read. Fault injection for tests:
-HDPO_FAULT_EXIT_AFTER_SHARDS=N makes every rank exit (code 17) right after the N-th shard this
-process wrote.
+forwards, fillers included; under train.sequence_parallel for the groups, each rank forwarding its
+slice), the per-pair sums (float64) are gathered to rank 0, which writes the shard atomically. A
+killed precompute resumes at the first shard that is not complete; the manifest is written last, so an
+unfinished cache is never read. Fault injection for tests: HDPO_FAULT_EXIT_AFTER_SHARDS=N makes every
+rank exit (code 17) right after the N-th shard this process wrote.
 """
 
 from __future__ import annotations

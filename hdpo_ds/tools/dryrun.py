@@ -159,6 +159,11 @@ def dry_run(
         if shape.num_experts
         else ""
     )
+    if cfg.model.moe_leaf_modules and not shape.num_experts:
+        raise ConfigError(
+            f"model.moe_leaf_modules: true, but {cfg.model.name_or_path} is not a mixture-of-experts model; "
+            "set it false"
+        )
     ok(f"model.name_or_path: {shape.model_type}, {shape.num_params:,} parameters (meta device){experts}")
     lora = None
     if lora_enabled(cfg):  # peft's wrap on the meta device, counted exactly (the planner's LoraShape)
