@@ -9,7 +9,7 @@ the same 2 pairs per step. Tokens/s is the runs' MLflow metric (median after ste
 largest peak RSS over the ranks (`memory/peak_host_rss_mib_max_over_ranks`).
 
     .venv/bin/python bench/sequence_parallel.py [--lengths 2048,4096,8192,16384] [--steps 4] \
-        [--hidden 256] [--layers 4]
+        [--hidden 256] [--layers 4] [--kv-heads 2]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2, help="key/value heads (4 query heads; 4: no GQA)")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -77,6 +78,7 @@ def main() -> None:
         with open(os.path.join(model, "config.json")) as f:
             config = json.load(f)
         config["max_position_embeddings"] = 2 * max(int(x) for x in args.lengths.split(","))
+        config["num_key_value_heads"] = args.kv_heads
         with open(os.path.join(model, "config.json"), "w") as f:
             json.dump(config, f)
         for length in (int(x) for x in args.lengths.split(",")):
@@ -108,7 +110,8 @@ def main() -> None:
                     )
                 rows.append((length, sp, budget, result))
     print(
-        f"\n2 ranks, ZeRO-3, CPU, Llama hidden {args.hidden} x {args.layers} layers, reference online, "
+        f"\n2 ranks, ZeRO-3, CPU, Llama hidden {args.hidden} x {args.layers} layers, 4 query / "
+        f"{args.kv_heads} key-value heads, reference online, "
         f"2 pairs per step, {args.steps} steps, median tokens/s after step 1\n"
     )
     print(
