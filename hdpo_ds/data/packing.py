@@ -95,7 +95,8 @@ class PackingStats:
 class PackedBatch:
     """One micro-batch as tensors.
 
-    Packed mode: B == 1; the sequences are concatenated in one row of length L = their total length, and
+    Packed mode: B == 1; the sequences are concatenated in one row of length L = their total length (plus
+    fewer than N pad tokens at the end under sequence parallelism, :func:`pad_row`), and
     ``position_ids`` restart at 0 at each sequence start (transformers then keeps the sequences apart when no
     attention mask is passed). Padded mode: one sequence per row (B = number of sequences), right-padded with
     ``pad_token_id`` to the longest; ``position_ids`` run 0..L-1 on every row; ``attention_mask`` marks real
