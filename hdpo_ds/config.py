@@ -75,7 +75,7 @@ class ModelConfig:
     from_scratch: bool = False
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: follows the ds_config
     attn_implementation: Literal[
-        "auto", "flash_attention_2", "sdpa_packed", "eager_packed", "sdpa", "eager"
+        "auto", "torch_varlen", "flash_attention_2", "sdpa_packed", "eager_packed", "sdpa", "eager"
     ] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
@@ -202,6 +202,9 @@ class TrainConfig:
     # Ulysses sequence parallelism: groups of this many ranks share each micro-batch's tokens
     # (runtime/sequence_parallel.py); data.max_tokens_per_micro_batch stays per rank
     sequence_parallel: int = 1
+    # One device's peak TFLOPS for perf/mfu; 0: the GPU table (runtime/perf.py) or, on a CPU or an
+    # unknown GPU, a matrix product measured at start-up
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -468,6 +471,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {e}") from None
     if not cfg.train.dist_timeout_minutes > 0:
         raise ConfigError(f"train.dist_timeout_minutes: must be > 0, got {cfg.train.dist_timeout_minutes}")
+    if not cfg.train.peak_tflops >= 0:
+        raise ConfigError(
+            f"train.peak_tflops: must be >= 0 (0: the GPU table or a measurement), got "
+            f"{cfg.train.peak_tflops}"
+        )
     _validate_lora(cfg)
     _validate_reference_sync(cfg)
     if cfg.reference.mode == "cached" and not cfg.reference.cache_path:

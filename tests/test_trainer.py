@@ -179,13 +179,38 @@ def test_step_metrics_are_what_the_batch_implies(assets, request, run, world_siz
     sequences); `packing_fill` = tokens / (micro-batches of all ranks x budget); `padding_fraction` = pad /
     tensor tokens, where a padded micro-batch is 2 x pairs rows of its longest sequence (fillers count) and
     a packed one has none; `tokens_per_second` = tokens / `step_time_s`, and the steps took less time than
-    the whole launch; the per-token means divide the per-pair sums by the step's response tokens."""
+    the whole launch; the per-token means divide the per-pair sums by the step's response tokens.
+    `perf/mfu` = the step's model FLOPs by hand / (step time x peak x ranks): the tiny Llama (hidden 32,
+    2 layers, 4 heads of 8, 2 key/value heads, MLP 64, vocabulary 512, untied) has N = 2 x (32·32 + 2·32·16
+    + 32·32 + 3·32·64 + 2·32) + 32 + 512·32 = 34,976 parameters besides the input embedding; the policy
+    trains (6·N per token) and the online reference runs forward (2·N); causal attention costs
+    2·2 layers·32·n² per sequence forward, 3 times that for the policy and once for the reference."""
     result = request.getfixturevalue(run)
     metrics = result["metrics"]
+    flop_params = 34_976
+    assert int(result["params"]["run.flop_params"]) == flop_params
+    peak = float(result["params"]["run.peak_tflops"]) * 1e12
+    assert result["params"]["run.peak_tflops_source"] == "measured: cpu float32 matmul"
     for step in range(steps):
         pairs, packed = _step_pairs(assets, step, world_size, packing)
         tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
         assert metrics["tokens"][step] == tokens, step
+        squares = sum(
+            (len(p.prompt_ids) + len(p.chosen_ids)) ** 2 + (len(p.prompt_ids) + len(p.rejected_ids)) ** 2
+            for p in pairs
+        )
+        flops = (6 + 2) * flop_params * tokens + (3 + 1) * 2 * 2 * 32 * squares
+        step_time = metrics["step_time_s"][step]
+        assert metrics["perf/mfu"][step] == pytest.approx(flops / (step_time * peak * world_size), rel=1e-9)
+        assert metrics["perf/tokens_per_second_per_device"][step] == pytest.approx(
+            tokens / (step_time * world_size), rel=1e-12
+        )
+        phases = sum(
+            metrics[f"perf/time/{name}_s"][step]
+            for name in ("data", "forward", "backward", "optimizer", "reference", "other")
+        )
+        assert phases == pytest.approx(step_time, rel=1e-9)
+        assert min(metrics[f"perf/time/{name}_s"][step] for name in ("forward", "backward", "reference")) > 0
         micro_batches = [mb for rank in packed.ranks for mb in rank]
         assert len(micro_batches) == world_size * packed.micro_batches_per_rank
         assert metrics["packing_fill"][step] == pytest.approx(

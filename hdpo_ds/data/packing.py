@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -116,6 +117,13 @@ class PackedBatch:
     - ``is_chosen`` (num_seqs,): True for chosen sequences.
     - ``num_real_tokens``: non-padding tokens in the tensors (a filler's included).
     - ``weight``: 1.0, or 0.0 for a filler micro-batch (multiply its loss by it; skip it in metrics).
+    - ``seq_offsets`` (packed only; ``()`` when padded): the row offsets where the row's position runs
+      start, and the row length last: host ints, computed once here, so no attention layer reads
+      position_ids back from the device. Every run counts, the sequence-parallel pad run too; under
+      sequence parallelism a shard keeps the whole row's offsets (what the attention core sees after
+      Ulysses' all-to-all). ``cu_seq_lens`` is the same as an int32 tensor (S + 1,), moved with the batch;
+      ``max_seq_len`` the longest run. ``model_inputs`` hands them to the model as transformers'
+      ``cu_seq_lens_q/k`` and ``max_length_q/k`` (docs/design.md §5 rule 13).
     """
 
     input_ids: torch.Tensor
@@ -128,6 +136,9 @@ class PackedBatch:
     num_real_tokens: int
     weight: float
     attention_mask: torch.Tensor | None = None
+    seq_offsets: tuple[int, ...] = ()
+    cu_seq_lens: torch.Tensor | None = None
+    max_seq_len: int = 0
 
     @property
     def num_pairs(self) -> int:
@@ -143,6 +154,16 @@ class PackedBatch:
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
+        if self.cu_seq_lens is not None:
+            # The host copy rides on the tensor for the per-sequence paths (runtime/attention.py), so
+            # they slice without reading the device; varlen kernels take the tensor itself.
+            self.cu_seq_lens.host_offsets = self.seq_offsets
+            inputs.update(
+                cu_seq_lens_q=self.cu_seq_lens,
+                cu_seq_lens_k=self.cu_seq_lens,
+                max_length_q=self.max_seq_len,
+                max_length_k=self.max_seq_len,
+            )
         return inputs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
@@ -360,20 +381,40 @@ def pad_row(batch: PackedBatch, multiple_of: int, pad_token_id: int) -> PackedBa
     def extend(t: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
         return torch.cat([t, tail.to(t.device, t.dtype)[None]], dim=1)
 
+    length = batch.input_ids.shape[1]
     return dataclasses.replace(
         batch,
         input_ids=extend(batch.input_ids, torch.full((k,), pad_token_id)),
         position_ids=extend(batch.position_ids, torch.arange(k)),
         labels=extend(batch.labels, torch.full((k,), IGNORE_INDEX)),
         seq_index=extend(batch.seq_index, torch.full((k,), -1)),
+        **_boundaries([*batch.seq_offsets[:-1], length, length + k]),
     )
+
+
+def _boundaries(offsets: Sequence[int]) -> dict[str, Any]:
+    """seq_offsets, cu_seq_lens and max_seq_len of a packed row from its run offsets (row length last)."""
+    offsets = tuple(int(x) for x in offsets)
+    return {
+        "seq_offsets": offsets,
+        "cu_seq_lens": torch.tensor(offsets, dtype=torch.int32),
+        "max_seq_len": max(b - a for a, b in itertools.pairwise(offsets)),
+    }
+
+
+def boundaries_from_positions(position_ids: torch.Tensor) -> tuple[int, ...]:
+    """The run offsets of a packed row read from its position_ids (1, L): where they are 0, and L
+    (a host sync on a device tensor: what the collator's ``seq_offsets`` spare every layer)."""
+    starts = torch.nonzero(position_ids[0] == 0)[:, 0].tolist()
+    return (*starts, int(position_ids.shape[1]))
 
 
 def sequence_shard(batch: PackedBatch, size: int, rank: int) -> PackedBatch:
     """Shard ``rank`` of ``size`` equal, consecutive slices of a packed row (its length a multiple of
     ``size``: :func:`pad_row`): input_ids, position_ids, labels and seq_index (1, L / size). Labels are
     already shifted, so a slice's logits predict its own labels even where a sequence straddles the cut;
-    the per-sequence metadata (pair_index, is_chosen, pair_ids, num_real_tokens) stays the whole row's."""
+    the per-sequence metadata (pair_index, is_chosen, pair_ids, num_real_tokens) and the boundaries
+    (seq_offsets, cu_seq_lens, max_seq_len) stay the whole row's."""
     length = batch.input_ids.shape[1]
     if batch.attention_mask is not None or length % size:
         raise ValueError(f"sequence_shard: a packed row of length {length} does not split into {size} shards")
@@ -438,7 +479,9 @@ def _sequence_tensors(
         labels = np.concatenate([shifted_labels(s, p) for s, p in zip(seqs, prompt_lens, strict=True)])[None]
         seq_index = np.repeat(np.arange(num_seqs), seq_lens)[None]
         attention_mask = None
+        bounds = _boundaries(np.concatenate([[0], np.cumsum(seq_lens)]))
     else:
+        bounds = {}
         width = int(seq_lens.max())
         input_ids = np.full((num_seqs, width), pad_token_id, dtype=np.int64)
         labels = np.full((num_seqs, width), IGNORE_INDEX, dtype=np.int64)
@@ -456,6 +499,7 @@ def _sequence_tensors(
         "seq_index": torch.from_numpy(seq_index),
         "num_real_tokens": int(seq_lens.sum()),
         "attention_mask": attention_mask,
+        **bounds,
     }
 
 

@@ -355,9 +355,9 @@ def run_precompute(cfg: Config, ds_config_path: str) -> dict[str, str]:
     check_data_options(cfg)
     engine.init_distributed(cfg.train.dist_timeout_minutes)
     device_type, device = engine.device_type(), engine.current_device()
-    sequence_parallel.setup(cfg, device_type)
-    splits = {name: prepare_split(cfg, name, tokenizer) for name in split_sources(cfg)}
     dtype = engine.resolve_dtype(cfg, infer_ds)
+    sequence_parallel.setup(cfg, device_type, dtype)
+    splits = {name: prepare_split(cfg, name, tokenizer) for name in split_sources(cfg)}
     hidden = getattr(load_model_config(cfg.model), "hidden_size", None)
     ref_ds = engine.fill_ds_config(
         infer_ds,

@@ -26,6 +26,7 @@ entropy feeds the alpha controller, whose alpha the next step trains at.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ from hdpo_ds.reference.sources import (
     OnlineReference,
     pair_sequence_indices,
 )
-from hdpo_ds.runtime import checkpoint, dist, engine, lora, sequence_parallel, stop
+from hdpo_ds.runtime import checkpoint, dist, engine, lora, perf, sequence_parallel, stop
 from hdpo_ds.runtime.fused_head import (
     head_transform,
     policy_token_stats,
@@ -209,7 +210,8 @@ class PreferenceRecipe:
         check_data_options(cfg)
 
         s.start_distributed()
-        self.sp = sequence_parallel.setup(cfg, s.device_type)
+        s.resolve_dtype()
+        self.sp = sequence_parallel.setup(cfg, s.device_type, s.dtype)
         self.splits = {name: prepare_split(cfg, name, s.tokenizer) for name in split_sources(cfg)}
         self.train_data = self.splits["train"].data
         self.eval_data = self.splits["eval"].data if "eval" in self.splits else None
@@ -233,7 +235,6 @@ class PreferenceRecipe:
         self.eval_num_sources = len(self.splits["eval"].records.entries.specs) if self.eval_data else 0
         self.eval_sources = self.eval_data.pairs.sources if self.eval_num_sources > 1 else None
         s.find_resume_point()
-        s.resolve_dtype()
         self.ref_ds = (
             s.fill_ds_config(infer_ds_config, training=False, dtype=s.dtype) if needs_reference else None
         )
@@ -241,6 +242,7 @@ class PreferenceRecipe:
         self.fused_head = self._use_fused_head()
         self._setup_reference()
         self.moe = self._moe_settings()
+        self._setup_perf()
         self._resume()
         self._open_logger()
         modifiers = "".join(
@@ -269,6 +271,29 @@ class PreferenceRecipe:
             packing=self.cfg.data.packing,
             multiple_of=self.sp.size,
         )
+
+    def _setup_perf(self) -> None:
+        """What perf/mfu needs (runtime/perf.py): the FLOP counts of the policy and of a reference that
+        runs a forward (its own engine, or the policy's base with the adapters off; a cache runs none),
+        the device's peak, and the timer of the step's phases."""
+        s = self.session
+        routing = moe_routing(s.policy.module.config)
+        self.flop_counts = perf.count_flop_params(
+            s.policy.module, s.policy.module.config, routing[0] if routing else 0
+        )
+        self.reference_counts = None
+        if self.reference_source == "engine":
+            module = self.references["train"].engine.module
+            routing = moe_routing(module.config)
+            self.reference_counts = perf.count_flop_params(
+                module, module.config, routing[0] if routing else 0
+            )
+        elif self.reference_source == "adapters_off":
+            self.reference_counts = dataclasses.replace(self.flop_counts, trained=0)
+        self.peak_tflops, self.peak_source = perf.device_peak_tflops(
+            s.device, s.dtype, self.cfg.train.peak_tflops
+        )
+        self.timer = perf.StepTimer(s.device)
 
     def _setup_reference(self) -> None:
         """The reference (`reference_source`): its own engine (`engine`), the policy's engine with its LoRA
@@ -384,6 +409,9 @@ class PreferenceRecipe:
             params[f"data.{name}"] = count
         params.update(source_params(train_split, self.sampler.quotas))
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
+        params["run.peak_tflops"] = self.peak_tflops
+        params["run.peak_tflops_source"] = self.peak_source
+        params["run.flop_params"] = self.flop_counts.params
         if self.reference_source in ("engine", "adapters_off"):
             # TDPO's reference head runs inside the policy's fused pass (objectives/fused_head.py)
             online = self.references["train"]
@@ -402,8 +430,9 @@ class PreferenceRecipe:
         s.open_logger(params, artifacts)
         if dist.is_main_process() and not s.resume_state:
             logger.info(
-                "attention implementation: %s; MLflow run %s at %s",
+                "attention implementation: %s (%s); MLflow run %s at %s",
                 s.loaded.attn_implementation,
+                s.loaded.attn_reason,
                 s.run_logger.run_id,
                 s.run_logger.tracking_uri,
             )
@@ -424,6 +453,8 @@ class PreferenceRecipe:
         policy, device, step, alpha = s.policy, s.device, s.step, self.alpha
         self.last_alpha = alpha
         started = time.perf_counter()
+        timer = self.timer
+        timer.begin()
         lr = policy.get_lr()[0]  # the rate this step's update uses (the scheduler advances in step())
         policy.train()
         acc = self._accumulator(device)
@@ -431,20 +462,26 @@ class PreferenceRecipe:
         # DeepSpeed averages over all ranks; a group's ranks share its pairs, and the gather's backward
         # sums the group's identical losses: so each pair counts once (docs/design.md §5)
         scale = self.sp.data_size / assignment.num_pairs
-        real_tokens = 0
+        real_tokens, model_flops = 0, 0.0
         if self.moe is not None:  # the router loss of a micro-batch weighs by its share of the step's tokens
             step_tokens = sum(mb.tokens for rank in assignment.packed.ranks for mb in rank if not mb.filler)
             moe_counts, moe_aux = None, 0.0
-        coupled = self._coupling(
-            self.references["train"], assignment.pairs(self.train_data.pairs), assignment
-        )
+        with timer.phase("forward"):
+            coupled = self._coupling(
+                self.references["train"], assignment.pairs(self.train_data.pairs), assignment
+            )
         bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss or gradient here
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            batch = self._collate(assignment.pairs(self.train_data.pairs), mb).to(device)
+            with timer.phase("data"):
+                host = self._collate(assignment.pairs(self.train_data.pairs), mb)
+                batch = host.to(device)
             policy.set_gradient_accumulation_boundary(last)
             planted = s.faults.plant_nan_gradient(step, i, policy)
-            out = self._run_batch(self.references["train"], batch, track_grad=True, alpha=alpha, **coupled[i])
+            with timer.phase("forward"):
+                out = self._run_batch(
+                    self.references["train"], batch, track_grad=True, alpha=alpha, **coupled[i]
+                )
             out.loss.losses = s.faults.plant_nan(step, i, out.loss.losses)
             losses = out.loss.losses
             finite = torch.isfinite(losses).all()
@@ -461,16 +498,25 @@ class PreferenceRecipe:
                     moe_aux = moe_aux + out.router.aux.detach() * share
             bad |= ~finite
             loss = torch.where(finite, loss, torch.zeros((), device=device, dtype=loss.dtype))
-            policy.backward(loss)
+            with timer.phase("backward"):
+                policy.backward(loss)
             if planted is not None:
                 planted.remove()
-            if not last:
-                policy.step()
-            else:
-                skip_step = self._update(bad)
+            with timer.phase("optimizer"):
+                if not last:
+                    policy.step()
+                else:
+                    skip_step = self._update(bad)
             if not mb.filler and self.sp.reports:  # a group's pairs count once
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
+                model_flops += perf.micro_batch_flops(
+                    self.flop_counts,
+                    batch.num_real_tokens,
+                    _sum_squared_lengths(host),
+                    reference=self.reference_counts,
+                    policy_forwards=1 if self.objective.coupling == "sort" else 0,
+                )
         acc.add("real_tokens", real_tokens)
         acc.add("stop_requests", 1.0 if stop.received() else 0.0)  # rides in the metrics collective below
         # The same on every rank: summed over ranks here (no host sync of its own), divided back below.
@@ -483,8 +529,11 @@ class PreferenceRecipe:
             router_sums.update(
                 {f"moe_count/{i}/{e}": moe_counts[i, e] for i in range(layers) for e in range(experts)}
             )
-        sums = dist.reduce_sums({**acc.sums, "grad_norm": norm, **router_sums}, device=device)
+        sums = dist.reduce_sums(
+            {**acc.sums, "grad_norm": norm, "model_flops": model_flops, **router_sums}, device=device
+        )
         elapsed = time.perf_counter() - started
+        phases = timer.read()  # after the reduction's host sync: the CUDA events are done
         metrics = acc.metrics(sums)
         if self.moe is not None:
             metrics.update(_router_metrics(sums, moe_counts.shape, self.moe[1]))
@@ -504,6 +553,7 @@ class PreferenceRecipe:
                 "packing_fill": stats.fill,
                 "tokens": sums["real_tokens"],
                 "step_time_s": elapsed,
+                **_perf_metrics(sums, elapsed, phases, self.peak_tflops, s.world_size),
             }
         )
         metrics.update(self._coupling_metrics(sums, skip_step))
@@ -624,7 +674,8 @@ class PreferenceRecipe:
         )
 
     def _reference_values(self, reference, batch: PackedBatch):
-        return self.objective.reference_values(reference, batch, self._ld_weights(batch))
+        with self.timer.phase("reference"):
+            return self.objective.reference_values(reference, batch, self._ld_weights(batch))
 
     def _run_batch(
         self,
@@ -652,7 +703,8 @@ class PreferenceRecipe:
         # TDPO through the fused head reads the reference's hidden states instead of its logits, below
         fused_kl = self.fused_head and objective.has_kl
         if ref_values is None and objective.needs_reference and not fused_kl:
-            ref_values = objective.reference_values(reference, batch, ld_weights)
+            with self.timer.phase("reference"):
+                ref_values = objective.reference_values(reference, batch, ld_weights)
         ref_seq, ref_logits = ref_values if ref_values is not None else (None, None)
         policy = self.session.policy
         call, routed = policy, []
@@ -765,6 +817,7 @@ class PreferenceRecipe:
             "margin": f"{metrics['rewards/margins']:.3f}",
             "acc": f"{metrics['rewards/accuracies']:.2f}",
             "tok_s": f"{metrics['tokens_per_second']:.0f}",
+            "mfu": f"{metrics['perf/mfu']:.1%}",
         }
         s.log_step(metrics, postfix)
         s.stop_if_nonfinite(self.save)
@@ -1034,6 +1087,29 @@ def _alpha_controller(cfg: Config) -> AlphaController | None:
         max_change=loss.alpha_max_change,
         ema_decay=loss.alpha_ema,
     )
+
+
+def _sum_squared_lengths(batch: PackedBatch) -> int:
+    """Σ n² over the batch's sequences (causal attention's cost), from host data: the collator's run
+    offsets when packed (a sequence-parallel pad run included), the attention mask when padded (read
+    before the batch moves to the device)."""
+    if batch.seq_offsets:
+        return sum((b - a) ** 2 for a, b in itertools.pairwise(batch.seq_offsets))
+    return int((batch.attention_mask.sum(dim=1) ** 2).sum())
+
+
+def _perf_metrics(sums: dict, elapsed: float, phases: dict, peak_tflops: float, world_size: int) -> dict:
+    """perf/* of a step: MFU over all devices, tokens/s and achieved TFLOPS per device, and this rank's
+    time per phase (runtime/perf.py StepTimer; `other`: the collectives and bookkeeping between)."""
+    per_device = sums["model_flops"] / (elapsed * world_size)
+    metrics = {
+        "perf/mfu": per_device / (peak_tflops * 1e12),
+        "perf/tflops_per_device": per_device / 1e12,
+        "perf/tokens_per_second_per_device": sums["real_tokens"] / (elapsed * world_size),
+    }
+    metrics.update({f"perf/time/{name}_s": seconds for name, seconds in phases.items()})
+    metrics["perf/time/other_s"] = elapsed - sum(phases.values())
+    return metrics
 
 
 def _report_alerts(alerts, output_dir: str, run_logger, progress) -> None:

@@ -264,6 +264,7 @@ class TrainingSession:
             "run.device": self.device_type,
             "run.dtype": self.dtype_name,
             "run.attn_implementation": self.loaded.attn_implementation,
+            "run.attn_reason": self.loaded.attn_reason,
             "run.moe_leaf_modules": ",".join(self.moe_leaves) or "none",
         }
 

@@ -2,15 +2,21 @@
 it asks for.
 
 Packed micro-batches carry several sequences per row with position_ids restarting at 0 and no mask;
-`sdpa_packed` and `eager_packed` (registered with transformers' AttentionInterface) attend within each
-sequence. `select_attention` picks or checks an implementation against what the model's config asks
-for (`attention_features`), so a feature the implementation lacks is refused, never silently dropped.
+`torch_varlen` (torch's flash-attention varlen kernel, CUDA), `sdpa_packed` and `eager_packed`
+(registered with transformers' AttentionInterface) attend within each sequence, at the boundaries the
+collator computed once per micro-batch (`PackedBatch.seq_offsets` / `cu_seq_lens`), so no layer reads
+position_ids back from the device. `choose_attention` picks or checks an implementation against what
+the model's config asks for (`attention_features`) and what the device and dtype run, and says why; a
+feature the implementation lacks is refused, never silently dropped.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import importlib.util
+import inspect
 import itertools
 
 import torch
@@ -22,13 +28,18 @@ __all__ = [
     "ATTENTION_SUPPORT",
     "EAGER_PACKED",
     "SDPA_PACKED",
+    "TORCH_VARLEN",
+    "AttentionChoice",
     "attention_features",
     "check_attention",
+    "choose_attention",
     "select_attention",
 ]
 
 SDPA_PACKED = "sdpa_packed"
 EAGER_PACKED = "eager_packed"
+TORCH_VARLEN = "torch_varlen"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # What each attention implementation applies on the rows hdpo_ds feeds it (packed: position_ids restart
 # at 0 per sequence and no attention mask; padded: a mask). A model asking for a feature its
@@ -49,6 +60,8 @@ ATTENTION_SUPPORT: dict[str, frozenset[str]] = {
     SDPA_PACKED: frozenset({"sliding_window", "mask_packing"}),
     EAGER_PACKED: frozenset({"sliding_window", "softcap", "sinks", "no_sdpa", "mask_packing"}),
     "flash_attention_2": frozenset({"sliding_window", "softcap", "no_sdpa"}),
+    # torch >= 2.11 takes a window (window_size); 2.10 only is_causal (_varlen_signature)
+    TORCH_VARLEN: frozenset({"no_sdpa", "mask_packing"}),
 }
 # Found by feeding two packed sequences through eager attention in transformers 5.23 (the second one's
 # log-probs changed); tests/test_attention.py checks gpt_oss. Their masks ignore position_ids; the
@@ -116,6 +129,120 @@ def _flash_available(device_type: str) -> bool:
     return device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.cache
+def _varlen_signature() -> tuple | None:
+    """torch's varlen_attn, whether it takes window_size (torch >= 2.11; 2.10 has is_causal instead)
+    and enable_gqa; None before torch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+if (_varlen_signature() or (None, False))[1]:
+    ATTENTION_SUPPORT[TORCH_VARLEN] = ATTENTION_SUPPORT[TORCH_VARLEN] | {"sliding_window"}
+
+# What `auto` tries, in order: kernels over the whole packed row first, then the per-sequence loops.
+AUTO_ORDER = {
+    True: (TORCH_VARLEN, "flash_attention_2", SDPA_PACKED, EAGER_PACKED),
+    False: ("flash_attention_2", "sdpa", "eager"),
+}
+_KERNELS = (TORCH_VARLEN, "flash_attention_2")
+
+
+def _cannot_run(name: str, device_type: str, dtype: torch.dtype | None, head_dim: int | None):
+    """Why `name` cannot run here: ("missing", why) when this machine lacks it (CUDA, the package, the
+    torch release), ("routed", why) when the kernel lacks this dtype, GPU generation or head size;
+    None when it runs. A None dtype or head_dim is not checked."""
+    if name not in _KERNELS:
+        return None
+    if device_type != "cuda":
+        return "missing", "needs CUDA"
+    if name == TORCH_VARLEN and _varlen_signature() is None:
+        return "missing", f"needs torch >= 2.10 (torch.nn.attention.varlen; this is {torch.__version__})"
+    if name == "flash_attention_2" and not _flash_available(device_type):
+        return "missing", "needs the flash-attn package (pip install flash-attn, or -e '.[gpu]')"
+    if dtype is not None and dtype not in HALF_DTYPES:
+        return "routed", f"runs float16/bfloat16 only, not {str(dtype).removeprefix('torch.')}"
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+    if capability < (8, 0):
+        return "routed", f"needs compute capability 8.0 or later (this GPU: {capability[0]}.{capability[1]})"
+    if head_dim is not None and (head_dim % 8 or head_dim > 256):
+        return "routed", f"needs a head size that is a multiple of 8 up to 256 (this model: {head_dim})"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionChoice:
+    name: str  # the implementation the model is built with
+    reason: str  # why: logged at start-up and as the run.attn_reason parameter
+
+
+def _head_dim(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    size = getattr(text, "head_dim", None) or (heads and getattr(text, "hidden_size", 0) // heads)
+    return int(size) if size else None
+
+
+def choose_attention(
+    requested: str,
+    device_type: str,
+    model_config,
+    *,
+    packing: bool = True,
+    source: str = "the model",
+    dtype: torch.dtype | None = None,
+) -> AttentionChoice:
+    """The attention implementation for `model_config`'s model, and why.
+
+    auto: the first of AUTO_ORDER (packed: torch_varlen, flash_attention_2, sdpa_packed, eager_packed;
+    padded: flash_attention_2, sdpa, eager) that runs on this device with `dtype` and applies every
+    feature of the model (attention_features). An explicit kernel this machine lacks (CUDA, flash-attn,
+    torch >= 2.10) is refused; one that lacks the dtype, GPU generation or head size is routed to the
+    first per-sequence path that applies the model's features (float32 on a GPU: sdpa_packed), never
+    left to fail inside the kernel. Every choice is checked (check_attention)."""
+    features = attention_features(model_config, packing=packing)
+    head_dim = _head_dim(model_config)
+    order = AUTO_ORDER[packing]
+    if requested == TORCH_VARLEN and not packing:
+        raise ConfigError(
+            "model.attn_implementation: torch_varlen attends within packed rows; set data.packing=true "
+            "or use flash_attention_2, sdpa or eager"
+        )
+    if requested == "auto":
+        skipped = []
+        for name in order:
+            blocked = _cannot_run(name, device_type, dtype, head_dim)
+            missing = sorted(features.keys() - ATTENTION_SUPPORT[name])
+            if blocked is None and not missing:
+                notes = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                return _chosen(name, features, source, device_type, f"auto: {name}{notes}")
+            skipped.append(f"{name} ({blocked[1] if blocked else 'does not apply ' + ', '.join(missing)})")
+        fallback = next(n for n in order if _cannot_run(n, device_type, dtype, head_dim) is None)
+        return _chosen(fallback, features, source, device_type, "auto")  # refused: no path applies all
+    blocked = _cannot_run(requested, device_type, dtype, head_dim)
+    if blocked is not None and blocked[0] == "missing":
+        raise ConfigError(
+            f"model.attn_implementation: {requested} {blocked[1]}; use auto, "
+            f"{', '.join(n for n in (*AUTO_ORDER[True], 'sdpa', 'eager') if n != requested)}"
+        )
+    if blocked is not None:
+        paths = [n for n in order if n not in _KERNELS]
+        routed = next((n for n in paths if features.keys() <= ATTENTION_SUPPORT[n]), paths[0])
+        return _chosen(routed, features, source, device_type, f"{requested} {blocked[1]}: routed to {routed}")
+    return _chosen(requested, features, source, device_type, f"{requested}: as configured")
+
+
+def _chosen(name: str, features: dict, source: str, device_type: str, reason: str) -> AttentionChoice:
+    check_attention(name, features, source, device_type)
+    if name in (SDPA_PACKED, EAGER_PACKED, TORCH_VARLEN):
+        _register_packed()
+    return AttentionChoice(name, reason)
+
+
 def check_attention(attn: str, features: dict[str, str], source: str, device_type: str = "cpu") -> None:
     """The one rule: `attn` must apply every feature the model asks for (ConfigError naming them)."""
     if attn not in ATTENTION_SUPPORT:
@@ -141,7 +268,13 @@ def check_attention(attn: str, features: dict[str, str], source: str, device_typ
 
 
 def _sequence_starts(kwargs: dict, length: int, name: str) -> list[int]:
-    """Row offsets where the sequences start (position_ids == 0), plus the row length. Host sync."""
+    """Row offsets where the sequences start, plus the row length: the collator's (the host copy on
+    cu_seq_lens_q, `PackedBatch.model_inputs`), else read from position_ids (== 0): a host sync."""
+    offsets = getattr(kwargs.get("cu_seq_lens_q"), "host_offsets", None)
+    if offsets:
+        if offsets[-1] != length:
+            raise ValueError(f"{name} attention: the boundaries end at {offsets[-1]}, the row has {length}")
+        return list(offsets)
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
         raise ValueError(f"{name} attention needs position_ids (call the model with them)")
@@ -182,7 +315,7 @@ def _sdpa_per_sequence(
     tokens never see the padding after them, and padding positions carry no label.
     """
     _refuse_runtime(module, SDPA_PACKED, kwargs, ("softcap", "s_aux"))
-    starts = _sequence_starts(kwargs, query.shape[2], SDPA_PACKED)  # host sync, per layer
+    starts = _sequence_starts(kwargs, query.shape[2], SDPA_PACKED)
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
     outs = []
@@ -226,7 +359,7 @@ def _eager_per_sequence(
     appended (gpt-oss; it takes probability mass and is dropped), softmax in float32, dropout, ·v.
     """
     _refuse_runtime(module, EAGER_PACKED, kwargs, ())
-    starts = _sequence_starts(kwargs, query.shape[2], EAGER_PACKED)  # host sync, per layer
+    starts = _sequence_starts(kwargs, query.shape[2], EAGER_PACKED)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
@@ -253,39 +386,78 @@ def _eager_per_sequence(
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def _varlen_packed(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs
+):
+    """torch's variable-length flash attention (torch.nn.attention.varlen) over a whole packed row.
+
+    Shapes as _sdpa_per_sequence, B == 1. The boundaries are the collator's cu_seq_lens_q and
+    max_length_q (`PackedBatch.model_inputs`): one kernel per layer, no host sync; a caller without
+    them pays one, reading position_ids. Causal; a window keeps keys i - window < j <= i (left size
+    window - 1, as transformers' flash path)."""
+    _refuse_runtime(module, TORCH_VARLEN, kwargs, ("softcap", "s_aux"))
+    if dropout and module.training:
+        raise ValueError(
+            f"torch_varlen applies no attention dropout ({dropout} in {type(module).__name__}); set "
+            "model.disable_dropout=true or model.attn_implementation=sdpa_packed"
+        )
+    varlen_attn, windowed, gqa = _varlen_signature()
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if batch != 1:
+        raise ValueError(f"torch_varlen attention needs one packed row per micro-batch, got {batch} rows")
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None or longest is None:
+        offsets = _sequence_starts(kwargs, length, TORCH_VARLEN)
+        cu = torch.tensor(offsets, dtype=torch.int32)
+        longest = max(b - a for a, b in itertools.pairwise(offsets))
+    cu = cu.to(query.device, torch.int32, non_blocking=True)  # a no-op for the collator's moved tensor
+    q = query.transpose(1, 2).reshape(length, heads, dim)
+    k = key.transpose(1, 2).reshape(length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(length, kv_heads, dim)
+    options: dict = {"scale": scaling}
+    if kv_heads != heads:
+        if gqa:
+            options["enable_gqa"] = True
+        else:
+            groups = heads // kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if windowed:
+        options["window_size"] = (sliding_window - 1 if sliding_window else -1, 0)
+    elif sliding_window is not None and longest > sliding_window:
+        raise ValueError(f"torch {torch.__version__}'s varlen_attn has no window; use sdpa_packed")
+    else:
+        options["is_causal"] = True
+    out = varlen_attn(q, k, v, cu, cu, int(longest), int(longest), **options)
+    return out.reshape(1, length, heads, dim), None
+
+
 def _register_packed() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    for name, function in ((SDPA_PACKED, _sdpa_per_sequence), (EAGER_PACKED, _eager_per_sequence)):
+    for name, function in (
+        (SDPA_PACKED, _sdpa_per_sequence),
+        (EAGER_PACKED, _eager_per_sequence),
+        (TORCH_VARLEN, _varlen_packed),
+    ):
+        # No mask function registered: transformers then builds no mask and skips its own packed-row
+        # detection (a host sync per forward); the attention function keeps the sequences apart itself.
         AttentionInterface.register(name, function)
-        # No mask is built at all: the attention function finds the sequences from position_ids.
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, lambda *args, **kwargs: None)
 
 
 def select_attention(
-    requested: str, device_type: str, model_config, *, packing: bool = True, source: str = "the model"
+    requested: str,
+    device_type: str,
+    model_config,
+    *,
+    packing: bool = True,
+    source: str = "the model",
+    dtype: torch.dtype | None = None,
 ) -> str:
-    """The attention implementation for `model_config`'s model, checked against what it asks for.
-
-    auto: the first of flash_attention_2 (CUDA with flash-attn installed: varlen kernels), then for
-    packed micro-batches sdpa_packed (per-sequence sdpa) and eager_packed (per-sequence eager math:
-    softcapping, sinks), or for the padded mode sdpa and eager, that applies every feature of the
-    model (attention_features). An explicit choice is checked (check_attention) and kept."""
-    if requested == "flash_attention_2" and not _flash_available(device_type):
-        raise ConfigError(
-            "model.attn_implementation: flash_attention_2 needs CUDA and the flash-attn package "
-            "(pip install flash-attn, or -e '.[gpu]'); use auto, sdpa_packed, eager_packed, sdpa or eager"
-        )
-    features = attention_features(model_config, packing=packing)
-    if requested == "auto":
-        candidates = ["flash_attention_2"] if _flash_available(device_type) else []
-        candidates += [SDPA_PACKED, EAGER_PACKED] if packing else ["sdpa", "eager"]
-        requested = next((c for c in candidates if features.keys() <= ATTENTION_SUPPORT[c]), candidates[0])
-    check_attention(requested, features, source, device_type)
-    if requested in (SDPA_PACKED, EAGER_PACKED):
-        _register_packed()
-    return requested
+    """The name `choose_attention` picks (its reason dropped)."""
+    return choose_attention(
+        requested, device_type, model_config, packing=packing, source=source, dtype=dtype
+    ).name
 
 
 # Float attributes through which transformers' modules apply dropout functionally (no nn.Dropout module),

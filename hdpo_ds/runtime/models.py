@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hdpo_ds.config import ConfigError, ModelConfig
-from hdpo_ds.runtime.attention import attention_features, check_attention, select_attention
+from hdpo_ds.runtime.attention import attention_features, check_attention, choose_attention
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ __all__ = [
 class LoadedModel:
     model: torch.nn.Module
     attn_implementation: str
+    attn_reason: str = ""  # why this implementation (runtime/attention.py choose_attention)
 
 
 _DROPOUT_ATTRIBUTES = (
@@ -151,7 +152,10 @@ def load_model(
 
     source = name_or_path or cfg.name_or_path
     config = AutoConfig.from_pretrained(_config_source(source), trust_remote_code=cfg.trust_remote_code)
-    attn = select_attention(cfg.attn_implementation, device_type, config, packing=packing, source=source)
+    choice = choose_attention(
+        cfg.attn_implementation, device_type, config, packing=packing, source=source, dtype=dtype
+    )
+    attn = choice.name
     common = {"trust_remote_code": cfg.trust_remote_code, "attn_implementation": attn}
     if cfg.from_scratch and not name_or_path:
         # Every rank seeds identically, so a from-scratch model starts from the same weights everywhere.
@@ -171,7 +175,7 @@ def load_model(
     if for_training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     logger.info("loaded %s (%s, attention %s)", source, dtype, attn)
-    return LoadedModel(model=model, attn_implementation=attn)
+    return LoadedModel(model=model, attn_implementation=attn, attn_reason=choice.reason)
 
 
 def moe_routing(model_config) -> tuple[int, float] | None:

@@ -29,7 +29,7 @@ from hdpo_ds.config import ConfigError
 from hdpo_ds.data.packing import PackedBatch, sequence_shard
 from hdpo_ds.objectives.logprobs import TokenStats
 from hdpo_ds.runtime import dist
-from hdpo_ds.runtime.attention import EAGER_PACKED, SDPA_PACKED, select_attention
+from hdpo_ds.runtime.attention import EAGER_PACKED, SDPA_PACKED, TORCH_VARLEN, select_attention
 from hdpo_ds.runtime.models import load_model_config, moe_routing
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
 
 # Attention cores that keep packed sequences apart from the gathered position_ids alone (Ulysses passes
 # no mask). Plain sdpa (is_causal over the whole row) and eager (a mask of the local slice) would not.
-SEQUENCE_PARALLEL_ATTENTION = frozenset({SDPA_PACKED, EAGER_PACKED, "flash_attention_2"})
+SEQUENCE_PARALLEL_ATTENTION = frozenset({SDPA_PACKED, EAGER_PACKED, TORCH_VARLEN, "flash_attention_2"})
 
 
 @dataclass(frozen=True)
@@ -196,12 +196,14 @@ def initialize(size: int, model_config, attn: str, source: str = "the model") ->
     return _layout
 
 
-def setup(cfg, device_type: str) -> SequenceLayout:
+def setup(cfg, device_type: str, dtype: torch.dtype | None = None) -> SequenceLayout:
     """`initialize` for a run config: train.sequence_parallel, and the attention core the policy is
     built with (runtime/models.py picks it the same way). Collective."""
     size = cfg.train.sequence_parallel
     if size == 1:
         return initialize(1, None, "")
     config = load_model_config(cfg.model)
-    attn = select_attention(cfg.model.attn_implementation, device_type, config, packing=cfg.data.packing)
+    attn = select_attention(
+        cfg.model.attn_implementation, device_type, config, packing=cfg.data.packing, dtype=dtype
+    )
     return initialize(size, config, attn, source=cfg.model.name_or_path)

@@ -34,7 +34,7 @@ from hdpo_ds.recipes.splits import load_split_records, tokenize_options
 from hdpo_ds.reference.cache import RefCache, RefCacheError, cache_status
 from hdpo_ds.reference.sources import model_identity, reference_fingerprint
 from hdpo_ds.runtime import engine, sequence_parallel
-from hdpo_ds.runtime.attention import attention_features, check_attention, select_attention
+from hdpo_ds.runtime.attention import attention_features, check_attention, choose_attention, select_attention
 from hdpo_ds.runtime.fused_head import use_fused_head
 from hdpo_ds.runtime.models import check_model_source, load_tokenizer
 from hdpo_ds.tools.plan import (
@@ -94,18 +94,22 @@ def _check_weights(cfg: Config) -> str:
     return f"model.name_or_path: {len(files)} weight file(s), {size / 2**30:.1f} GiB"
 
 
-def _check_attention(cfg: Config, hf_config, source: str, device_type: str) -> str:
+def _check_attention(cfg: Config, hf_config, source: str, device_type: str, dtype=None) -> str:
     """model.attn_implementation against what the model's attention needs (runtime.attention.check_attention).
     An explicit flash_attention_2 is checked for what it applies, not for flash-attn on this machine."""
     features = attention_features(hf_config, packing=cfg.data.packing)
     attn = cfg.model.attn_implementation
+    reason = ""
     if attn == "auto":
-        attn = select_attention(attn, device_type, hf_config, packing=cfg.data.packing, source=source)
+        choice = choose_attention(
+            attn, device_type, hf_config, packing=cfg.data.packing, source=source, dtype=dtype
+        )
+        attn, reason = choice.name, f"; {choice.reason}"
     else:
         check_attention(attn, features, source, device_type)
     return (
         f"model.attn_implementation: {attn} for {source} "
-        f"(applies {', '.join(features) or 'causal attention'})"
+        f"(applies {', '.join(features) or 'causal attention'}{reason})"
     )
 
 
@@ -183,7 +187,8 @@ def dry_run(
             "optimizer state"
         )
     ok(_check_weights(cfg))
-    ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type))
+    dtype = engine.resolve_dtype(cfg, ds_config, bf16_capable=device_type == "cuda")
+    ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type, dtype))
     sp = cfg.train.sequence_parallel
     if sp > 1:
         ok(_check_sequence_parallel(cfg, hf_config, device_type, world_size))
@@ -198,8 +203,7 @@ def dry_run(
             trust_remote_code=cfg.model.trust_remote_code,
             key="reference.name_or_path",
         )
-        ok(_check_attention(cfg, ref_config, cfg.reference.name_or_path, device_type))
-    dtype = engine.resolve_dtype(cfg, ds_config, bf16_capable=device_type == "cuda")
+        ok(_check_attention(cfg, ref_config, cfg.reference.name_or_path, device_type, dtype))
     policy_ds = engine.fill_ds_config(
         ds_config, cfg, world_size=world_size, device_type=device_type, hidden_size=shape.hidden_size
     )

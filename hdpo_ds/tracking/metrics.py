@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "REFERENCE_METRICS",
+    "PERF_METRICS",
     "STEP_METRICS",
     "SYNC_METRICS",
     "StepAccumulator",
@@ -55,8 +56,21 @@ PAIR_METRICS = (
 # The metrics that compare the policy with a reference: absent from a reference-free run.
 REFERENCE_METRICS = ("logratio/chosen", "logratio/rejected")
 SYNC_METRICS = ("reference/syncs",)
+# Throughput and model FLOPs utilisation per step (runtime/perf.py); the times are rank 0's phases.
+PERF_METRICS = (
+    "perf/mfu",
+    "perf/tflops_per_device",
+    "perf/tokens_per_second_per_device",
+    "perf/time/data_s",
+    "perf/time/forward_s",
+    "perf/time/backward_s",
+    "perf/time/optimizer_s",
+    "perf/time/reference_s",
+    "perf/time/other_s",
+)
 STEP_METRICS = (
     *PAIR_METRICS,
+    *PERF_METRICS,
     "alpha",
     "grad_norm",
     "lr",
