@@ -11,7 +11,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 DEMO_RANKS ?= 2
 
-.PHONY: setup lock demo demo-assets test test-slow reproduce bench lint format clean
+.PHONY: setup lock demo demo-assets test test-slow reproduce bench gpu-wheels gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,14 @@ test-slow: $(STAMP) reproduce
 # 2 cores). Stages whose outputs exist in outputs/toy are skipped; rm -rf outputs/toy starts over.
 reproduce: $(STAMP)
 	$(PY) -m hdpo_ds.examples.toy.reproduce --out outputs/toy --results docs/results.md --plot docs/img/toy-passk.png
+
+# The wheels bench/gpu_check.py carries to a GPU machine without network (DeepSpeed, ...; into .whl/).
+gpu-wheels: $(STAMP)
+	bash bench/gpu_wheels.sh .whl
+
+# On a machine with a CUDA GPU: the GPU path's checks and throughput (docs/benchmarks.md "GPU check").
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out gpu_check.json
 
 # Every command that produced a table in docs/benchmarks.md (its rows name their commands; some are
 # historical, with the commit that produced them).

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from hdpo_ds.config import ConfigError
+from hdpo_ds.runtime import perf
 from hdpo_ds.runtime.engine import zero3_auto_sizes
 
 __all__ = [
@@ -496,25 +497,28 @@ def _flops_params(shape: ModelShape) -> int:
 
 
 def micro_batch_flops(shape: ModelShape, settings: Settings) -> float:
-    """Policy forward + backward (6·N·T, 8·N·T with recomputation), causal attention over sequences of
-    `seq_tokens` (assumption), and the online reference's forward (2·N·T), per rank. Under sequence
-    parallelism (S ranks per row of S·T tokens) a rank's T queries attend over sequences of up to S·T
-    tokens (for H/S heads each of the group's S·T queries: the same count)."""
+    """The model FLOPs of one micro-batch per rank (runtime/perf.py micro_batch_flops: 6·N·T trained,
+    4·N·T for a frozen LoRA base, causal attention, the online reference's forward) plus what gradient
+    checkpointing recomputes (one more policy forward). Attention over sequences of `seq_tokens`
+    (assumption): Σn² ≈ T·seq_tokens. Under sequence parallelism (S ranks per row of S·T tokens) a
+    rank's T queries attend over sequences of up to S·T tokens (for H/S heads each of the group's S·T
+    queries: the same count)."""
     t = settings.micro_batch_tokens
     n = _flops_params(shape)
-    q_dim = shape.num_heads * shape.head_dim
-    row = settings.sequence_parallel * t
-    attn_fwd = 2 * shape.num_layers * t * min(settings.seq_tokens, row) * q_dim  # QK^T and AV, causal half
-    if settings.lora is None:
-        weights = (8 if settings.grad_checkpointing else 6) * n * t
-    else:
-        # A frozen base computes no weight gradients: forward 2·N·T and the input gradients 2·N·T
-        # (+ 2·N·T recomputed), and the adapters' own 6·N_lora·T.
-        weights = (6 if settings.grad_checkpointing else 4) * n * t + 6 * settings.lora.adapter_params * t
-    policy = weights + (4 if settings.grad_checkpointing else 3) * attn_fwd
+    trained = n if settings.lora is None else settings.lora.adapter_params
+    counts = perf.FlopCounts(
+        trained=trained,
+        frozen=0 if settings.lora is None else n,
+        layers=shape.num_layers,
+        attention_width=shape.num_heads * shape.head_dim,
+    )
+    squares = t * min(settings.seq_tokens, settings.sequence_parallel * t)
     online = settings.reference in ("online", "adapters_off")
-    reference = 2 * n * t + attn_fwd if online else 0
-    return float(policy + reference)
+    reference = dataclasses.replace(counts, trained=0, frozen=n) if online else None
+    flops = perf.micro_batch_flops(counts, t, squares, reference=reference)
+    if settings.grad_checkpointing:
+        flops += 2 * counts.params * t + perf.attention_flops(counts, squares)
+    return flops
 
 
 def plan_memory(shape: ModelShape, hardware: Hardware, settings: Settings) -> MemoryPlan:
