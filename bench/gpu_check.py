@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import gc
 import importlib.util
-import itertools
 import json
 import os
 import subprocess
@@ -186,6 +185,27 @@ def _labelled_logps(model, batch, device):
     return tokens[batch.labels != -100].float()
 
 
+def _forward_ms(model, batch, device, derive: bool = False, reps: int = 5) -> float:
+    """Mean time of a no-grad forward of `batch` (after one warm-up); `derive`: without the collator's
+    boundaries, so the per-sequence paths read position_ids back every layer (the old path)."""
+    import torch
+
+    inputs = batch.to(device).model_inputs()
+    if derive:
+        inputs = {k: v for k, v in inputs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    times = []
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            model(**inputs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    return 1000 * sum(times[1:]) / reps
+
+
 def check_packed(shapes: Shapes, device, folder: str) -> dict:
     """Per-token log-probs of packed rows == the same sequences padded, per attention implementation."""
     import torch
@@ -222,7 +242,12 @@ def check_packed(shapes: Shapes, device, folder: str) -> dict:
                 "tokens": int(diff.numel()),
                 "max_abs": float(diff.max()),
                 "mean_abs": float(diff.mean()),
+                "forward_ms": _forward_ms(model, packed, device),
             }
+            if loaded.attn_implementation in (attention.SDPA_PACKED, attention.EAGER_PACKED):
+                row["forward_ms_boundaries_from_position_ids"] = _forward_ms(
+                    model, packed, device, derive=True
+                )
             if dtype == half:
                 row["ok"] = (
                     row["mean_abs"] <= TOLERANCE["packed_bf16_mean_abs"]
@@ -416,7 +441,7 @@ def check_dpo_step(shapes: Shapes, device, folder: str) -> dict:
             loss_value = float(loss)  # the step's one host sync
             elapsed = time.perf_counter() - started
             phases = timer.read()
-            squares = sum((b - a) ** 2 for a, b in itertools.pairwise(host.seq_offsets))
+            squares = host.sum_squared_lengths()
             flops = perf.micro_batch_flops(
                 counts,
                 host.num_real_tokens,
@@ -546,7 +571,8 @@ def _summary(report: dict) -> str:
         lines.append(
             f"  packed == unpacked {key}: "
             + (
-                f"max {row['max_abs']:.2e}, mean {row['mean_abs']:.2e} ({row['implementation']})"
+                f"max {row['max_abs']:.2e}, mean {row['mean_abs']:.2e} ({row['implementation']}), "
+                f"forward {row['forward_ms']:.1f} ms"
                 if row["ran"]
                 else f"not run: {row['why']}"
             )

@@ -168,7 +168,7 @@ def test_sft_step0_loss_is_the_naive_token_mean_nll(sft_assets, sft_one):
     task, tok = sft_assets["task"], sft_assets["tokenizer"]
     rows = [json.loads(x) for x in (task / "sft_train.jsonl").read_text().splitlines()]
     model = AutoModelForCausalLM.from_pretrained(str(task), attn_implementation="sdpa").eval()
-    nll, tokens = 0.0, 0
+    nll, tokens, lengths = 0.0, 0, []
     for i in _step_indices(len(rows), PER_STEP, 5, 0):
         prompt = encode_prompt(tok, rows[i]["prompt"])
         # the prompt's ids are BOS + its characters; the rest of prompt + completion is the completion
@@ -182,8 +182,20 @@ def test_sft_step0_loss_is_the_naive_token_mean_nll(sft_assets, sft_one):
         targets = ids[0, 1:]
         nll -= float(logp[torch.arange(len(targets)), targets][len(prompt) - 1 :].sum())
         tokens += len(completion)
+        lengths.append(len(prompt) + len(completion))
     assert sft_one["metrics"]["loss"][0] == pytest.approx(nll / tokens, rel=1e-4)
     assert sft_one["metrics"]["tokens"][0] == tokens
+    # perf/mfu: 6·N per token (N: every parameter but an untied input embedding) and causal attention
+    # 3 x 2·layers·heads·head_dim·n² per sequence, over step time x the logged peak
+    config = model.config
+    embedding = 0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - embedding
+    width = config.num_attention_heads * (config.head_dim or config.hidden_size // config.num_attention_heads)
+    flops = 6 * n * sum(lengths) + 3 * 2 * config.num_hidden_layers * width * sum(x * x for x in lengths)
+    peak = float(sft_one["params"]["run.peak_tflops"]) * 1e12
+    step_time = sum(lengths) / sft_one["metrics"]["perf/tokens_per_second_per_device"][0]
+    assert int(sft_one["params"]["run.flop_params"]) == n
+    assert sft_one["metrics"]["perf/mfu"][0] == pytest.approx(flops / (step_time * peak), rel=1e-9)
 
 
 def test_sft_resumed_equals_uninterrupted(sft_assets, sft_one):

@@ -148,6 +148,14 @@ class PackedBatch:
     def num_seqs(self) -> int:
         return int(self.pair_index.numel())
 
+    def sum_squared_lengths(self) -> int:
+        """Σ n² over the row's sequences (causal attention's cost, runtime/perf.py): from the host offsets
+        when packed (a sequence-parallel pad run included), else from the attention mask (read it before
+        the batch moves to a device: no sync)."""
+        if self.seq_offsets:
+            return sum((b - a) ** 2 for a, b in itertools.pairwise(self.seq_offsets))
+        return int((self.attention_mask.sum(dim=1) ** 2).sum())
+
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments for a transformers causal LM: no attention mask when packed (it would disable
         the position_ids-based packing), and no KV cache."""

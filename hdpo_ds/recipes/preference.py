@@ -26,7 +26,6 @@ entropy feeds the alpha controller, whose alpha the next step trains at.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -513,7 +512,7 @@ class PreferenceRecipe:
                 model_flops += perf.micro_batch_flops(
                     self.flop_counts,
                     batch.num_real_tokens,
-                    _sum_squared_lengths(host),
+                    host.sum_squared_lengths(),
                     reference=self.reference_counts,
                     policy_forwards=1 if self.objective.coupling == "sort" else 0,
                 )
@@ -1087,15 +1086,6 @@ def _alpha_controller(cfg: Config) -> AlphaController | None:
         max_change=loss.alpha_max_change,
         ema_decay=loss.alpha_ema,
     )
-
-
-def _sum_squared_lengths(batch: PackedBatch) -> int:
-    """Σ n² over the batch's sequences (causal attention's cost), from host data: the collator's run
-    offsets when packed (a sequence-parallel pad run included), the attention mask when padded (read
-    before the batch moves to the device)."""
-    if batch.seq_offsets:
-        return sum((b - a) ** 2 for a, b in itertools.pairwise(batch.seq_offsets))
-    return int((batch.attention_mask.sum(dim=1) ** 2).sum())
 
 
 def _perf_metrics(sums: dict, elapsed: float, phases: dict, peak_tflops: float, world_size: int) -> dict:

@@ -32,7 +32,7 @@ from hdpo_ds.data.sft import SFTData, tokenize_sft
 from hdpo_ds.objectives.logprobs import token_stats
 from hdpo_ds.recipes.session import TrainingSession, TrainResult
 from hdpo_ds.recipes.splits import main_process_first, split_sources, tokenize_options
-from hdpo_ds.runtime import dist, engine, stop
+from hdpo_ds.runtime import dist, engine, perf, stop
 from hdpo_ds.runtime.models import check_model_source
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,17 @@ class SFTRecipe:
         s.resolve_dtype()
         s.build_policy()
         s.load_checkpoint()
+        module = s.policy.module
+        self.flop_counts = perf.count_flop_params(module, module.config)
+        self.peak_tflops, peak_source = perf.device_peak_tflops(s.device, s.dtype, cfg.train.peak_tflops)
         params = {"run.mode": "sft", **s.run_params()}
+        params.update(
+            {
+                "run.peak_tflops": self.peak_tflops,
+                "run.peak_tflops_source": peak_source,
+                "run.flop_params": self.flop_counts.params,
+            }
+        )
         params["run.train_sequences"] = len(self.train_data.ids)
         params["run.eval_sequences"] = len(self.eval_data.ids) if self.eval_data else 0
         params.update({f"data.skipped.{k}": v for k, v in self.train_data.skipped.items()})
@@ -189,15 +199,22 @@ class SFTRecipe:
         bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite NLL on this rank
         skipped = False
         mbs = packed.for_rank(s.rank)
+        self.step_flops, self.step_real_tokens = 0.0, 0
         for i, mb in enumerate(mbs):
             chosen = [int(indices[p]) for p in mb.pairs]
-            batch = collate_sequences(
+            host = collate_sequences(
                 [(data.prompts[j], data.completions[j]) for j in chosen],
                 [data.ids[j] for j in chosen],
                 pad_token_id=s.tokenizer.pad_token_id,
                 packing=cfg.data.packing,
                 weight=0.0 if mb.filler else 1.0,
-            ).to(device)
+            )
+            if train and not mb.filler:
+                self.step_real_tokens += host.num_real_tokens
+                self.step_flops += perf.micro_batch_flops(
+                    self.flop_counts, host.num_real_tokens, host.sum_squared_lengths()
+                )
+            batch = host.to(device)
             with torch.set_grad_enabled(train):
                 logits = policy(**batch.model_inputs()).logits
                 stats = token_stats(logits, batch.labels, top_k=1, chunk_size=cfg.train.logits_chunk_size)
@@ -238,11 +255,18 @@ class SFTRecipe:
         step_tokens = float(sum(len(data.completions[j]) for j in indices))  # known on every rank
         part, skipped = self._run(data, indices, scale_tokens=step_tokens, train=True)
         part["stop_requests"] = 1.0 if stop.received() else 0.0  # rides in the step's metric all-reduce
+        part["model_flops"], part["real_tokens"] = self.step_flops, self.step_real_tokens
         sums = dist.reduce_sums(part, device=s.device)
+        elapsed = time.perf_counter() - started
         s.count_update(skipped)
         metrics = _metrics(sums)
         metrics["lr"] = lr
-        metrics["tokens_per_second"] = sums["tokens"] / (time.perf_counter() - started)
+        metrics["tokens_per_second"] = sums["tokens"] / elapsed
+        per_device = sums["model_flops"] / (elapsed * s.world_size)
+        metrics["perf/mfu"] = per_device / (self.peak_tflops * 1e12)
+        metrics["perf/tflops_per_device"] = per_device / 1e12
+        # every token the model ran (prompts too), as in preference training
+        metrics["perf/tokens_per_second_per_device"] = sums["real_tokens"] / (elapsed * s.world_size)
         metrics["nonfinite/skipped_steps"] = s.nonfinite["skipped_total"]
         return metrics, sums["stop_requests"]
 
@@ -271,7 +295,11 @@ class SFTRecipe:
         while s.step < self.cfg.train.max_steps:
             s.faults.maybe_kill(s.step)
             metrics, stop_requests = self.train_step()
-            postfix = {"loss": f"{metrics['loss']:.4f}", "acc": f"{metrics['token_accuracy']:.3f}"}
+            postfix = {
+                "loss": f"{metrics['loss']:.4f}",
+                "acc": f"{metrics['token_accuracy']:.3f}",
+                "mfu": f"{metrics['perf/mfu']:.1%}",
+            }
             s.log_step(metrics, postfix)
             s.stop_if_nonfinite(self.save)
             if s.evaluation_due(self.eval_data is not None):

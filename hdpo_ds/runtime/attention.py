@@ -445,19 +445,9 @@ def _register_packed() -> None:
         AttentionInterface.register(name, function)
 
 
-def select_attention(
-    requested: str,
-    device_type: str,
-    model_config,
-    *,
-    packing: bool = True,
-    source: str = "the model",
-    dtype: torch.dtype | None = None,
-) -> str:
-    """The name `choose_attention` picks (its reason dropped)."""
-    return choose_attention(
-        requested, device_type, model_config, packing=packing, source=source, dtype=dtype
-    ).name
+def select_attention(requested: str, device_type: str, model_config, **options) -> str:
+    """The name `choose_attention` picks (its reason dropped); `options` as `choose_attention`'s."""
+    return choose_attention(requested, device_type, model_config, **options).name
 
 
 # Float attributes through which transformers' modules apply dropout functionally (no nn.Dropout module),

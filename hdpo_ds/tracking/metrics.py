@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "REFERENCE_METRICS",
     "PERF_METRICS",
+    "REFERENCE_METRICS",
     "STEP_METRICS",
     "SYNC_METRICS",
     "StepAccumulator",
