@@ -50,14 +50,22 @@ def run(variant: str, overrides: list[str], args, workdir: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    history = {m.step: m.value for m in client.get_metric_history(info["run_id"], "tokens_per_second")}
-    padding = {m.step: m.value for m in client.get_metric_history(info["run_id"], "padding_fraction")}
-    steady = [history[s] for s in sorted(history) if s >= 2]
+
+    def steady(key: str) -> float:
+        history = {m.step: m.value for m in client.get_metric_history(info["run_id"], key)}
+        return statistics.median(history[s] for s in sorted(history) if s >= 2)
+
+    padding = [m.value for m in client.get_metric_history(info["run_id"], "padding_fraction")]
+    step = steady("step_time_s")
     return {
         "variant": variant,
         "attention": info["attn_implementation"],
-        "tokens_per_second": statistics.median(steady),
-        "padding_fraction": statistics.mean(padding.values()),
+        "tokens_per_second": steady("tokens_per_second"),
+        "padding_fraction": statistics.mean(padding),
+        "mfu": steady("perf/mfu"),
+        "split": {
+            k: steady(f"perf/time/{k}_s") / step for k in ("forward", "backward", "optimizer", "reference")
+        },
     }
 
 
@@ -83,12 +91,14 @@ def main() -> None:
         f"\n{args.ranks} ranks, ZeRO-3, CPU, online reference, {args.steps} steps, median after step 1, "
         f"packed attention {args.attn}\n"
     )
-    print("| variant | attention | real tokens/s | unused budget / padding | vs padded |")
-    print("|---|---|---|---|---|")
+    columns = "real tokens/s | unused budget / padding | vs padded | perf/mfu"
+    print(f"| variant | attention | {columns} | step time: forward / backward / optimizer / reference |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        split = " / ".join(f"{r['split'][k]:.0%}" for k in ("forward", "backward", "optimizer", "reference"))
         print(
             f"| {r['variant']} | {r['attention']} | {r['tokens_per_second']:.0f} | "
-            f"{r['padding_fraction']:.3f} | {r['tokens_per_second'] / base:.2f}x |"
+            f"{r['padding_fraction']:.3f} | {r['tokens_per_second'] / base:.2f}x | {r['mfu']:.1%} | {split} |"
         )
 
 
