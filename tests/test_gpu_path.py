@@ -265,3 +265,22 @@ def test_torch_varlen_kernel_on_cuda_equals_sdpa_packed():
         out, _ = attention._varlen_packed(module, q, k, v, None, **kwargs)
         expected, _ = attention._sdpa_per_sequence(module, q.float(), k.float(), v.float(), None, **kwargs)
         torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_sampling_models_get_the_attention_auto_picks_for_padded_rows(tmp_path):
+    """Evaluation (padded rows, KV cache) asks choose_attention too: plain sdpa for a Llama, eager for
+    Gemma-2, whose softcapping sdpa would drop (before: sdpa for every model)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from hdpo_ds.recipes.evaluate import load_for_sampling
+
+    demo = "configs/models/tiny-demo"
+    for family, expected in (("qwen2", "sdpa"), ("gemma2", "eager")):
+        folder = tmp_path / family
+        AutoModelForCausalLM.from_config(_config(family)).save_pretrained(folder)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{demo}/{name}", folder / name)
+        model, _, dtype, attn = load_for_sampling(str(folder), device=torch.device("cpu"))
+        assert (attn, dtype, model.config._attn_implementation) == (expected, "float32", expected)

@@ -43,6 +43,7 @@ from hdpo_ds.common.atomic import write_json
 from hdpo_ds.data.records import DataError, read_rows, row_error
 from hdpo_ds.data.tokenize import encode_prompt
 from hdpo_ds.runtime import dist
+from hdpo_ds.runtime.attention import select_attention
 
 logger = logging.getLogger(__name__)
 
@@ -624,17 +625,18 @@ def _merged_adapter_dir(adapter: str, base: str, work_dir: str) -> str:
 
 
 def load_for_sampling(model_dir: str, *, device: torch.device, dtype: str = "auto"):
-    """(model, tokenizer, dtype name) for sampling: sdpa attention (flash_attention_2 when installed on
-    CUDA), bf16 on GPUs that have it else float32 unless `dtype` says otherwise, KV cache on."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer, dtype name) for sampling: bf16 on GPUs that have it else float32 unless `dtype`
+    says otherwise, KV cache on, and the attention `auto` picks for padded rows (runtime/attention.py:
+    flash_attention_2 where flash-attn runs this dtype and GPU, else sdpa, or eager for what sdpa does
+    not apply, such as Gemma-2's softcapping)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    attn = "sdpa"
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        attn = "flash_attention_2"
+    config = AutoConfig.from_pretrained(model_dir)
+    attn = select_attention(
+        "auto", device.type, config, packing=False, source=model_dir, dtype=getattr(torch, dtype)
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), attn_implementation=attn
