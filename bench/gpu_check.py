@@ -403,13 +403,13 @@ def check_dpo_step(shapes: Shapes, device, folder: str) -> dict:
             else engine.build_reference_engine(model, ds)
         )
         del handle
-        return built, model.config
+        return built
 
-    policy, config = build(policy_ds, True)
-    reference, ref_config = build(ref_ds, False)
+    policy = build(policy_ds, True)
+    reference = build(ref_ds, False)
     live = {"online": OnlineReference(reference, 1024)}  # dropped before the cached runs
-    counts = perf.count_flop_params(policy.module, config)
-    ref_counts = perf.count_flop_params(reference.module, ref_config)
+    counts = perf.model_counts(policy.module)
+    ref_counts = perf.model_counts(reference.module)
     peak, source = perf.device_peak_tflops(device, dtype)
     gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 64.0
     cached_values = {}

@@ -42,12 +42,9 @@ def test_dense_counts_and_a_step_by_hand():
     assert perf.micro_batch_flops(counts, 8, 34) == 6 * LLAMA_N * 8 + 3 * 4352
     with_reference = perf.micro_batch_flops(counts, 8, 34, reference=counts, policy_forwards=1)
     assert with_reference == 6 * LLAMA_N * 8 + 3 * 4352 + 2 * (2 * LLAMA_N * 8 + 4352)
-    # MFU of a 0.25 s step on a 1-TFLOPS device, as the trainer computes it (recipes/preference.py)
-    from hdpo_ds.recipes.preference import _perf_metrics
-
-    sums = {"model_flops": with_reference, "real_tokens": 8}
+    # MFU of a 0.25 s step on a 1-TFLOPS device x 2 ranks, as the recipes log it
     phases = {"data": 0.01, "forward": 0.1, "backward": 0.1, "optimizer": 0.02, "reference": 0.01}
-    got = _perf_metrics(sums, 0.25, phases, 1.0, world_size=2)
+    got = perf.step_metrics(with_reference, 8, 0.25, 2, 1.0, phases)
     assert got["perf/mfu"] == pytest.approx(with_reference / (0.25 * 1e12 * 2), rel=1e-12)
     assert got["perf/tokens_per_second_per_device"] == pytest.approx(16.0)
     assert got["perf/time/other_s"] == pytest.approx(0.01)

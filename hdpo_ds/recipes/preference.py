@@ -272,26 +272,16 @@ class PreferenceRecipe:
         )
 
     def _setup_perf(self) -> None:
-        """What perf/mfu needs (runtime/perf.py): the FLOP counts of the policy and of a reference that
-        runs a forward (its own engine, or the policy's base with the adapters off; a cache runs none),
-        the device's peak, and the timer of the step's phases."""
+        """What perf/mfu needs beyond the session's (runtime/perf.py): the FLOP counts of a reference that
+        runs a forward (its own engine, or the policy's base with the adapters off; a cache runs none) and
+        the timer of the step's phases."""
         s = self.session
-        routing = moe_routing(s.policy.module.config)
-        self.flop_counts = perf.count_flop_params(
-            s.policy.module, s.policy.module.config, routing[0] if routing else 0
-        )
+        s.setup_perf()
         self.reference_counts = None
         if self.reference_source == "engine":
-            module = self.references["train"].engine.module
-            routing = moe_routing(module.config)
-            self.reference_counts = perf.count_flop_params(
-                module, module.config, routing[0] if routing else 0
-            )
+            self.reference_counts = perf.model_counts(self.references["train"].engine.module)
         elif self.reference_source == "adapters_off":
-            self.reference_counts = dataclasses.replace(self.flop_counts, trained=0)
-        self.peak_tflops, self.peak_source = perf.device_peak_tflops(
-            s.device, s.dtype, self.cfg.train.peak_tflops
-        )
+            self.reference_counts = dataclasses.replace(s.flop_counts, trained=0)
         self.timer = perf.StepTimer(s.device)
 
     def _setup_reference(self) -> None:
@@ -408,9 +398,6 @@ class PreferenceRecipe:
             params[f"data.{name}"] = count
         params.update(source_params(train_split, self.sampler.quotas))
         params["run.fused_head"] = self.fused_head  # the policy's statistics from hidden states (no logits)
-        params["run.peak_tflops"] = self.peak_tflops
-        params["run.peak_tflops_source"] = self.peak_source
-        params["run.flop_params"] = self.flop_counts.params
         if self.reference_source in ("engine", "adapters_off"):
             # TDPO's reference head runs inside the policy's fused pass (objectives/fused_head.py)
             online = self.references["train"]
@@ -510,7 +497,7 @@ class PreferenceRecipe:
                 _accumulate(acc, out)
                 real_tokens += batch.num_real_tokens
                 model_flops += perf.micro_batch_flops(
-                    self.flop_counts,
+                    s.flop_counts,
                     batch.num_real_tokens,
                     host.sum_squared_lengths(),
                     reference=self.reference_counts,
@@ -552,7 +539,9 @@ class PreferenceRecipe:
                 "packing_fill": stats.fill,
                 "tokens": sums["real_tokens"],
                 "step_time_s": elapsed,
-                **_perf_metrics(sums, elapsed, phases, self.peak_tflops, s.world_size),
+                **perf.step_metrics(
+                    sums["model_flops"], sums["real_tokens"], elapsed, s.world_size, s.peak_tflops, phases
+                ),
             }
         )
         metrics.update(self._coupling_metrics(sums, skip_step))
@@ -1086,20 +1075,6 @@ def _alpha_controller(cfg: Config) -> AlphaController | None:
         max_change=loss.alpha_max_change,
         ema_decay=loss.alpha_ema,
     )
-
-
-def _perf_metrics(sums: dict, elapsed: float, phases: dict, peak_tflops: float, world_size: int) -> dict:
-    """perf/* of a step: MFU over all devices, tokens/s and achieved TFLOPS per device, and this rank's
-    time per phase (runtime/perf.py StepTimer; `other`: the collectives and bookkeeping between)."""
-    per_device = sums["model_flops"] / (elapsed * world_size)
-    metrics = {
-        "perf/mfu": per_device / (peak_tflops * 1e12),
-        "perf/tflops_per_device": per_device / 1e12,
-        "perf/tokens_per_second_per_device": sums["real_tokens"] / (elapsed * world_size),
-    }
-    metrics.update({f"perf/time/{name}_s": seconds for name, seconds in phases.items()})
-    metrics["perf/time/other_s"] = elapsed - sum(phases.values())
-    return metrics
 
 
 def _report_alerts(alerts, output_dir: str, run_logger, progress) -> None:

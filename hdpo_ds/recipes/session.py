@@ -18,7 +18,7 @@ import torch
 from hdpo_ds.common.atomic import write_json
 from hdpo_ds.common.versions import package_versions
 from hdpo_ds.config import Config, ConfigError, flatten, lora_enabled, to_dict
-from hdpo_ds.runtime import checkpoint, dist, engine, export, lora, stop
+from hdpo_ds.runtime import checkpoint, dist, engine, export, lora, perf, stop
 from hdpo_ds.runtime.models import LoadedModel, load_model, load_model_config, load_tokenizer
 from hdpo_ds.tracking.mlflow_logger import MlflowLogger, NullLogger
 
@@ -257,9 +257,19 @@ class TrainingSession:
         for name, data in artifacts.items():
             self.run_logger.log_json_artifact(name, data)
 
+    def setup_perf(self) -> None:
+        """After build_policy: the policy's FLOP counts and a device's peak, for perf/* (runtime/perf.py)."""
+        self.flop_counts = perf.model_counts(self.policy.module)
+        self.peak_tflops, self.peak_source = perf.device_peak_tflops(
+            self.device, self.dtype, self.cfg.train.peak_tflops
+        )
+
     def run_params(self) -> dict:
         """The run.* params every recipe logs."""
         return {
+            "run.peak_tflops": self.peak_tflops,
+            "run.peak_tflops_source": self.peak_source,
+            "run.flop_params": self.flop_counts.params,
             "run.world_size": self.world_size,
             "run.device": self.device_type,
             "run.dtype": self.dtype_name,

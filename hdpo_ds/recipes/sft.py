@@ -160,17 +160,8 @@ class SFTRecipe:
         s.resolve_dtype()
         s.build_policy()
         s.load_checkpoint()
-        module = s.policy.module
-        self.flop_counts = perf.count_flop_params(module, module.config)
-        self.peak_tflops, peak_source = perf.device_peak_tflops(s.device, s.dtype, cfg.train.peak_tflops)
+        s.setup_perf()
         params = {"run.mode": "sft", **s.run_params()}
-        params.update(
-            {
-                "run.peak_tflops": self.peak_tflops,
-                "run.peak_tflops_source": peak_source,
-                "run.flop_params": self.flop_counts.params,
-            }
-        )
         params["run.train_sequences"] = len(self.train_data.ids)
         params["run.eval_sequences"] = len(self.eval_data.ids) if self.eval_data else 0
         params.update({f"data.skipped.{k}": v for k, v in self.train_data.skipped.items()})
@@ -185,7 +176,8 @@ class SFTRecipe:
         self, data: SFTData, indices: np.ndarray, *, scale_tokens: float = 1.0, train: bool = False
     ) -> tuple[dict[str, torch.Tensor], bool]:
         """This rank's micro-batches of `indices`; with `train` also the backward and, at the last
-        micro-batch, the optimizer update. Returns this rank's sums and whether the update was skipped:
+        micro-batch, the optimizer update. Returns this rank's sums (with `train` also the model FLOPs and
+        real tokens of its trained micro-batches) and whether the update was skipped:
         a non-finite NLL on any rank (one collective decides) drops the step's gradients everywhere."""
         cfg, s = self.cfg, self.session
         policy, device = s.policy, s.device
@@ -199,7 +191,7 @@ class SFTRecipe:
         bad = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite NLL on this rank
         skipped = False
         mbs = packed.for_rank(s.rank)
-        self.step_flops, self.step_real_tokens = 0.0, 0
+        flops, real_tokens = 0.0, 0  # of this rank's trained micro-batches (perf/*)
         for i, mb in enumerate(mbs):
             chosen = [int(indices[p]) for p in mb.pairs]
             host = collate_sequences(
@@ -210,9 +202,9 @@ class SFTRecipe:
                 weight=0.0 if mb.filler else 1.0,
             )
             if train and not mb.filler:
-                self.step_real_tokens += host.num_real_tokens
-                self.step_flops += perf.micro_batch_flops(
-                    self.flop_counts, host.num_real_tokens, host.sum_squared_lengths()
+                real_tokens += host.num_real_tokens
+                flops += perf.micro_batch_flops(
+                    s.flop_counts, host.num_real_tokens, host.sum_squared_lengths()
                 )
             batch = host.to(device)
             with torch.set_grad_enabled(train):
@@ -242,6 +234,8 @@ class SFTRecipe:
                 sums["tokens"] += mask.sum()
                 sums["entropy"] += stats.entropy[mask].double().sum()
                 sums["correct"] += (logits.detach().argmax(-1) == batch.labels)[mask].sum()
+        if train:  # reduced with the rest in the step's one all-reduce (evaluate sums _SUMS only)
+            sums.update(model_flops=flops, real_tokens=real_tokens)
         return sums, skipped
 
     def train_step(self) -> tuple[dict[str, float], float]:
@@ -255,18 +249,16 @@ class SFTRecipe:
         step_tokens = float(sum(len(data.completions[j]) for j in indices))  # known on every rank
         part, skipped = self._run(data, indices, scale_tokens=step_tokens, train=True)
         part["stop_requests"] = 1.0 if stop.received() else 0.0  # rides in the step's metric all-reduce
-        part["model_flops"], part["real_tokens"] = self.step_flops, self.step_real_tokens
         sums = dist.reduce_sums(part, device=s.device)
         elapsed = time.perf_counter() - started
         s.count_update(skipped)
         metrics = _metrics(sums)
         metrics["lr"] = lr
         metrics["tokens_per_second"] = sums["tokens"] / elapsed
-        per_device = sums["model_flops"] / (elapsed * s.world_size)
-        metrics["perf/mfu"] = per_device / (self.peak_tflops * 1e12)
-        metrics["perf/tflops_per_device"] = per_device / 1e12
-        # every token the model ran (prompts too), as in preference training
-        metrics["perf/tokens_per_second_per_device"] = sums["real_tokens"] / (elapsed * s.world_size)
+        # tokens/s per device counts every token the model ran (prompts too), as in preference training
+        metrics.update(
+            perf.step_metrics(sums["model_flops"], sums["real_tokens"], elapsed, s.world_size, s.peak_tflops)
+        )
         metrics["nonfinite/skipped_steps"] = s.nonfinite["skipped_total"]
         return metrics, sums["stop_requests"]
 

@@ -29,6 +29,8 @@ __all__ = [
     "device_peak_tflops",
     "measure_matmul_tflops",
     "micro_batch_flops",
+    "model_counts",
+    "step_metrics",
 ]
 
 # Dense (no sparsity) peak TFLOPS from the vendors' data sheets: (bf16/fp16 tensor cores, fp32 without
@@ -140,6 +142,38 @@ def count_flop_params(model: torch.nn.Module, config, experts_per_token: int = 0
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return FlopCounts(int(trained), int(frozen), int(text.num_hidden_layers), int(heads * head_dim))
+
+
+def model_counts(model: torch.nn.Module) -> FlopCounts:
+    """count_flop_params for a transformers model (or an engine's module), a mixture of experts' k from
+    its config (runtime/models.py moe_routing)."""
+    from hdpo_ds.runtime.models import moe_routing
+
+    routing = moe_routing(model.config)
+    return count_flop_params(model, model.config, routing[0] if routing else 0)
+
+
+def step_metrics(
+    model_flops: float,
+    real_tokens: float,
+    elapsed: float,
+    world_size: int,
+    peak_tflops: float,
+    phases: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """perf/* of a step, from its model FLOPs and real tokens summed over all ranks: MFU, achieved TFLOPS
+    and tokens/s per device, and with `phases` (StepTimer.read, this rank) the time split, `other` being
+    the collectives and bookkeeping between phases."""
+    per_device = model_flops / (elapsed * world_size)
+    metrics = {
+        "perf/mfu": per_device / (peak_tflops * 1e12),
+        "perf/tflops_per_device": per_device / 1e12,
+        "perf/tokens_per_second_per_device": real_tokens / (elapsed * world_size),
+    }
+    if phases is not None:
+        metrics.update({f"perf/time/{name}_s": seconds for name, seconds in phases.items()})
+        metrics["perf/time/other_s"] = elapsed - sum(phases.values())
+    return metrics
 
 
 def attention_flops(counts: FlopCounts, sum_squared_lengths: int) -> float:
