@@ -113,14 +113,16 @@ def _check_attention(cfg: Config, hf_config, source: str, device_type: str, dtyp
     )
 
 
-def _check_sequence_parallel(cfg: Config, hf_config, device_type: str, world_size: int) -> str:
+def _check_sequence_parallel(cfg: Config, hf_config, device_type: str, world_size: int, dtype=None) -> str:
     """train.sequence_parallel against the loss, the models, the attention core and the world size."""
     sp = cfg.train.sequence_parallel
     objective = make_objective(cfg.loss, chunk_size=cfg.train.logits_chunk_size)
     sequence_parallel.check_run(
         cfg, token_kl=objective.has_kl, reference=objective.needs_reference, loss=loss_label(cfg.loss)
     )
-    attn = select_attention(cfg.model.attn_implementation, device_type, hf_config, packing=cfg.data.packing)
+    attn = select_attention(
+        cfg.model.attn_implementation, device_type, hf_config, packing=cfg.data.packing, dtype=dtype
+    )
     sequence_parallel.check_layout(sp, attn, world_size)
     return (
         f"train.sequence_parallel: {world_size // sp} group(s) of {sp} ranks, each sharing rows of up to "
@@ -191,7 +193,7 @@ def dry_run(
     ok(_check_attention(cfg, hf_config, cfg.model.name_or_path, device_type, dtype))
     sp = cfg.train.sequence_parallel
     if sp > 1:
-        ok(_check_sequence_parallel(cfg, hf_config, device_type, world_size))
+        ok(_check_sequence_parallel(cfg, hf_config, device_type, world_size, dtype))
     if cfg.reference.name_or_path:
         check_model_source(
             dataclasses.replace(cfg.model, name_or_path=cfg.reference.name_or_path),
