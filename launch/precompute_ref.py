@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hdpo_ds.cli import run_entry_point
+from hdpo_ds.runtime import stop
 
 
 def precompute(cfg, ds_path: str, rank: int) -> None:
@@ -34,4 +35,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stop.exit_process(main())

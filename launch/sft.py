@@ -42,4 +42,4 @@ if __name__ == "__main__":
     # As in launch/train.py: the handlers go in before the heavy imports, so a stop signal during start-up
     # stops the run after its first step instead of killing it.
     stop.install()
-    sys.exit(main())
+    stop.exit_process(main())

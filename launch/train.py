@@ -49,4 +49,4 @@ if __name__ == "__main__":
     # Only as a program (a test may import main): SIGUSR1 / SIGTERM during start-up then stop the run
     # after its first step instead of killing it.
     stop.install()
-    sys.exit(main())
+    stop.exit_process(main())

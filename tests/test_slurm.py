@@ -392,3 +392,27 @@ def test_stop_signals_only_set_a_flag():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "SIGUSR1,SIGTERM"
+
+
+@pytest.mark.parametrize("exit_call", ["sys.exit", "stop.exit_process"])
+def test_a_finished_run_exits_0_with_a_daemon_thread_inside_torch(exit_call):
+    """What aborted a finished 2-rank run once in CI: a daemon thread inside C++ (here torch.mm) when the
+    interpreter finalizes is ended by pthread_exit, and std::terminate turns exit 0 into SIGABRT.
+    stop.exit_process (what launch/*.py call) leaves without that teardown; its output still arrives."""
+    code = (
+        "import sys, threading, time, torch\nfrom hdpo_ds.runtime import stop\n"
+        "a = torch.randn(256, 256)\n"
+        "def spin():\n    while True:\n        torch.mm(a, a)\n"
+        "threading.Thread(target=spin, daemon=True).start()\ntime.sleep(0.2)\n"
+        f"print('finished', flush=False)\n{exit_call}(0)\n"
+    )
+    outs = [
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        for _ in range(3)
+    ]
+    assert [out.stdout for out in outs] == ["finished\n"] * 3, [out.stderr for out in outs]
+    if exit_call == "sys.exit":  # the crash is real here, so the other case shows the fix
+        aborted = [out for out in outs if out.returncode == -signal.SIGABRT]
+        assert aborted and "terminate called without an active exception" in aborted[0].stderr
+    else:
+        assert [out.returncode for out in outs] == [0, 0, 0], [out.stderr for out in outs]
