@@ -8,10 +8,10 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/cpu.lock
 TORCH_PIN := $(shell grep -m1 '^torch==' $(LOCK))
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 DEMO_RANKS ?= 2
 
-.PHONY: setup lock demo demo-assets test test-slow reproduce bench gpu-wheels gpu-check lint format clean
+.PHONY: setup lock demo demo-assets test test-slow reproduce-search reproduce bench gpu-wheels gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -57,10 +57,17 @@ test: $(STAMP)
 test-slow: $(STAMP) reproduce
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# SFT -> sampled pairs -> H-DPO for alpha 0.8 / 0.9 / 1.0 / 1.1 -> pass@k, 3 seeds, on CPU (under an hour on
-# 2 cores). Stages whose outputs exist in outputs/toy are skipped; rm -rf outputs/toy starts over.
+# The toy study's setting, chosen once for DPO on validation prompts (about 25 min on 2 cores); writes
+# configs/toy/search.json (committed; `reproduce` reads it) and its section of docs/results.md.
+reproduce-search: $(STAMP)
+	$(PY) -m hdpo_ds.examples.toy.search --out outputs/toy --results docs/results.md
+
+# SFT -> sampled pairs -> H-DPO for alpha 0.8 / 0.9 / 0.95 / 1.0 / 1.1 with the frozen setting -> pass@k,
+# 3 seeds, and the monitors' run, on CPU (under 3 hours on 2 cores). Stages whose outputs exist in
+# outputs/toy are skipped; rm -rf outputs/toy starts over.
 reproduce: $(STAMP)
-	$(PY) -m hdpo_ds.examples.toy.reproduce --out outputs/toy --results docs/results.md --plot docs/img/toy-passk.png
+	$(PY) -m hdpo_ds.examples.toy.reproduce --out outputs/toy --results docs/results.md \
+	  --plot docs/img/toy-passk.png --trajectory-plot docs/img/toy-monitors.png
 
 # The wheels bench/gpu_check.py carries to a GPU machine without network (DeepSpeed, ...; into .whl/).
 gpu-wheels: $(STAMP)

@@ -1,5 +1,7 @@
-"""The toy reproduction pipeline end to end, small (hdpo_ds/examples/toy/reproduce.py --smoke): task -> SFT ->
-sampled pairs -> H-DPO for two alphas -> pass@k report, markdown and plot; a second run redoes nothing."""
+"""The toy study end to end, small: the frozen search (hdpo_ds/examples/toy/search.py --smoke: task -> SFT ->
+sampled pairs -> two settings scored on validation prompts), then the study with its choice
+(reproduce.py --smoke: H-DPO for two alphas -> pass@k report, paired differences, claims, the monitors'
+trajectory, markdown and plots); a second run redoes nothing. And the study's statistics by hand."""
 
 from __future__ import annotations
 
@@ -14,29 +16,50 @@ import pytest
 from tests.run_helpers import ROOT
 
 
-def test_smoke_reproduction(tmp_path):
+def test_smoke_search_then_study(tmp_path):
     out, results, plot = tmp_path / "toy", tmp_path / "results.md", tmp_path / "img" / "passk.png"
+    setting, traj_plot = tmp_path / "search.json", tmp_path / "img" / "monitors.png"
     results.write_text("# Results\n\nhand-written text that must survive\n")
+    common = ["--smoke", "--out", str(out), "--results", str(results)]
+    search_cmd = [sys.executable, "-m", "hdpo_ds.examples.toy.search", *common, "--setting", str(setting)]
+    proc = subprocess.run(search_cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    found = json.loads(setting.read_text())
+    scores = [row["pass_at_1"] for row in found["results"]]
+    assert len(scores) == 2 and found["chosen"] == found["results"][scores.index(max(scores))]["setting"]
+    assert found["protocol"]["alpha"] == 1.0 and "val_prompts.jsonl" in found["protocol"]["score"]
+    # scored on the validation prompts, which share no problem with the evaluation prompts
+    task = out / "seed0" / "task"
+    val, held_out = (
+        [json.loads(x) for x in (task / f).read_text().splitlines()]
+        for f in ("val_prompts.jsonl", "eval_prompts.jsonl")
+    )
+    assert len(val) == 8 and not {x["prompt"] for x in val} & {x["prompt"] for x in held_out}
+    val_report = json.loads((out / "seed0" / "search" / "sft" / "val_report.json").read_text())
+    assert set(val_report["per_prompt"]["1"]) == {x["id"] for x in val}
+
     cmd = [
         sys.executable,
         "-m",
         "hdpo_ds.examples.toy.reproduce",
-        "--smoke",
-        "--out",
-        str(out),
-        "--results",
-        str(results),
+        *common,
+        "--setting",
+        str(setting),
         "--plot",
         str(plot),
+        "--trajectory-plot",
+        str(traj_plot),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "launch/sft.py" not in proc.stdout  # the search's SFT model and pairs are reused
     data = json.loads((out / "results.json").read_text())
     reports = data["results"]["0"]
-    assert set(reports) == {"SFT", "alpha=0.8", "alpha=1", "_pairs"}
+    assert set(reports) == {"SFT", "alpha=0.9", "alpha=1", "_pairs"}
     assert reports["_pairs"]["counts"]["train_pairs"] > 0
-    runs = {"SFT": "sft", "alpha=0.8": "hdpo_alpha0.8", "alpha=1": "hdpo_alpha1"}
-    for name in ("SFT", "alpha=0.8", "alpha=1"):
+    assert data["study"]["setting"] == found["chosen"]  # every alpha trains with the frozen choice
+    runs = {"SFT": "sft", "alpha=0.9": "hdpo_alpha0.9", "alpha=1": "hdpo_alpha1"}
+    for name in ("SFT", "alpha=0.9", "alpha=1"):
         report = reports[name]
         samples_file = out / "seed0" / runs[name] / "eval" / "samples.jsonl"
         samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
@@ -63,21 +86,68 @@ def test_smoke_reproduction(tmp_path):
             < report["temperatures"]["1"]["token_entropy_sampling"]
         )
     # the two alphas trained different models from the same SFT start
-    assert reports["alpha=0.8"]["per_prompt"] != reports["alpha=1"]["per_prompt"] or (
-        reports["alpha=0.8"]["temperatures"]["1"]["token_entropy"]
+    assert reports["alpha=0.9"]["per_prompt"] != reports["alpha=1"]["per_prompt"] or (
+        reports["alpha=0.9"]["temperatures"]["1"]["token_entropy"]
         != reports["alpha=1"]["temperatures"]["1"]["token_entropy"]
     )
+    # the paired difference is the difference of the reported pass@1 (same prompts, mean over them)
+    stats = data["stats"]
+    pass1 = {name: reports[name]["temperatures"]["1"]["pass_at_1"] for name in ("SFT", "alpha=1")}
+    gain = stats["dpo_vs_sft"]["1"]
+    assert gain["mean"] == pytest.approx(pass1["alpha=1"] - pass1["SFT"], abs=1e-12)
+    assert gain["ci"][0] <= gain["mean"] <= gain["ci"][1]
+    assert {c[3] for c in stats["claims"]} <= {"holds", "does not hold", "inconclusive"}
+    # the monitors' run: a checkpoint per evaluation, each scored; its detectors' series beside it
+    traj = data["trajectory"]
+    assert [p["step"] for p in traj["pass_at_1"]] == list(range(0, traj["steps"] + 1, traj["every"]))
+    evals = [s for s, _ in traj["series"]["eval/topk_entropy/chosen"]]
+    assert evals == [p["step"] for p in traj["pass_at_1"]][1:]
     text = results.read_text()
+    assert text.startswith("# Results\n\n<!-- toy-verdict:begin -->")  # the verdict comes first
     assert "hand-written text that must survive" in text
-    assert text.count("<!-- toy-reproduce:begin -->") == 1 and "| 0 | alpha=0.8 |" in text
-    assert (
-        "launch/sft.py" in text
-        and "launch/train.py" in text
-        and "Does the entropy fall as alpha falls?" in text
-    )
-    assert plot.stat().st_size > 10_000
+    assert text.count("<!-- toy-reproduce:begin -->") == 1 and text.count("<!-- toy-search:begin -->") == 1
+    assert "| alpha=0.9 |" in text and "The paper's claims at this scale" in text
+    assert "launch/sft.py" in text and "launch/train.py" in text and "topk_entropy_turn" in text
+    assert plot.stat().st_size > 10_000 and traj_plot.stat().st_size > 10_000
 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "$ python" not in again.stdout  # every stage's output exists: nothing is run again
     assert results.read_text().count("<!-- toy-reproduce:begin -->") == 1
+    assert results.read_text().count("<!-- toy-verdict:begin -->") == 1
+
+
+def _report(correct: list[int], n: int = 4, temperature: str = "1") -> dict:
+    return {"per_prompt": {temperature: {f"p{i}": {"correct": c, "n": n} for i, c in enumerate(correct)}}}
+
+
+def test_pass_at_k_and_the_paired_difference_by_hand():
+    from hdpo_ds.examples.toy.reproduce import paired_difference, pass_at_k
+
+    assert pass_at_k(4, 1, 1) == 0.25 and pass_at_k(4, 1, 2) == 0.5 and pass_at_k(4, 0, 4) == 0.0
+    assert pass_at_k(4, 3, 2) == 1.0  # C(1, 2) = 0: every pair holds a correct one
+    # seed 0: a - b per prompt = (2 - 1) / 4, (4 - 0) / 4, 0 -> mean 5 / 12; seed 1: (0 - 2) / 4 -> -0.5
+    per_seed = {
+        0: {"a": _report([2, 4, 1]), "b": _report([1, 0, 1])},
+        1: {"a": _report([0]), "b": _report([2])},
+    }
+    d = paired_difference(per_seed, ("a", "1"), ("b", "1"), 1, np.random.default_rng(0))
+    assert d["seed_means"] == pytest.approx([5 / 12, -0.5])
+    assert d["mean"] == pytest.approx((5 / 12 - 0.5) / 2)
+    assert d["seed_sd"] == pytest.approx(np.std([5 / 12, -0.5], ddof=1))
+    # seed 1 has one prompt (no spread); seed 0's resampled means lie in [0, 1]: the interval is in
+    # [(0 - 0.5) / 2, (1 - 0.5) / 2]
+    assert -0.25 <= d["ci"][0] < d["mean"] < d["ci"][1] <= 0.25
+
+
+def test_verdicts_follow_the_interval():
+    from hdpo_ds.examples.toy.reproduce import verdict
+
+    assert verdict({"ci": [0.02, 0.05]}) == "holds"
+    assert verdict({"ci": [-0.05, -0.02]}) == "does not hold"
+    assert verdict({"ci": [-0.005, 0.008]}) == "does not hold"  # a tight null
+    assert verdict({"ci": [-0.02, 0.05]}) == "inconclusive"
+    assert verdict({"ci": [0.001, 0.009]}) == "does not hold"  # above 0, but no effect that matters
+    assert verdict({"ci": [-0.008, 0.03]}, -0.01) == "holds"  # "near": at most 0.01 worse
+    assert verdict({"ci": [-0.05, -0.02]}, -0.01) == "does not hold"
+    assert verdict({"ci": [-0.03, 0.01]}, -0.01) == "inconclusive"

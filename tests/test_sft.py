@@ -63,7 +63,7 @@ def sft_assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sft")
     task = root / "task"
-    write_task(str(task), 3, sft_train=64, sft_eval=16, pair_prompts=8, eval_prompts=6)
+    write_task(str(task), 3, sft_train=64, sft_eval=16, pair_prompts=8, eval_prompts=6, val_prompts=6)
     cfg = json.loads((task / "config.json").read_text())
     cfg.update(
         hidden_size=32,

@@ -11,8 +11,10 @@ shows uniformly random step orders.
 
 Written to --out: ``tokenizer`` and model ``config.json`` (a character-level tokenizer built with
 `tokenizers`, a tiny Llama), ``sft_train.jsonl`` / ``sft_eval.jsonl`` (prompt, completion),
-``pair_prompts.jsonl`` (prompts to sample preference pairs from) and ``eval_prompts.jsonl`` (held-out
-prompts with their answer). The four prompt sets share no problem. The same seed gives byte-identical files.
+``pair_prompts.jsonl`` (prompts to sample preference pairs from), ``val_prompts.jsonl`` (prompts with
+their answer for choosing the training setting) and ``eval_prompts.jsonl`` (held-out prompts with their
+answer, for the reported numbers). The five sets share no problem. The same seed gives byte-identical files;
+the validation set is drawn last, so the other four are those of a task written before it existed.
 """
 
 from __future__ import annotations
@@ -115,16 +117,31 @@ def model_config(tokenizer):
 
 
 def write_task(
-    out: str, seed: int, *, sft_train: int, sft_eval: int, pair_prompts: int, eval_prompts: int
+    out: str,
+    seed: int,
+    *,
+    sft_train: int,
+    sft_eval: int,
+    pair_prompts: int,
+    eval_prompts: int,
+    val_prompts: int,
 ) -> None:
     sets = make_sets(
-        seed, {"eval": eval_prompts, "pairs": pair_prompts, "sft_eval": sft_eval, "sft": sft_train}
+        seed,
+        {
+            "eval": eval_prompts,
+            "pairs": pair_prompts,
+            "sft_eval": sft_eval,
+            "sft": sft_train,
+            "val": val_prompts,
+        },
     )
     os.makedirs(out, exist_ok=True)
     write_jsonl(os.path.join(out, "sft_train.jsonl"), sft_records(sets["sft"], seed + 1, "sft"))
     write_jsonl(os.path.join(out, "sft_eval.jsonl"), sft_records(sets["sft_eval"], seed + 2, "sft-eval"))
     write_jsonl(os.path.join(out, "pair_prompts.jsonl"), prompt_records(sets["pairs"], "pairs"))
     write_jsonl(os.path.join(out, "eval_prompts.jsonl"), prompt_records(sets["eval"], "eval"))
+    write_jsonl(os.path.join(out, "val_prompts.jsonl"), prompt_records(sets["val"], "val"))
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out)
     model_config(tokenizer).save_pretrained(out)
@@ -140,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sft-eval", type=int, default=500)
     parser.add_argument("--pair-prompts", type=int, default=2000)
     parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--val-prompts", type=int, default=200)
     args = parser.parse_args(argv)
     write_task(
         args.out,
@@ -148,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         sft_eval=args.sft_eval,
         pair_prompts=args.pair_prompts,
         eval_prompts=args.eval_prompts,
+        val_prompts=args.val_prompts,
     )
     print(f"wrote the arithmetic task (seed {args.seed}) to {args.out}")
     return 0

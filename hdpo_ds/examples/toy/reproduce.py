@@ -1,296 +1,326 @@
-"""The alpha trade-off of H-DPO at toy scale: SFT -> sampled pairs -> H-DPO per alpha -> pass@k.
+"""H-DPO's alpha at toy scale, with the setting frozen by the search (`make reproduce`).
 
-    python -m hdpo_ds.examples.toy.reproduce [--seeds 0 1 2] [--alphas 0.8 0.9 1.0 1.1] [--out outputs/toy]
-        [--results docs/results.md] [--smoke]
+    python -m hdpo_ds.examples.toy.reproduce [--seeds 0 1 2] [--alphas 0.8 0.9 0.95 1.0 1.1]
+        [--out outputs/toy] [--setting configs/toy/search.json] [--results docs/results.md] [--smoke]
 
-For each seed: (i) generate the arithmetic task (hdpo_ds/examples/toy/arith.py) and train a tiny Llama on it
-from scratch with launch/sft.py; (ii) sample completions of the pair prompts from the SFT model with
-launch/evaluate.py and build preference pairs by correctness (hdpo_ds/tools/sampled_pairs.py); (iii) train
-H-DPO with launch/train.py for every alpha, same beta, steps and seed, the SFT model as reference (its
-log-probs cached once per seed and shared); (iv) evaluate the SFT model and every H-DPO model with
-launch/evaluate.py: pass@k for k = 1, 2, 4, ..., n at T = 0.5 and 1.0, token entropy, distinct-n, distinct
-correct answers (the report in <model run>/eval/report.json, every sample beside it in samples.jsonl). Then
-the table, the commands and a plot of pass@k against k go into the results file, between the markers below
-(the rest of the file is left alone).
+Per seed: the task, an SFT model trained from scratch and preference pairs sampled from it (stages.py);
+then H-DPO for every alpha with the one setting `make reproduce-search` chose on validation prompts
+(configs/toy/search.json: lr, epochs, NLL weight, beta; nothing here is tuned on the evaluation prompts),
+and the evaluation of the SFT model and of every H-DPO model on the held-out evaluation prompts: pass@k for
+k = 1..n at T = 0.5 and 1, token entropy, distinct-n and distinct correct answers (report.json and every
+sample in samples.jsonl beside it). The report: mean ± sd over seeds; per alpha against alpha = 1 (and
+DPO against SFT), the paired difference over prompts with a bootstrap confidence interval; the paper's
+claims, each marked; a plot of pass@k against k. Then the monitors against a real metric: one DPO run of
+seed 0 trained for TRAJECTORY_EPOCHS epochs, a checkpoint at every evaluation, each checkpoint's held-out
+pass@1 beside the detectors' series and alerts, in one figure.
 
-Every stage is skipped when its output exists (a completed HF export, report or pair file), so an
-interrupted run continues where it stopped; delete --out to start over. Each stage runs as its own
-process, exactly the commands printed in the results. --smoke is a two-minute version for the tests:
-small sets, few steps, n = 4, alphas 0.8 and 1.0, one seed.
+Every stage is skipped when its output exists, so an interrupted run continues where it stopped; delete
+--out to start over. --smoke is the short version for the tests (small sets, few steps, n = 4, alphas 0.9
+and 1.0, one seed, a 2-evaluation trajectory), with the setting given by --setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import itertools
 import json
+import math
 import os
-import shlex
-import subprocess
+import re
 import sys
 import time
 
 import numpy as np
 
+from hdpo_ds.examples.toy.stages import (
+    ROOT,
+    SETTING_FILE,
+    SeedRun,
+    Setting,
+    Sizes,
+    evaluate,
+    load_setting,
+    prepare_seed,
+    shown_commands,
+    smoke_sizes,
+    train_preference,
+    write_section,
+)
+
 BEGIN, END = "<!-- toy-reproduce:begin -->", "<!-- toy-reproduce:end -->"
-# The repository: this file is hdpo_ds/examples/toy/reproduce.py.
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+VERDICT_BEGIN, VERDICT_END = "<!-- toy-verdict:begin -->", "<!-- toy-verdict:end -->"
+BOOTSTRAP_SAMPLES = 2000
+# A difference whose whole 95% interval lies within this of 0 is called no effect ("does not hold").
+NULL_BAND = 0.01
+TRAJECTORY_EPOCHS, TRAJECTORY_EVALS, TRAJECTORY_SAMPLES = 8, 16, 8
 
 
 @dataclasses.dataclass
 class Study:
     seeds: list[int]
     alphas: list[float]
-    sft_train: int = 40000
-    sft_eval: int = 500
-    pair_prompts: int = 2000
-    eval_prompts: int = 200
-    sft_steps: int = 400
-    sft_batch: int = 128
-    pair_samples: int = 8
-    pairs_per_prompt: int = 2
-    hdpo_steps: int = 150
-    hdpo_batch: int = 64
+    setting: Setting
+    sizes: Sizes = dataclasses.field(default_factory=Sizes)
     n: int = 32
     temperatures: tuple[float, ...] = (0.5, 1.0)
-    max_new_tokens: int = 64
+    trajectory_epochs: int = TRAJECTORY_EPOCHS
+    trajectory_evals: int = TRAJECTORY_EVALS
+    trajectory_samples: int = TRAJECTORY_SAMPLES
 
     @property
     def ks(self) -> list[int]:
-        ks, k = [], 1
-        while k <= self.n:
-            ks.append(k)
-            k *= 2
-        return ks
+        return list(range(1, self.n + 1))
+
+    @property
+    def names(self) -> list[str]:
+        return ["SFT"] + [model_name(a) for a in self.alphas]
 
 
-def smoke_study() -> Study:
+def model_name(alpha: float) -> str:
+    return f"alpha={alpha:g}"
+
+
+def smoke_study(setting: Setting) -> Study:
     return Study(
         seeds=[0],
-        alphas=[0.8, 1.0],
-        sft_train=2000,
-        sft_eval=64,
-        pair_prompts=256,
-        eval_prompts=8,
-        sft_steps=150,
-        sft_batch=32,
-        pair_samples=8,
-        hdpo_steps=8,
-        hdpo_batch=8,
+        alphas=[0.9, 1.0],
+        setting=setting,
+        sizes=smoke_sizes(),
         n=4,
+        trajectory_epochs=2,
+        trajectory_evals=2,
+        trajectory_samples=4,
     )
 
 
-def _run(cmd: list[str], log_path: str, commands: list[str], done: bool = False) -> None:
-    """Run one stage as its own process unless `done` (its output exists); its output goes to log_path;
-    a failure stops everything. The command is recorded either way (the results list every command)."""
-    shown = " ".join(shlex.quote(c) for c in cmd).replace(sys.executable, "python")
-    commands.append(shown)
-    if done:
-        return
-    print(f"$ {shown}", flush=True)
-    started = time.time()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-30:])
-        raise SystemExit(f"stage failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    print(f"  done in {time.time() - started:.0f} s", flush=True)
+# ---------------------------------------------------------------------------------------------- stages
 
 
-def run_seed(study: Study, seed: int, out: str, tracking_uri: str, commands: list[str]) -> dict:
-    """All stages of one seed; returns {model name: evaluation report}."""
-    from hdpo_ds.examples.toy.arith import write_task
-
-    py = sys.executable
-    base = os.path.join(out, f"seed{seed}")
-    task, sft, pairs = (os.path.join(base, d) for d in ("task", "sft", "pairs"))
-    logs = os.path.join(base, "logs")
-    os.makedirs(logs, exist_ok=True)
-    mlflow = [f"logging.tracking_uri={tracking_uri}"]
-    if not os.path.isfile(os.path.join(task, "eval_prompts.jsonl")):
-        write_task(
-            task,
-            seed,
-            sft_train=study.sft_train,
-            sft_eval=study.sft_eval,
-            pair_prompts=study.pair_prompts,
-            eval_prompts=study.eval_prompts,
-        )
-    commands.append(
-        f"python -m hdpo_ds.examples.toy.arith --out {task} --seed {seed} --sft-train {study.sft_train} "
-        f"--sft-eval {study.sft_eval} --pair-prompts {study.pair_prompts} --eval-prompts {study.eval_prompts}"
-    )
-    _run(
-        [
-            py,
-            "launch/sft.py",
-            "--ds",
-            "ds_configs/zero3.json",
-            "--config",
-            "configs/toy/sft.yaml",
-            f"output_dir={sft}",
-            f"model.name_or_path={task}",
-            f"data.train_files=[{task}/sft_train.jsonl]",
-            f"data.eval_files=[{task}/sft_eval.jsonl]",
-            f"train.seed={seed}",
-            f"train.max_steps={study.sft_steps}",
-            f"train.pairs_per_step={study.sft_batch}",
-            *mlflow,
-        ],
-        os.path.join(logs, "sft.log"),
-        commands,
-        done=os.path.isfile(os.path.join(sft, "hf", "config.json")),
-    )
-    pairs_done = os.path.isfile(os.path.join(pairs, "train.jsonl"))
-    _run(
-        [
-            py,
-            "launch/evaluate.py",
-            "--model",
-            f"{sft}/hf",
-            "--prompts",
-            f"{task}/pair_prompts.jsonl",
-            "--checker",
-            "arith",
-            "--temperatures",
-            "1.0",
-            "--num-samples",
-            str(study.pair_samples),
-            "--k",
-            "1",
-            "--max-new-tokens",
-            str(study.max_new_tokens),
-            "--seed",
-            str(seed + 1000),
-            "--prompts-per-batch",
-            "32",
-            "--samples",
-            f"{pairs}/samples.jsonl",
-            "--out",
-            f"{pairs}/sampling.json",
-            "--no-mlflow",
-            "--no-progress",
-        ],
-        os.path.join(logs, "sample_pairs.log"),
-        commands,
-        done=pairs_done,
-    )
-    _run(
-        [
-            py,
-            "-m",
-            "hdpo_ds.tools.sampled_pairs",
-            "--samples",
-            f"{pairs}/samples.jsonl",
-            "--train",
-            f"{pairs}/train.jsonl",
-            "--eval",
-            f"{pairs}/eval.jsonl",
-            "--eval-fraction",
-            "0.05",
-            "--pairs-per-prompt",
-            str(study.pairs_per_prompt),
-            "--seed",
-            str(seed),
-        ],
-        os.path.join(logs, "pairs.log"),
-        commands,
-        done=pairs_done,
-    )
-    models = {"SFT": f"{sft}/hf"}
+def run_seed(study: Study, run: SeedRun) -> dict:
+    """All stages of one seed; returns {model name: evaluation report, "_pairs": pair statistics}."""
+    prepare_seed(study.sizes, run)
+    models = {"SFT": run.sft_model}
     for alpha in study.alphas:
-        run_dir = os.path.join(base, f"hdpo_alpha{alpha:g}")
-        models[f"alpha={alpha:g}"] = f"{run_dir}/hf"
-        _run(
-            [
-                py,
-                "launch/train.py",
-                "--ds",
-                "ds_configs/zero3.json",
-                "--config",
-                "configs/toy/hdpo.yaml",
-                f"output_dir={run_dir}",
-                f"model.name_or_path={sft}/hf",
-                f"reference.cache_path={base}/reference_cache",
-                f"data.train_files=[{pairs}/train.jsonl]",
-                f"train.pairs_per_step={study.hdpo_batch}",
-                f"data.eval_files=[{pairs}/eval.jsonl]"
-                if _pair_counts(pairs)["eval_pairs"]
-                else "data.eval_files=[]",
-                f"loss.alpha={alpha}",
-                f"train.seed={seed}",
-                f"train.max_steps={study.hdpo_steps}",
-                f"optim.warmup_steps={min(10, study.hdpo_steps // 4)}",
-                f"train.eval_every={max(1, study.hdpo_steps // 3)}",
-                f"logging.run_name=toy-seed{seed}-alpha{alpha:g}",
-                *mlflow,
-            ],
-            os.path.join(logs, f"hdpo_alpha{alpha:g}.log"),
-            commands,
-            done=os.path.isfile(os.path.join(run_dir, "hf", "config.json")),
+        name = f"hdpo_alpha{alpha:g}"
+        models[model_name(alpha)] = os.path.join(
+            train_preference(study.sizes, run, study.setting, alpha, name), "hf"
         )
     reports = {}
     for name, model in models.items():
-        report = os.path.join(os.path.dirname(model), "eval", "report.json")
-        samples = os.path.join(os.path.dirname(report), "samples.jsonl")
-        _run(
-            [
-                py,
-                "launch/evaluate.py",
-                "--model",
-                model,
-                "--prompts",
-                f"{task}/eval_prompts.jsonl",
-                "--checker",
-                "arith",
-                "--temperatures",
-                *map(str, study.temperatures),
-                "--k",
-                *map(str, study.ks),
-                "--num-samples",
-                str(study.n),
-                "--max-new-tokens",
-                str(study.max_new_tokens),
-                "--seed",
-                str(seed),
-                "--prompts-per-batch",
-                "16",
-                "--out",
-                report,
-                "--samples",
-                samples,
-                "--tracking-uri",
-                tracking_uri,
-                "--experiment",
-                "hdpo_ds-toy-eval",
-                "--run-name",
-                f"toy-seed{seed}-{name}",
-                "--no-progress",
-            ],
-            os.path.join(logs, f"eval_{name.replace('=', '')}.log"),
-            commands,
-            done=os.path.isfile(report),
+        reports[name] = evaluate(
+            study.sizes,
+            run,
+            model,
+            os.path.join(run.task, "eval_prompts.jsonl"),
+            os.path.join(os.path.dirname(model), "eval", "report.json"),
+            temperatures=list(study.temperatures),
+            ks=study.ks,
+            n=study.n,
+            name=f"toy-seed{run.seed}-{name.replace('=', '')}",
         )
-        with open(report) as f:
-            reports[name] = json.load(f)
-    with open(os.path.join(pairs, "sampling.json")) as f:
+    with open(os.path.join(run.pairs, "sampling.json")) as f:
         sampling = json.load(f)
     reports["_pairs"] = {
         "sft_correct_rate_t1": sampling["temperatures"]["1"]["correct_rate"],
-        "counts": _pair_counts(pairs),
+        "counts": run.pair_counts(),
     }
     return reports
 
 
-def _pair_counts(pairs_dir: str) -> dict:
-    with open(os.path.join(pairs_dir, "train.jsonl")) as f:
-        train = sum(1 for _ in f)
-    with open(os.path.join(pairs_dir, "eval.jsonl")) as f:
-        evaluation = sum(1 for _ in f)
-    return {"train_pairs": train, "eval_pairs": evaluation}
+def run_trajectory(study: Study, run: SeedRun, sft_report: dict) -> dict:
+    """One DPO run trained past its best (trajectory_epochs epochs), a checkpoint at every evaluation,
+    and each checkpoint's held-out pass@1 at T = 1; beside them the evaluation series the detectors read
+    (from the run's MLflow history) and the alerts they raised (run_info.json)."""
+    from mlflow.tracking import MlflowClient
+
+    counts = run.pair_counts()
+    setting = dataclasses.replace(study.setting, epochs=study.trajectory_epochs)
+    steps = setting.steps(counts["train_pairs"], study.sizes.hdpo_batch)
+    every = max(1, steps // study.trajectory_evals)
+    out = train_preference(
+        study.sizes,
+        run,
+        setting,
+        1.0,
+        "trajectory_alpha1",
+        eval_every=every,
+        extra=(f"train.save_every={every}", "train.keep_checkpoints=1000"),
+    )
+    points = [{"step": 0, "pass_at_1": sft_report["temperatures"]["1"]["pass_at_1"]}]
+    for folder in sorted(glob.glob(os.path.join(out, "checkpoints", "step[0-9]*"))):
+        if not re.fullmatch(r"step\d{8}", os.path.basename(folder)):
+            continue  # a checkpoint being written (its .tmp folder)
+        step = int(os.path.basename(folder)[len("step") :])
+        report = evaluate(
+            study.sizes,
+            run,
+            folder,
+            os.path.join(run.task, "eval_prompts.jsonl"),
+            os.path.join(out, "trajectory", f"step{step:08d}", "report.json"),
+            temperatures=[1.0],
+            ks=[1],
+            n=study.trajectory_samples,
+            name=f"toy-trajectory-step{step}",
+            mlflow=False,
+        )
+        points.append({"step": step, "pass_at_1": report["temperatures"]["1"]["pass_at_1"]})
+    with open(os.path.join(out, "run_info.json")) as f:
+        info = json.load(f)
+    client = MlflowClient(info["tracking_uri"])
+    series = {}
+    for key in ("eval/topk_entropy/chosen", "eval/loss", "eval/logps/chosen_mean", "eval/rewards/accuracies"):
+        history = client.get_metric_history(info["run_id"], key)
+        series[key] = sorted((m.step, m.value) for m in history)
+    return {
+        "steps": steps,
+        "every": every,
+        "epochs": study.trajectory_epochs,
+        "pass_at_1": points,
+        "series": series,
+        "alerts": info["alerts"],
+        "samples": study.trajectory_samples,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of Chen et al. 2021 (Codex), eq. 1: 1 - C(n - c, k) / C(n, k)."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def per_prompt(report: dict, temperature: str, k: int) -> dict[str, float]:
+    return {i: pass_at_k(x["n"], x["correct"], k) for i, x in report["per_prompt"][temperature].items()}
+
+
+def paired_difference(
+    per_seed: dict[int, dict],
+    a: tuple[str, str],
+    b: tuple[str, str],
+    k: int,
+    rng: np.random.Generator,
+) -> dict:
+    """pass@k of model a[0] at temperature a[1] minus model b[0] at b[1], prompt by prompt (the same
+    prompts), averaged over the prompts of a seed and then over seeds. The 95% interval resamples each
+    seed's prompts (BOOTSTRAP_SAMPLES times, percentile method): it covers prompt sampling; `seed_sd` is the
+    spread of the per-seed differences (training and sampling seeds)."""
+    diffs = []
+    for reports in per_seed.values():
+        x, y = per_prompt(reports[a[0]], a[1], k), per_prompt(reports[b[0]], b[1], k)
+        diffs.append(np.array([x[i] - y[i] for i in sorted(x)]))
+    boot = np.zeros(BOOTSTRAP_SAMPLES)
+    for d in diffs:
+        picks = rng.integers(0, len(d), size=(BOOTSTRAP_SAMPLES, len(d)))
+        boot += d[picks].mean(axis=1) / len(diffs)
+    seed_means = [float(d.mean()) for d in diffs]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {
+        "mean": float(np.mean(seed_means)),
+        "ci": [float(lo), float(hi)],
+        "seed_means": seed_means,
+        "seed_sd": float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else 0.0,
+    }
+
+
+def verdict(diff: dict, threshold: float = 0.0) -> str:
+    """holds: the interval lies above `threshold`; does not hold: below it, or (threshold 0) within
+    NULL_BAND of 0 on both sides; inconclusive otherwise."""
+    lo, hi = diff["ci"]
+    if lo > threshold and not (threshold == 0.0 and hi < NULL_BAND):
+        return "holds"
+    if hi < threshold or (threshold == 0.0 and lo > -NULL_BAND and hi < NULL_BAND):
+        return "does not hold"
+    return "inconclusive"
+
+
+def summary_stats(study: Study, per_seed: dict[int, dict]) -> dict:
+    """Every paired comparison the report shows, and the bar: DPO against SFT at T = 1."""
+    rng = np.random.default_rng(0)
+    big_k = study.n
+    out: dict = {"vs_dpo": {}, "dpo_vs_sft": {}, "claims": []}
+    for t in [f"{x:g}" for x in study.temperatures]:
+        out["dpo_vs_sft"][t] = paired_difference(per_seed, ("alpha=1", t), ("SFT", t), 1, rng)
+        for alpha in study.alphas:
+            if alpha == 1.0:
+                continue
+            name = model_name(alpha)
+            out["vs_dpo"][f"{name} T={t}"] = {
+                k: paired_difference(per_seed, (name, t), ("alpha=1", t), k, rng) for k in (1, big_k)
+            }
+    sft_t1 = [r["SFT"]["temperatures"]["1"]["pass_at_1"] for r in per_seed.values()]
+    dpo_t1 = [r["alpha=1"]["temperatures"]["1"]["pass_at_1"] for r in per_seed.values()]
+    spread = max(np.std(sft_t1, ddof=1), np.std(dpo_t1, ddof=1)) if len(per_seed) > 1 else 0.0
+    gain = out["dpo_vs_sft"]["1"]
+    out["bar"] = {
+        "gain": gain["mean"],
+        "ci": gain["ci"],
+        "spread": float(spread),
+        "met": bool(gain["mean"] > spread and gain["ci"][0] > 0),
+    }
+    claims = out["claims"]
+    for alpha in (a for a in study.alphas if 0.9 <= a < 1.0):
+        for t in ("1", "0.5"):
+            d = out["vs_dpo"][f"{model_name(alpha)} T={t}"][1]
+            claims.append(
+                (
+                    "alpha 0.9-0.95 gives a better pass@1 than DPO",
+                    f"alpha {alpha:g} - DPO, pass@1, T = {t}",
+                    d,
+                    verdict(d),
+                )
+            )
+    for alpha in (a for a in study.alphas if a < 1.0):
+        d = paired_difference(per_seed, (model_name(alpha), "1"), ("alpha=1", "0.5"), 1, rng)
+        claims.append(
+            (
+                "alpha < 1 at T = 1 comes near DPO at a lower temperature",
+                f"alpha {alpha:g} at T = 1 - DPO at T = 0.5, pass@1 (holds: interval above -{NULL_BAND:g})",
+                d,
+                verdict(d, -NULL_BAND),
+            )
+        )
+    for alpha in (a for a in study.alphas if a > 1.0):
+        for t in ("1", "0.5"):
+            d = out["vs_dpo"][f"{model_name(alpha)} T={t}"][big_k]
+            claims.append(
+                (
+                    "alpha > 1 gives a better pass@k at large k",
+                    f"alpha {alpha:g} - DPO, pass@{big_k}, T = {t}",
+                    d,
+                    verdict(d),
+                )
+            )
+    return out
+
+
+def entropy_order(per_seed: dict[int, dict], alphas: list[float], temperature: str = "1") -> dict[int, bool]:
+    """Per seed: does the sample entropy at T rise strictly with alpha (the paper's prediction)?"""
+    verdicts = {}
+    for seed, reports in per_seed.items():
+        entropies = [
+            reports[model_name(a)]["temperatures"][temperature]["token_entropy"] for a in sorted(alphas)
+        ]
+        verdicts[seed] = all(x < y for x, y in itertools.pairwise(entropies))
+    return verdicts
+
+
+def trajectory_reading(traj: dict) -> dict:
+    """Where the pass@1 peak is, where top-k entropy turned (its detector's first alert, and the raw
+    series' maximum), and which came first."""
+    points = traj["pass_at_1"]
+    peak = max(points, key=lambda p: (p["pass_at_1"], -p["step"]))
+    turn_alerts = [a["step"] for a in traj["alerts"] if a["detector"] == "topk_entropy_turn"]
+    entropy = traj["series"].get("eval/topk_entropy/chosen", [])
+    entropy_max = max(entropy, key=lambda p: p[1])[0] if entropy else None
+    alert = turn_alerts[0] if turn_alerts else None
+    if alert is None:
+        order = "the detector did not fire"
+    else:
+        order = "before" if alert < peak["step"] else "at" if alert == peak["step"] else "after"
+    return {"peak": peak, "turn_alert": alert, "entropy_max_step": entropy_max, "order": order}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -302,87 +332,151 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def entropy_order(per_seed: dict[int, dict], alphas: list[float], temperature: str = "1") -> dict[int, bool]:
-    """Per seed: does the sample entropy at T rise strictly with alpha (the paper's prediction)?"""
-    verdict = {}
-    for seed, reports in per_seed.items():
-        entropies = [
-            reports[f"alpha={a:g}"]["temperatures"][temperature]["token_entropy"] for a in sorted(alphas)
-        ]
-        verdict[seed] = all(x < y for x, y in itertools.pairwise(entropies))
-    return verdict
+def _diff(d: dict) -> str:
+    return f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]"
+
+
+def render_verdict(study: Study, stats: dict, traj: dict | None) -> str:
+    bar = stats["bar"]
+    lines = [VERDICT_BEGIN, "", "**Verdict of the toy study** (`make reproduce`, written by its last run): "]
+    lines[-1] += (
+        f"DPO {'beats' if bar['met'] else 'does not beat'} its SFT model on held-out pass@1 at T = 1 by "
+        f"more than the seed spread ({bar['gain']:+.3f}, 95% interval {bar['ci'][0]:+.3f} to "
+        f"{bar['ci'][1]:+.3f}, against a seed sd of {bar['spread']:.3f}; {len(study.seeds)} seed(s)). "
+    )
+    tally: dict[str, list[str]] = {}
+    for claim, _, _, mark in stats["claims"]:
+        tally.setdefault(claim, []).append(mark)
+    lines[-1] += (
+        "Paper claims: " + "; ".join(f"{claim}: {', '.join(marks)}" for claim, marks in tally.items()) + "."
+    )
+    if traj is not None:
+        r = trajectory_reading(traj)
+        lines[-1] += (
+            f" Monitors: on a DPO run trained for {traj['epochs']} epochs, held-out pass@1 peaked at step "
+            f"{r['peak']['step']} and the top-k entropy turn detector "
+            + (
+                f"fired at step {r['turn_alert']} ({r['order']} the peak)."
+                if r["turn_alert"] is not None
+                else "did not fire."
+            )
+        )
+    lines += ["Details: the toy sections below.", "", VERDICT_END]
+    return "\n".join(lines)
 
 
 def render_markdown(
-    study: Study, per_seed: dict[int, dict], commands: list[str], plot_rel: str, elapsed_s: float
+    study: Study,
+    per_seed: dict[int, dict],
+    stats: dict,
+    traj: dict | None,
+    commands: list[str],
+    plots: dict[str, str],
+    elapsed_s: float,
 ) -> str:
-    names = ["SFT"] + [f"alpha={a:g}" for a in study.alphas]
-    ks_shown = [k for k in (1, 4, 16) if k <= study.n]
-    lines = [BEGIN, "", "## Toy reproduction: the alpha trade-off (`make reproduce`)", ""]
+    s = study.setting
+    ks_shown = [k for k in (1, 4, 16, study.n) if k <= study.n]
+    lines = [BEGIN, "", "## Toy study, step 2: alpha with the frozen setting (`make reproduce`)", ""]
     lines += [
-        "Written by `python -m hdpo_ds.examples.toy.reproduce` (see its docstring for the stages); do not "
+        "Written by `python -m hdpo_ds.examples.toy.reproduce` (its docstring lists the stages); do not "
         "edit by hand between the markers.",
         "",
-        f"Seeds {study.seeds}; alphas {study.alphas}; beta 0.1 and {study.hdpo_steps} H-DPO steps of "
-        f"{study.hdpo_batch} pairs for every alpha (configs/toy/hdpo.yaml); SFT {study.sft_steps} steps of "
-        f"{study.sft_batch} sequences (configs/toy/sft.yaml); {study.eval_prompts} held-out prompts, "
-        f"n = {study.n} samples per prompt and temperature, plain temperature sampling, at most "
-        f"{study.max_new_tokens} new tokens. Wall time {elapsed_s / 60:.0f} min on this machine.",
+        f"Seeds {study.seeds}; alphas {study.alphas}; every H-DPO run: lr {s.lr:g}, {s.epochs} epoch(s), "
+        f"NLL weight {s.nll_weight:g}, beta {s.beta:g} (chosen on validation prompts, "
+        f"`configs/toy/search.json`), {study.sizes.hdpo_batch} pairs per step (configs/toy/hdpo.yaml); SFT "
+        f"{study.sizes.sft_steps} steps of {study.sizes.sft_batch} sequences (configs/toy/sft.yaml); "
+        f"{study.sizes.eval_prompts} held-out prompts, n = {study.n} samples per prompt and temperature, "
+        f"plain temperature sampling, at most {study.sizes.max_new_tokens} new tokens. Paired differences: "
+        f"prompt by prompt, mean over prompts and then seeds, [95% bootstrap interval over prompts, "
+        f"{BOOTSTRAP_SAMPLES} resamples]. Wall time {elapsed_s / 60:.0f} min on this machine.",
+        "",
+    ]
+    bar = stats["bar"]
+    lines += [
+        "### The bar: does DPO beat SFT?",
+        "",
+        f"DPO (alpha = 1) minus SFT, pass@1 at T = 1: **{_diff(stats['dpo_vs_sft']['1'])}**, per seed "
+        + ", ".join(f"{x:+.3f}" for x in stats["dpo_vs_sft"]["1"]["seed_means"])
+        + f"; seed spread (the larger sd of the two models' pass@1 over seeds) {bar['spread']:.3f}. "
+        f"At T = 0.5: {_diff(stats['dpo_vs_sft']['0.5'])}. Bar {'met' if bar['met'] else 'not met'}.",
         "",
     ]
     for t in [f"{x:g}" for x in study.temperatures][::-1]:
-        lines += [f"### T = {t}: per seed", ""]
-        header = (
-            ["seed", "model", "entropy (nats/token)"]
-            + [f"pass@{k}" for k in ks_shown]
-            + ["distinct-4", "distinct correct", "mean length"]
-        )
+        title = f"mean ± sd over {len(per_seed)} seeds" if len(per_seed) > 1 else f"seed {study.seeds[0]}"
+        lines += [f"### T = {t}: {title}", ""]
+        header = ["model", "entropy"] + [f"pass@{k}" for k in ks_shown] + ["distinct-4", "distinct correct"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for seed, reports in per_seed.items():
-            for name in names:
-                m = reports[name]["temperatures"][t]
-                row = (
-                    [str(seed), name, f"{m['token_entropy']:.3f}"]
-                    + [f"{m[f'pass_at_{k}']:.3f}" for k in ks_shown]
-                    + [f"{m['distinct_4']:.3f}", f"{m['distinct_correct']:.2f}", f"{m['mean_length']:.1f}"]
-                )
-                lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-        if len(per_seed) > 1:
-            lines += [f"### T = {t}: mean ± standard deviation over {len(per_seed)} seeds", ""]
-            header = (
-                ["model", "entropy"] + [f"pass@{k}" for k in ks_shown] + ["distinct-4", "distinct correct"]
+        for name in study.names:
+            col = [r[name]["temperatures"][t] for r in per_seed.values()]
+            row = (
+                [name, _fmt([m["token_entropy"] for m in col])]
+                + [_fmt([m[f"pass_at_{k}"] for m in col]) for k in ks_shown]
+                + [_fmt([m["distinct_4"] for m in col]), _fmt([m["distinct_correct"] for m in col], 2)]
             )
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            for name in names:
-                col = [r[name]["temperatures"][t] for r in per_seed.values()]
-                row = (
-                    [name, _fmt([m["token_entropy"] for m in col])]
-                    + [_fmt([m[f"pass_at_{k}"] for m in col]) for k in ks_shown]
-                    + [_fmt([m["distinct_4"] for m in col]), _fmt([m["distinct_correct"] for m in col], 2)]
-                )
-                lines.append("| " + " | ".join(row) + " |")
-            lines.append("")
-    order = entropy_order(per_seed, study.alphas)
-    agree = sum(order.values())
-    per_seed_verdict = ", ".join(f"seed {s}: {'yes' if ok else 'no'}" for s, ok in order.items())
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", f"Against DPO (alpha = 1) at T = {t}, paired:", ""]
+        lines += [f"| model | pass@1 | pass@{study.n} |", "|---|---|---|"]
+        for alpha in (a for a in study.alphas if a != 1.0):
+            d = stats["vs_dpo"][f"{model_name(alpha)} T={t}"]
+            lines.append(f"| {model_name(alpha)} | {_diff(d[1])} | {_diff(d[study.n])} |")
+        lines.append("")
     lines += [
-        "### Does the entropy fall as alpha falls?",
+        "### The paper's claims at this scale",
         "",
-        f"The paper predicts that the sample entropy falls as alpha falls. At T = 1 it rises strictly with "
-        f"alpha in {agree} of {len(order)} seed(s) "
-        f"({per_seed_verdict}).",
+        f"holds: the 95% interval lies above 0 (or the stated threshold); does not hold: it lies below, or "
+        f"entirely within ±{NULL_BAND:g} of 0; inconclusive: otherwise.",
         "",
-        "Pairs per seed (built from the SFT model's samples at T = 1): "
+        "| claim | comparison | difference [95% interval] | per seed | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, comparison, d, mark in stats["claims"]:
+        per = ", ".join(f"{x:+.3f}" for x in d["seed_means"])
+        lines.append(f"| {claim} | {comparison} | {_diff(d)} | {per} | **{mark}** |")
+    order = entropy_order(per_seed, study.alphas)
+    lines += [
+        "",
+        "Entropy: the paper predicts that the sample entropy falls as alpha falls. At T = 1 it rises "
+        f"strictly with alpha in {sum(order.values())} of {len(order)} seed(s) ("
+        + ", ".join(f"seed {seed}: {'yes' if ok else 'no'}" for seed, ok in order.items())
+        + ").",
+        "",
+        "Pairs per seed (from the SFT model's samples at T = 1): "
         + "; ".join(
-            f"seed {s}: SFT correct rate {r['_pairs']['sft_correct_rate_t1']:.3f}, "
+            f"seed {seed}: SFT correct rate {r['_pairs']['sft_correct_rate_t1']:.3f}, "
             f"{r['_pairs']['counts']['train_pairs']} train / {r['_pairs']['counts']['eval_pairs']} eval pairs"
-            for s, r in per_seed.items()
+            for seed, r in per_seed.items()
         )
         + ".",
         "",
-        f"![pass@k against k per alpha]({plot_rel})",
+        f"![pass@k against k per alpha]({plots['passk']})",
         "",
+    ]
+    if traj is not None:
+        r = trajectory_reading(traj)
+        lines += [
+            "### The monitors against held-out pass@1",
+            "",
+            f"Seed {study.seeds[0]}, alpha = 1, the frozen setting but {traj['epochs']} epochs "
+            f"({traj['steps']} steps), an evaluation and a checkpoint every {traj['every']} steps; each "
+            f"checkpoint's pass@1 at T = 1 on the evaluation prompts (n = {traj['samples']}; step 0: the SFT "
+            f"model's n = {study.n} estimate). Held-out pass@1 peaks at step **{r['peak']['step']}** "
+            f"({r['peak']['pass_at_1']:.3f}); the eval top-k entropy of the chosen responses is highest at "
+            f"step {r['entropy_max_step']}; `topk_entropy_turn` "
+            + (
+                f"fires at step **{r['turn_alert']}**: **{r['order']}** the pass@1 peak."
+                if r["turn_alert"] is not None
+                else "never fires."
+            ),
+            "",
+            "| detector | first alert (step) |",
+            "|---|---|",
+        ]
+        firsts: dict[str, int] = {}
+        for a in traj["alerts"]:
+            firsts.setdefault(a["detector"], a["step"])
+        lines += [f"| `{name}` | {step} |" for name, step in firsts.items()] or ["| (none) | |"]
+        lines += ["", f"![held-out pass@1 and top-k entropy along one DPO run]({plots['trajectory']})", ""]
+    lines += [
         "Commands (run from the repository root, in this order):",
         "",
         "```bash",
@@ -394,38 +488,9 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def plot(study: Study, per_seed: dict[int, dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
-    names = ["SFT"] + [f"alpha={a:g}" for a in study.alphas]
-    temps = [f"{x:g}" for x in study.temperatures]
-    fig, axes = plt.subplots(1, len(temps), figsize=(5.5 * len(temps), 4.2), squeeze=False)
-    for ax, t in zip(axes[0], temps, strict=True):
-        for name in names:
-            values = np.array(
-                [[r[name]["temperatures"][t][f"pass_at_{k}"] for k in study.ks] for r in per_seed.values()]
-            )
-            mean = values.mean(axis=0)
-            style = {"linestyle": "--", "color": "black"} if name == "SFT" else {}
-            ax.plot(study.ks, mean, marker="o", label=name, **style)
-            if len(values) > 1:
-                ax.fill_between(
-                    study.ks,
-                    values.min(axis=0),
-                    values.max(axis=0),
-                    alpha=0.15,
-                    **({"color": "black"} if name == "SFT" else {}),
-                )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
-        ax.set_ylabel("pass@k")
-        ax.set_title(f"T = {t} (mean over seeds {study.seeds}; band: min-max)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     fig.savefig(tmp, dpi=110)
@@ -433,20 +498,59 @@ def plot(study: Study, per_seed: dict[int, dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_section(results_path: str, section: str) -> None:
-    """Replace the text between the markers (or append it) and write the file atomically."""
-    from hdpo_ds.common.atomic import write_text
+def plot_passk(study: Study, per_seed: dict[int, dict], path: str) -> None:
+    import matplotlib
 
-    text = "# Results\n"
-    if os.path.isfile(results_path):
-        with open(results_path) as f:
-            text = f.read()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_text(results_path, text)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = [f"{x:g}" for x in study.temperatures]
+    fig, axes = plt.subplots(1, len(temps), figsize=(5.5 * len(temps), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], temps, strict=True):
+        for name in study.names:
+            values = np.array(
+                [[r[name]["temperatures"][t][f"pass_at_{k}"] for k in study.ks] for r in per_seed.values()]
+            )
+            style = {"linestyle": "--", "color": "black"} if name == "SFT" else {}
+            ax.plot(study.ks, values.mean(axis=0), label=name, **style)
+            if len(values) > 1:
+                color = {"color": "black"} if name == "SFT" else {}
+                ax.fill_between(study.ks, values.min(axis=0), values.max(axis=0), alpha=0.12, **color)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k")
+        ax.set_title(f"T = {t} (mean over seeds {study.seeds}; band: min-max)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_trajectory(traj: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = trajectory_reading(traj)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    steps = [p["step"] for p in traj["pass_at_1"]]
+    ax.plot(steps, [p["pass_at_1"] for p in traj["pass_at_1"]], marker="o", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out pass@1 (T = 1)", color="tab:blue")
+    ax.axvline(r["peak"]["step"], color="tab:blue", linestyle=":", label="pass@1 peak")
+    entropy = traj["series"].get("eval/topk_entropy/chosen", [])
+    if entropy:
+        twin = ax.twinx()
+        twin.plot([s for s, _ in entropy], [v for _, v in entropy], marker="s", color="tab:red")
+        twin.set_ylabel("eval top-k entropy, chosen (bits)", color="tab:red")
+    for i, a in enumerate(x for x in traj["alerts"] if x["detector"] == "topk_entropy_turn"):
+        ax.axvline(a["step"], color="tab:red", linestyle="--", label="topk_entropy_turn" if i == 0 else None)
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    ax.set_title("one DPO run trained past its best: pass@1 against the top-k entropy detector")
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,45 +558,62 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 1.0, 1.1])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9, 0.95, 1.0, 1.1])
     parser.add_argument("--out", default="outputs/toy")
-    parser.add_argument(
-        "--results", default="docs/results.md", help="the markdown file to write the section into"
-    )
+    parser.add_argument("--setting", default=SETTING_FILE, help="the frozen search's file (`chosen`)")
+    parser.add_argument("--results", default="docs/results.md", help="the markdown file the sections go into")
     parser.add_argument("--plot", default="docs/img/toy-passk.png")
-    parser.add_argument("--tracking-uri", default="", help="default: sqlite:///<out>/mlflow.db")
-    parser.add_argument("--smoke", action="store_true", help="the two-minute version (tests)")
+    parser.add_argument("--trajectory-plot", default="docs/img/toy-monitors.png")
+    parser.add_argument("--no-trajectory", action="store_true", help="skip the monitors run")
+    parser.add_argument("--smoke", action="store_true", help="the short version (tests)")
     args = parser.parse_args(argv)
-    study = smoke_study() if args.smoke else Study(seeds=args.seeds, alphas=args.alphas)
-    if args.smoke and "--seeds" in (argv or sys.argv):
-        study.seeds = args.seeds
+    setting = load_setting(args.setting)
+    if args.smoke:
+        study = smoke_study(setting)
+    else:
+        study = Study(seeds=args.seeds, alphas=args.alphas, setting=setting)
+    if 1.0 not in study.alphas:
+        parser.error("--alphas: include 1.0 (DPO), the baseline of every paired comparison")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    tracking_uri = args.tracking_uri or f"sqlite:///{os.path.join(out, 'mlflow.db')}"
+    tracking_uri = f"sqlite:///{os.path.join(out, 'mlflow.db')}"
     started = time.time()
     commands: list[str] = []
-    per_seed = {seed: run_seed(study, seed, out, tracking_uri, commands) for seed in study.seeds}
+    per_seed = {}
+    for seed in study.seeds:
+        run = SeedRun(seed, os.path.join(out, f"seed{seed}"), tracking_uri, commands)
+        per_seed[seed] = run_seed(study, run)
+    traj = None
+    if not args.no_trajectory:
+        run = SeedRun(study.seeds[0], os.path.join(out, f"seed{study.seeds[0]}"), tracking_uri, commands)
+        traj = run_trajectory(study, run, per_seed[study.seeds[0]]["SFT"])
     elapsed = time.time() - started
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(
-            {
-                "study": dataclasses.asdict(study),
-                "elapsed_s": elapsed,
-                "results": {str(s): {k: v for k, v in r.items()} for s, r in per_seed.items()},
-            },
-            f,
-            indent=1,
-        )
-    plot(study, per_seed, args.plot)
-    plot_rel = os.path.relpath(os.path.abspath(args.plot), os.path.dirname(os.path.abspath(args.results)))
-    shown_out = os.path.relpath(out, ROOT) if out.startswith(ROOT + os.sep) else out
-    section = render_markdown(
-        study, per_seed, [c.replace(out, shown_out) for c in commands], plot_rel, elapsed
+    stats = summary_stats(study, per_seed)
+    from hdpo_ds.common.atomic import write_json
+
+    write_json(
+        os.path.join(out, "results.json"),
+        {
+            "study": dataclasses.asdict(study),
+            "elapsed_s": elapsed,
+            "stats": stats,
+            "trajectory": traj,
+            "results": {str(s): r for s, r in per_seed.items()},
+        },
     )
-    write_section(args.results, section)
-    print(f"wrote {args.results} and {args.plot} ({elapsed / 60:.1f} min)")
+    results_dir = os.path.dirname(os.path.abspath(args.results))
+    plots = {"passk": os.path.relpath(os.path.abspath(args.plot), results_dir)}
+    plot_passk(study, per_seed, args.plot)
+    if traj is not None:
+        plot_trajectory(traj, args.trajectory_plot)
+        plots["trajectory"] = os.path.relpath(os.path.abspath(args.trajectory_plot), results_dir)
+    section = render_markdown(study, per_seed, stats, traj, shown_commands(commands, out), plots, elapsed)
+    write_section(args.results, section, BEGIN, END)
+    write_section(args.results, render_verdict(study, stats, traj), VERDICT_BEGIN, VERDICT_END, top=True)
+    print(f"wrote {args.results} and its plots ({elapsed / 60:.1f} min)")
     return 0
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
     sys.exit(main())
