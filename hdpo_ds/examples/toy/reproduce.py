@@ -40,6 +40,7 @@ from hdpo_ds.examples.toy.stages import (
     SeedRun,
     Setting,
     Sizes,
+    commands_block,
     evaluate,
     load_setting,
     prepare_seed,
@@ -476,15 +477,7 @@ def render_markdown(
             firsts.setdefault(a["detector"], a["step"])
         lines += [f"| `{name}` | {step} |" for name, step in firsts.items()] or ["| (none) | |"]
         lines += ["", f"![held-out pass@1 and top-k entropy along one DPO run]({plots['trajectory']})", ""]
-    lines += [
-        "Commands (run from the repository root, in this order):",
-        "",
-        "```bash",
-        *commands,
-        "```",
-        "",
-        END,
-    ]
+    lines += [*commands_block("Commands (run from the repository root, in this order):", commands), END]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ from hdpo_ds.examples.toy.stages import (
     SeedRun,
     Setting,
     Sizes,
+    commands_block,
     evaluate,
     prepare_seed,
     shown_commands,
@@ -134,12 +135,7 @@ def render_markdown(found: dict) -> str:
         f"Chosen (bold): lr {c['lr']:g}, {c['epochs']} epoch(s), NLL weight {c['nll_weight']:g}, "
         f"beta {c['beta']:g}.",
         "",
-        "Commands:",
-        "",
-        "```bash",
-        *found["commands"],
-        "```",
-        "",
+        *commands_block("Commands:", found["commands"]),
         END,
     ]
     return "\n".join(lines)

@@ -355,6 +355,11 @@ def shown_commands(commands: list[str], out: str) -> list[str]:
     return [c.replace(out, shown_out) for c in commands]
 
 
+def commands_block(heading: str, commands: list[str]) -> list[str]:
+    """A results section's closing lines: the heading and every command in a bash block."""
+    return [heading, "", "```bash", *commands, "```", ""]
+
+
 def write_section(results_path: str, section: str, begin: str, end: str, *, top: bool = False) -> None:
     """Replace the text between the markers, or add it (after the title line when `top`, else at the
     end), and write the file atomically."""
