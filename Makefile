@@ -53,7 +53,7 @@ demo-assets: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The tests beyond CI's budget (marked slow). The toy study is its own target (`reproduce`, hours).
+# The tests beyond CI's budget (marked slow). The toy study is its own target (`reproduce`, 38 min).
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
@@ -63,8 +63,8 @@ reproduce-search: $(STAMP)
 	$(PY) -m hdpo_ds.examples.toy.search --out outputs/toy --results docs/results.md
 
 # SFT -> sampled pairs -> H-DPO for alpha 0.8 / 0.9 / 0.95 / 1.0 / 1.1 with the frozen setting -> pass@k,
-# 3 seeds, and the monitors' run, on CPU (under 3 hours on 2 cores). Stages whose outputs exist in
-# outputs/toy are skipped; rm -rf outputs/toy starts over.
+# beside an NLL-only control, 3 seeds, and the monitors' run, on CPU (38 min on 2 cores after the search).
+# Stages whose outputs exist in outputs/toy are skipped; rm -rf outputs/toy starts over.
 reproduce: $(STAMP)
 	$(PY) -m hdpo_ds.examples.toy.reproduce --out outputs/toy --results docs/results.md \
 	  --plot docs/img/toy-passk.png --trajectory-plot docs/img/toy-monitors.png

@@ -617,9 +617,12 @@ def _validate_combination(cfg: Config) -> tuple[str, ...]:
             raise ConfigError(
                 f"loss.weights: {len(loss.weights)} weights for the {len(types)} terms of loss.type={types}"
             )
+        # A weight of 0 keeps a term logged (loss/<name>) but out of the gradient: an ablation control.
         for i, w in enumerate(loss.weights):
-            if not (w > 0 and math.isfinite(w)):
-                raise ConfigError(f"loss.weights[{i}]: must be a finite number > 0, got {w}")
+            if not (w >= 0 and math.isfinite(w)):
+                raise ConfigError(f"loss.weights[{i}]: must be a finite number >= 0, got {w}")
+        if not any(w > 0 for w in loss.weights):
+            raise ConfigError(f"loss.weights: {loss.weights} trains nothing; at least one weight must be > 0")
     return tuple(names)
 
 

@@ -130,6 +130,25 @@ def test_a_combination_is_the_weighted_sum_of_its_terms():
     torch.testing.assert_close(out.rejected_rewards, bco_l)
 
 
+def test_a_zero_weight_term_is_logged_but_adds_no_gradient():
+    """[hdpo, sft] with weights (0, 1), the toy study's NLL-only control: the loss and its gradient are the
+    chosen NLL's alone, and the H-DPO term is still logged (loss/hdpo)."""
+    t = _random_terms(seed=3)
+    lp_w = t.policy_chosen.detach().clone().requires_grad_(True)
+    out = make_objective(_loss(type=["hdpo", "sft"], weights=[0.0, 1.0]), chunk_size=8).pair_loss(
+        dataclasses.replace(t, policy_chosen=lp_w), 0.9
+    )
+    sft_w = t.policy_chosen.detach().clone().requires_grad_(True)
+    sft = sft_loss(sft_w, t.chosen_tokens)
+    torch.testing.assert_close(out.losses, sft.detach(), rtol=0, atol=0)
+    (grad,) = torch.autograd.grad(out.losses.sum(), lp_w)
+    (expected,) = torch.autograd.grad(sft.sum(), sft_w)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    args = (t.policy_chosen, t.policy_rejected, t.reference_chosen, t.reference_rejected)
+    hdpo = preference_loss(*args, loss_type="hdpo", beta=0.1, alpha=0.9).losses
+    torch.testing.assert_close(out.extras["loss/hdpo"], hdpo.detach())
+
+
 def test_alpha_reaches_only_the_hdpo_term_and_alpha_one_is_dpo():
     t = _random_terms(seed=1)
     args = (t.policy_chosen, t.policy_rejected, t.reference_chosen, t.reference_rejected)
@@ -197,9 +216,10 @@ def test_config_reads_a_list_type_from_yaml_and_the_command_line(tmp_path):
         ),
         (["loss.type=[hdpo,sft]", "loss.weights=[1.0]"], r"loss\.weights: 1 weights for the 2 terms"),
         (
-            ["loss.type=[hdpo,sft]", "loss.weights=[1.0,0]"],
-            r"loss\.weights\[1\]: must be a finite number > 0",
+            ["loss.type=[hdpo,sft]", "loss.weights=[1.0,-1]"],
+            r"loss\.weights\[1\]: must be a finite number >= 0",
         ),
+        (["loss.type=[hdpo,sft]", "loss.weights=[0,0]"], r"loss\.weights: \[0\.0, 0\.0\] trains nothing"),
         (["loss.weights=[1.0]"], r"loss\.weights: \[1\.0\] weigh the terms of a list-valued loss\.type"),
         (["loss.type=[hdpo]"], r"loss\.type: a list names two or more terms"),
         (["loss.type=[hdpo,hdpo]"], r"loss\.type: .* names a term twice"),

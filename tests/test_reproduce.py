@@ -55,7 +55,7 @@ def test_smoke_search_then_study(tmp_path):
     assert "launch/sft.py" not in proc.stdout  # the search's SFT model and pairs are reused
     data = json.loads((out / "results.json").read_text())
     reports = data["results"]["0"]
-    assert set(reports) == {"SFT", "alpha=0.9", "alpha=1", "_pairs"}
+    assert set(reports) == {"SFT", "alpha=0.9", "alpha=1", "_pairs"}  # the smoke has no control
     assert reports["_pairs"]["counts"]["train_pairs"] > 0
     assert data["study"]["setting"] == found["chosen"]  # every alpha trains with the frozen choice
     runs = {"SFT": "sft", "alpha=0.9": "hdpo_alpha0.9", "alpha=1": "hdpo_alpha1"}
@@ -151,3 +151,72 @@ def test_verdicts_follow_the_interval():
     assert verdict({"ci": [-0.008, 0.03]}, -0.01) == "holds"  # "near": at most 0.01 worse
     assert verdict({"ci": [-0.05, -0.02]}, -0.01) == "does not hold"
     assert verdict({"ci": [-0.03, 0.01]}, -0.01) == "inconclusive"
+
+
+def _model_report(correct: list[int], n: int = 4) -> dict:
+    """A report at both temperatures with the fields the tables read (pass@k from the counts)."""
+    from hdpo_ds.examples.toy.reproduce import pass_at_k
+
+    per_prompt = {f"p{i}": {"correct": c, "n": n} for i, c in enumerate(correct)}
+    metrics = {f"pass_at_{k}": float(np.mean([pass_at_k(n, c, k) for c in correct])) for k in range(1, n + 1)}
+    metrics |= {"token_entropy": 0.4, "distinct_4": 0.5, "distinct_correct": 1.0}
+    return {
+        "per_prompt": {t: per_prompt for t in ("0.5", "1")},
+        "temperatures": {t: metrics for t in ("0.5", "1")},
+    }
+
+
+def test_the_nll_only_control_is_compared_and_reported():
+    """With an NLL term in the setting, the study reports DPO minus the control (the same runs with the
+    H-DPO term's weight 0) prompt by prompt; without one there is no control row."""
+    from hdpo_ds.examples.toy.reproduce import (
+        CONTROL,
+        Study,
+        render_markdown,
+        render_verdict,
+        summary_stats,
+    )
+    from hdpo_ds.examples.toy.stages import Setting
+
+    study = Study(seeds=[0, 1], alphas=[0.9, 1.0], setting=Setting(5e-5, 2, 1.0, 0.05), n=4)
+    assert study.names == ["SFT", CONTROL, "alpha=0.9", "alpha=1"]
+    assert Study(seeds=[0], alphas=[1.0], setting=Setting(5e-5, 2, 0.0)).names == ["SFT", "alpha=1"]
+    pairs = {"sft_correct_rate_t1": 0.1, "counts": {"train_pairs": 10, "eval_pairs": 2}}
+    per_seed = {
+        # seed 0: DPO - control per prompt (3 - 1, 0 - 2, 1 - 1) / 4 -> mean 0; seed 1: (4 - 0) / 4 -> 1
+        0: {
+            "SFT": _model_report([0, 0, 0]),
+            CONTROL: _model_report([1, 2, 1]),
+            "alpha=0.9": _model_report([1, 1, 1]),
+            "alpha=1": _model_report([3, 0, 1]),
+            "_pairs": pairs,
+        },
+        1: {
+            "SFT": _model_report([0]),
+            CONTROL: _model_report([0]),
+            "alpha=0.9": _model_report([2]),
+            "alpha=1": _model_report([4]),
+            "_pairs": pairs,
+        },
+    }
+    stats = summary_stats(study, per_seed)
+    d = stats["dpo_vs_control"]["1"]
+    assert d["seed_means"] == pytest.approx([0.0, 1.0]) and d["mean"] == pytest.approx(0.5)
+    text = render_markdown(study, per_seed, stats, None, ["python x"], {"passk": "p.png"}, 60.0)
+    assert f"| {CONTROL} |" in text
+    assert f"What the preference term adds: DPO minus {CONTROL}" in text and "**+0.500 [" in text
+    assert "per seed +0.000, +1.000" in text
+    assert f"without it ({CONTROL}), pass@1 at T = 1, +0.500" in render_verdict(study, stats, None)
+
+
+def test_the_control_runs_config_is_the_nll_term_alone():
+    """The control's overrides after the setting's, as reproduce.run_seed passes them: config.py accepts
+    them, and the loss is the sft term at the setting's NLL weight beside H-DPO at weight 0."""
+    from hdpo_ds.config import load_config
+    from hdpo_ds.examples.toy.reproduce import control_overrides
+    from hdpo_ds.examples.toy.stages import Setting
+
+    setting = Setting(5e-5, 2, 1.0, 0.05)
+    overrides = [*setting.overrides(100, 8), "loss.alpha=1.0", *control_overrides(setting)]
+    loss = load_config(f"{ROOT}/configs/toy/hdpo.yaml", overrides=overrides).loss
+    assert (loss.type, loss.weights, loss.nll_weight, loss.beta) == (["hdpo", "sft"], [0.0, 1.0], 0.0, 0.05)

@@ -306,7 +306,8 @@ class CombinedObjective:
     reaches only the terms where it applies (ALPHA_LOSS_TYPES), the others compute at alpha 1. The
     logged rewards are those of the step-coupled term when there is one (bco_pair's running baseline is
     their mean), else of the first term that has rewards; each term's unweighted loss is logged as
-    `loss/<name>`. At most one term couples the step (config.py refuses more)."""
+    `loss/<name>`; a term of weight 0 is logged and left out of the loss. At most one term couples the step
+    (config.py refuses more)."""
 
     names: tuple[str, ...]
     terms: tuple[Any, ...]  # an Objective per name, None for sft
@@ -366,6 +367,8 @@ class CombinedObjective:
                     rewards = (out.chosen_rewards, out.rejected_rewards)
                 kl = kl if out.kl is None else out.kl
             extras[f"loss/{name}"] = losses.detach()
+            if weight == 0.0:  # logged only (an ablation control); 0 * inf would be nan
+                continue
             total = weight * losses if total is None else total + weight * losses
         return PairLoss(total, rewards[0], rewards[1], kl, extras)
 

@@ -5,18 +5,21 @@
 
 Per seed: the task, an SFT model trained from scratch and preference pairs sampled from it (stages.py);
 then H-DPO for every alpha with the one setting `make reproduce-search` chose on validation prompts
-(configs/toy/search.json: lr, epochs, NLL weight, beta; nothing here is tuned on the evaluation prompts),
-and the evaluation of the SFT model and of every H-DPO model on the held-out evaluation prompts: pass@k for
-k = 1..n at T = 0.5 and 1, token entropy, distinct-n and distinct correct answers (report.json and every
-sample in samples.jsonl beside it). The report: mean ± sd over seeds; per alpha against alpha = 1 (and
-DPO against SFT), the paired difference over prompts with a bootstrap confidence interval; the paper's
-claims, each marked; a plot of pass@k against k. Then the monitors against a real metric: one DPO run of
-seed 0 trained for TRAJECTORY_EPOCHS epochs, a checkpoint at every evaluation, each checkpoint's held-out
-pass@1 beside the detectors' series and alerts, in one figure.
+(configs/toy/search.json: lr, epochs, NLL weight, beta; nothing here is tuned on the evaluation
+prompts), and, where that setting has an NLL term, the control "NLL only": the same run with the H-DPO
+term's weight 0 (`loss.type: [hdpo, sft]`, `loss.weights: [0, nll_weight]`), which tells what the
+preference term adds beyond training on the chosen responses; then the evaluation of the SFT model, the
+control and every H-DPO model on the held-out evaluation prompts: pass@k for k = 1..n at T = 0.5 and 1,
+token entropy, distinct-n and distinct correct answers (report.json and every sample in samples.jsonl
+beside it). The report: mean ± sd over seeds; per alpha against alpha = 1 (and DPO against SFT and
+against the control), the paired difference over prompts with a bootstrap confidence interval; the
+paper's claims, each marked; a plot of pass@k against k. Then the monitors against a real metric: one
+DPO run of seed 0 trained for TRAJECTORY_EPOCHS epochs, a checkpoint at every evaluation, each
+checkpoint's held-out pass@1 beside the detectors' series and alerts, in one figure.
 
 Every stage is skipped when its output exists, so an interrupted run continues where it stopped; delete
 --out to start over. --smoke is the short version for the tests (small sets, few steps, n = 4, alphas 0.9
-and 1.0, one seed, a 2-evaluation trajectory), with the setting given by --setting.
+and 1.0, one seed, no control, a 2-evaluation trajectory), with the setting given by --setting.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ BOOTSTRAP_SAMPLES = 2000
 # A difference whose whole 95% interval lies within this of 0 is called no effect ("does not hold").
 NULL_BAND = 0.01
 TRAJECTORY_EPOCHS, TRAJECTORY_EVALS, TRAJECTORY_SAMPLES = 8, 16, 8
+CONTROL = "NLL only"
+LINE_STYLES = {"SFT": {"linestyle": "--", "color": "black"}, CONTROL: {"linestyle": ":", "color": "gray"}}
 
 
 @dataclasses.dataclass
@@ -69,14 +74,20 @@ class Study:
     trajectory_epochs: int = TRAJECTORY_EPOCHS
     trajectory_evals: int = TRAJECTORY_EVALS
     trajectory_samples: int = TRAJECTORY_SAMPLES
+    control: bool = True
 
     @property
     def ks(self) -> list[int]:
         return list(range(1, self.n + 1))
 
     @property
+    def has_control(self) -> bool:
+        """Without an NLL term in the setting there is nothing for the control to isolate."""
+        return self.control and self.setting.nll_weight > 0
+
+    @property
     def names(self) -> list[str]:
-        return ["SFT"] + [model_name(a) for a in self.alphas]
+        return ["SFT", *([CONTROL] if self.has_control else []), *(model_name(a) for a in self.alphas)]
 
 
 def model_name(alpha: float) -> str:
@@ -93,16 +104,28 @@ def smoke_study(setting: Setting) -> Study:
         trajectory_epochs=2,
         trajectory_evals=2,
         trajectory_samples=4,
+        control=False,  # keeps the smoke within 2 minutes; tests/test_reproduce.py checks the control's parts
     )
 
 
 # ---------------------------------------------------------------------------------------------- stages
 
 
+def control_overrides(setting: Setting) -> tuple[str, ...]:
+    """The NLL-only control, given after the setting's overrides: the sft term carries the NLL weight, the
+    H-DPO term is logged at weight 0, and loss.nll_weight goes back to 0 (config.py refuses both)."""
+    return ("loss.type=[hdpo,sft]", f"loss.weights=[0,{setting.nll_weight}]", "loss.nll_weight=0")
+
+
 def run_seed(study: Study, run: SeedRun) -> dict:
     """All stages of one seed; returns {model name: evaluation report, "_pairs": pair statistics}."""
     prepare_seed(study.sizes, run)
     models = {"SFT": run.sft_model}
+    if study.has_control:
+        control = control_overrides(study.setting)
+        models[CONTROL] = os.path.join(
+            train_preference(study.sizes, run, study.setting, 1.0, "nll_only", extra=control), "hf"
+        )
     for alpha in study.alphas:
         name = f"hdpo_alpha{alpha:g}"
         models[model_name(alpha)] = os.path.join(
@@ -119,7 +142,7 @@ def run_seed(study: Study, run: SeedRun) -> dict:
             temperatures=list(study.temperatures),
             ks=study.ks,
             n=study.n,
-            name=f"toy-seed{run.seed}-{name.replace('=', '')}",
+            name=f"toy-seed{run.seed}-{name.replace('=', '').replace(' ', '-')}",
         )
     with open(os.path.join(run.pairs, "sampling.json")) as f:
         sampling = json.load(f)
@@ -241,9 +264,11 @@ def summary_stats(study: Study, per_seed: dict[int, dict]) -> dict:
     """Every paired comparison the report shows, and the bar: DPO against SFT at T = 1."""
     rng = np.random.default_rng(0)
     big_k = study.n
-    out: dict = {"vs_dpo": {}, "dpo_vs_sft": {}, "claims": []}
+    out: dict = {"vs_dpo": {}, "dpo_vs_sft": {}, "dpo_vs_control": {}, "claims": []}
     for t in [f"{x:g}" for x in study.temperatures]:
         out["dpo_vs_sft"][t] = paired_difference(per_seed, ("alpha=1", t), ("SFT", t), 1, rng)
+        if study.has_control:
+            out["dpo_vs_control"][t] = paired_difference(per_seed, ("alpha=1", t), (CONTROL, t), 1, rng)
         for alpha in study.alphas:
             if alpha == 1.0:
                 continue
@@ -351,6 +376,12 @@ def render_verdict(study: Study, stats: dict, traj: dict | None) -> str:
     lines[-1] += (
         "Paper claims: " + "; ".join(f"{claim}: {', '.join(marks)}" for claim, marks in tally.items()) + "."
     )
+    if stats["dpo_vs_control"]:
+        d = stats["dpo_vs_control"]["1"]
+        lines[-1] += (
+            f" The preference term's own share: DPO minus the same training without it ({CONTROL}), "
+            f"pass@1 at T = 1, {d['mean']:+.3f} ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})."
+        )
     if traj is not None:
         r = trajectory_reading(traj)
         lines[-1] += (
@@ -389,7 +420,8 @@ def render_markdown(
         f"{study.sizes.eval_prompts} held-out prompts, n = {study.n} samples per prompt and temperature, "
         f"plain temperature sampling, at most {study.sizes.max_new_tokens} new tokens. Paired differences: "
         f"prompt by prompt, mean over prompts and then seeds, [95% bootstrap interval over prompts, "
-        f"{BOOTSTRAP_SAMPLES} resamples]. Wall time {elapsed_s / 60:.0f} min on this machine.",
+        f"{BOOTSTRAP_SAMPLES} resamples]. This invocation took {elapsed_s / 60:.0f} min on this machine "
+        "(stages whose outputs existed were reused, not rerun; the README gives the time from scratch).",
         "",
     ]
     bar = stats["bar"]
@@ -402,6 +434,15 @@ def render_markdown(
         f"At T = 0.5: {_diff(stats['dpo_vs_sft']['0.5'])}. Bar {'met' if bar['met'] else 'not met'}.",
         "",
     ]
+    if stats["dpo_vs_control"]:
+        lines += [
+            f"What the preference term adds: DPO minus {CONTROL} (the same runs with the H-DPO term's weight "
+            f"0, so only the NLL weight {s.nll_weight:g} on the chosen responses trains), pass@1 at T = 1: "
+            f"**{_diff(stats['dpo_vs_control']['1'])}**, per seed "
+            + ", ".join(f"{x:+.3f}" for x in stats["dpo_vs_control"]["1"]["seed_means"])
+            + f"; at T = 0.5: {_diff(stats['dpo_vs_control']['0.5'])}.",
+            "",
+        ]
     for t in [f"{x:g}" for x in study.temperatures][::-1]:
         title = f"mean ± sd over {len(per_seed)} seeds" if len(per_seed) > 1 else f"seed {study.seeds[0]}"
         lines += [f"### T = {t}: {title}", ""]
@@ -504,7 +545,7 @@ def plot_passk(study: Study, per_seed: dict[int, dict], path: str) -> None:
             values = np.array(
                 [[r[name]["temperatures"][t][f"pass_at_{k}"] for k in study.ks] for r in per_seed.values()]
             )
-            style = {"linestyle": "--", "color": "black"} if name == "SFT" else {}
+            style = LINE_STYLES.get(name, {})
             ax.plot(study.ks, values.mean(axis=0), label=name, **style)
             if len(values) > 1:
                 color = {"color": "black"} if name == "SFT" else {}
