@@ -209,6 +209,38 @@ def test_a_feature_the_config_check_missed_is_refused_at_the_first_forward():
         model(input_ids=ids, position_ids=ids, use_cache=False)
 
 
+def test_a_forward_without_kwargs_is_refused_for_packed_rows():
+    """Packed rows pass cu_seq_lens_q/k as keyword arguments (PackedBatch.model_inputs): a remote-code
+    forward without **kwargs, on the causal LM or on its decoder (the fused head calls it), is refused at
+    load time naming data.packing; every causal LM transformers ships takes them."""
+    from transformers import AutoModelForCausalLM
+
+    from hdpo_ds.runtime.attention import check_packed_forward
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids, position_ids=None, use_cache=None):
+            return input_ids
+
+    class RemoteLM(torch.nn.Module):
+        def __init__(self, decoder_takes_kwargs: bool):
+            super().__init__()
+            self.decoder = Decoder()
+            if decoder_takes_kwargs:
+                self.decoder.forward = lambda input_ids, **kwargs: input_ids
+
+        def get_decoder(self):
+            return self.decoder
+
+        def forward(self, input_ids, **kwargs):
+            return self.decoder(input_ids)
+
+    for lm, culprit in ((RemoteLM(False), "Decoder"), (type("Bare", (Decoder,), {})(), "Bare")):
+        with pytest.raises(ConfigError, match=rf"^data\.packing: {culprit}\.forward of remote/x takes no"):
+            check_packed_forward(lm, "remote/x")
+    check_packed_forward(RemoteLM(True), "remote/x")
+    check_packed_forward(AutoModelForCausalLM.from_config(_config("mistral")), "tiny-mistral")
+
+
 @pytest.mark.parametrize("family", ["falcon", "opt"])
 def test_architectures_that_mix_packed_sequences_refuse_packing(batch, family):
     """transformers 5.23's Falcon and OPT keep packed sequences apart under no attention implementation

@@ -32,6 +32,7 @@ __all__ = [
     "AttentionChoice",
     "attention_features",
     "check_attention",
+    "check_packed_forward",
     "choose_attention",
     "select_attention",
 ]
@@ -265,6 +266,25 @@ def check_attention(attn: str, features: dict[str, str], source: str, device_typ
         f"model.attn_implementation: {attn} does not apply {'; '.join(features[m] for m in missing)} "
         f"of {source}; {advice}"
     )
+
+
+def check_packed_forward(model: torch.nn.Module, source: str) -> None:
+    """Packed rows hand their boundaries to the model as keyword arguments (cu_seq_lens_q/k,
+    max_length_q/k: `PackedBatch.model_inputs`), to the causal LM and to its decoder (the fused head).
+    A forward that takes neither **kwargs nor those names (some remote code) would fail at the first step
+    with a TypeError deep in the model; refuse it at load time instead, naming the key."""
+    modules = [model]
+    if callable(getattr(model, "get_decoder", None)) and model.get_decoder() is not None:
+        modules.append(model.get_decoder())
+    for module in modules:
+        params = inspect.signature(module.forward).parameters
+        if "cu_seq_lens_q" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        raise ConfigError(
+            f"data.packing: {type(module).__name__}.forward of {source} takes no **kwargs, so a packed row's "
+            "sequence boundaries (cu_seq_lens_q/k) cannot reach its attention; set data.packing=false "
+            "(padded rows with an attention mask)"
+        )
 
 
 def _sequence_starts(kwargs: dict, length: int, name: str) -> list[int]:

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from hdpo_ds.config import ConfigError, ModelConfig
-from hdpo_ds.runtime.attention import attention_features, check_attention, choose_attention
+from hdpo_ds.runtime.attention import (
+    attention_features,
+    check_attention,
+    check_packed_forward,
+    choose_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +170,8 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
     # Again on the built modules: remote-code models show their sinks only here.
     check_attention(attn, attention_features(model.config, packing=packing, model=model), source, device_type)
+    if packing:
+        check_packed_forward(model, source)
     # Generation wants the KV cache; training never does. Saved configs get the model's own value back.
     setattr(model, _SAVED_CONFIG_VALUES, {"use_cache": getattr(model.config, "use_cache", True)})
     model.config.use_cache = False
