@@ -252,6 +252,16 @@ def test_plan_cli_json(capsys):
     assert out["largest_micro_batch_tokens"] == 16384
 
 
+def test_plan_cli_json_is_all_of_stdout_in_a_fresh_process():
+    """`python -m hdpo_ds.tools.plan --json | jq` works: DeepSpeed's import-time log lines (the accelerator
+    warning) go to stderr, not into the JSON."""
+    cmd = [sys.executable, "-m", "hdpo_ds.tools.plan", "--model", f"{MODELS}/llama-7b", "--nodes", "1"]
+    cmd += ["--gpus-per-node", "8", "--gpu-mem-gib", "80", "--micro-batch-tokens", "8192", "--json"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["deepspeed_estimate"]["gpu_bytes_per_gpu"] > 0
+
+
 def test_plan_cli_unknown_model(capsys, tmp_path):
     from hdpo_ds.tools.plan import main
 

@@ -26,6 +26,7 @@ four, sharded. With the adapters-off reference there is no reference shard.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -758,7 +759,9 @@ def deepspeed_model_states(
     shape: ModelShape, hardware: Hardware, *, offload_optimizer: bool, offload_param: bool
 ) -> tuple[int, int]:
     """DeepSpeed's own ZeRO-3 estimate (GPU bytes per GPU, CPU bytes per node) for the same settings."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    # DeepSpeed's logger binds to sys.stdout when first imported; stdout belongs to the plan (--json).
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
         total_params=shape.num_params,
