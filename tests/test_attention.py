@@ -238,6 +238,18 @@ def test_a_forward_without_kwargs_is_refused_for_packed_rows():
         with pytest.raises(ConfigError, match=rf"^data\.packing: {culprit}\.forward of remote/x takes no"):
             check_packed_forward(lm, "remote/x")
     check_packed_forward(RemoteLM(True), "remote/x")
+
+    class Named(Decoder):  # every boundary by name is enough; one missing is not
+        def forward(self, input_ids, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=0, max_length_k=0):
+            return input_ids
+
+    class ThreeNamed(Decoder):
+        def forward(self, input_ids, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=0):
+            return input_ids
+
+    check_packed_forward(Named(), "remote/x")
+    with pytest.raises(ConfigError, match=r"ThreeNamed\.forward of remote/x takes no"):
+        check_packed_forward(ThreeNamed(), "remote/x")
     check_packed_forward(AutoModelForCausalLM.from_config(_config("mistral")), "tiny-mistral")
 
 

@@ -268,17 +268,20 @@ def check_attention(attn: str, features: dict[str, str], source: str, device_typ
     )
 
 
+_BOUNDARY_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+
+
 def check_packed_forward(model: torch.nn.Module, source: str) -> None:
     """Packed rows hand their boundaries to the model as keyword arguments (cu_seq_lens_q/k,
     max_length_q/k: `PackedBatch.model_inputs`), to the causal LM and to its decoder (the fused head).
-    A forward that takes neither **kwargs nor those names (some remote code) would fail at the first step
+    A forward that takes neither **kwargs nor all four names (some remote code) would fail at the first step
     with a TypeError deep in the model; refuse it at load time instead, naming the key."""
     modules = [model]
     if callable(getattr(model, "get_decoder", None)) and model.get_decoder() is not None:
         modules.append(model.get_decoder())
     for module in modules:
         params = inspect.signature(module.forward).parameters
-        if "cu_seq_lens_q" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()) or params.keys() >= _BOUNDARY_KWARGS:
             continue
         raise ConfigError(
             f"data.packing: {type(module).__name__}.forward of {source} takes no **kwargs, so a packed row's "
