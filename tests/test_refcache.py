@@ -190,6 +190,23 @@ def test_stale_cache_names_what_differs(setup, built, tmp_path, change, entry):
     assert entry in str(info.value)
 
 
+def test_a_relative_path_to_the_same_model_reads_the_cache(setup, built, monkeypatch):
+    """The cache names a local reference by its resolved path: the model given relative to the working
+    directory (or through a symlink) is the same model, not a stale cache."""
+    monkeypatch.chdir(setup["root"])
+    os.symlink(setup["root"] / "model", setup["root"] / "model-link")
+    for given in ("model", "./model", "model-link"):
+        cfg = _cfg(setup, f"model.name_or_path={given}")
+        split = prepare_split(cfg, "train", setup["tokenizer"])
+        expected = reference_fingerprint(
+            cfg,
+            data_fingerprint=split.records.fingerprint,
+            tokenizer_fingerprint=split.tokenizer_fingerprint,
+            dtype=torch.float32,
+        )
+        assert cache_status(str(built["dir"]), expected) == ("ok", []), given
+
+
 def _copy(built, tmp_path):
     target = tmp_path / "cache"
     shutil.copytree(built["dir"], target)

@@ -12,7 +12,7 @@ Layout of a cache directory (one per data split):
 Columns: `id` (string), `ref_chosen_logps`, `ref_rejected_logps` (float64: sums over the response
 tokens, accumulated in float64), `chosen_tokens`, `rejected_tokens` (int64).
 
-The fingerprint names everything the values depend on: the reference model (path, sha256 of its
+The fingerprint names everything the values depend on: the reference model (resolved path, sha256 of its
 config and of its weight files' bytes, or the seed of a from-scratch init), the data, the tokenizer
 and chat template, the lengths and truncation, and the dtype. A mismatch is an error that lists the
 differing entries; it is never recomputed silently. Package versions are recorded beside it and only

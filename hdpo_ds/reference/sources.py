@@ -205,7 +205,10 @@ def loaded_weight_files(directory: str) -> list[str]:
 
 def model_identity(cfg: Config) -> dict:
     """Path, config hash and weight-file hash of the reference model (sha256 over the files' bytes)."""
-    path = cfg.reference.name_or_path or cfg.model.name_or_path
+    path = given = cfg.reference.name_or_path or cfg.model.name_or_path
+    # A local model is named by its resolved path, so "model", "./model" and /abs/model are one model;
+    # a hub id stays the id (its snapshot path carries the revision, which the weights hash covers).
+    name = os.path.realpath(given) if os.path.exists(given) else given
     if not os.path.exists(path):
         from huggingface_hub import snapshot_download
 
@@ -213,7 +216,7 @@ def model_identity(cfg: Config) -> dict:
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     config_file = os.path.join(directory, "config.json")
     identity = {
-        "reference.model": cfg.reference.name_or_path or cfg.model.name_or_path,
+        "reference.model": name,
         "reference.config_sha256": file_sha256(config_file),
     }
     if cfg.model.from_scratch and not cfg.reference.name_or_path:
