@@ -25,6 +25,7 @@ from hdpo_ds.objectives.coupled import COUPLED_LOSS_TYPES
 from hdpo_ds.objectives.losses import (
     ALPHA_LOSS_TYPES,
     DISCOPOP_DEFAULT_TAU,
+    DPOP_DEFAULT_LAMBDA,
     EXO_DEFAULT_EPSILON,
     LABEL_SMOOTHING_LOSS_TYPES,
     LOSS_TYPES,
@@ -156,6 +157,7 @@ class LossConfig:
     nll_weight: float = 0.0
     tdpo_alpha: float = 0.5  # TDPO2's weight of the sequential-KL margin (the paper code's default)
     discopop_tau: float = DISCOPOP_DEFAULT_TAU  # DiscoPOP's mixing temperature (the paper's 0.05)
+    dpop_lambda: float = DPOP_DEFAULT_LAMBDA  # DPOP's penalty on a fall of the chosen log-ratio below 0
     simpo_gamma: float = 0.5  # SimPO's target reward margin gamma, in reward units (TRL's default)
     # WPO: weigh each pair by the policy's probability of it (objectives/modifiers.py wpo_weights)
     weighting: Literal["none", "wpo"] = "none"
@@ -454,6 +456,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.label_smoothing: must lie in [0, 0.5), got {cfg.loss.label_smoothing}")
     if not cfg.loss.discopop_tau > 0:
         raise ConfigError(f"loss.discopop_tau: must be > 0, got {cfg.loss.discopop_tau}")
+    if not (cfg.loss.dpop_lambda >= 0 and math.isfinite(cfg.loss.dpop_lambda)):
+        raise ConfigError(f"loss.dpop_lambda: must be a finite number >= 0, got {cfg.loss.dpop_lambda}")
     if cfg.loss.nll_weight < 0:
         raise ConfigError(f"loss.nll_weight: must be >= 0, got {cfg.loss.nll_weight}")
     if not cfg.model.name_or_path:
@@ -662,6 +666,7 @@ def _refuse_inert_loss_keys(cfg: Config, names: tuple[str, ...]) -> None:
         "f_alpha": "fdpo_alpha" in names,
         "tdpo_alpha": "tdpo2" in names,
         "discopop_tau": "discopop" in names,
+        "dpop_lambda": "dpop" in names,
         "simpo_gamma": "simpo" in names,
     }
     for key, applies in used.items():

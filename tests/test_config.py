@@ -231,8 +231,16 @@ LOSS_KEYS_READ = {
     "apo_down": set(),
     "discopop": {"discopop_tau"},
     "sigmoid_norm": {"alpha", "label_smoothing"},
+    "dpop": {"alpha", "dpop_lambda"},
 }
-NON_DEFAULT = {"alpha": 0.9, "label_smoothing": 0.1, "f_alpha": 0.3, "tdpo_alpha": 0.3, "discopop_tau": 0.1}
+NON_DEFAULT = {
+    "alpha": 0.9,
+    "label_smoothing": 0.1,
+    "f_alpha": 0.3,
+    "tdpo_alpha": 0.3,
+    "discopop_tau": 0.1,
+    "dpop_lambda": 5.0,
+}
 
 
 @pytest.mark.parametrize("loss_type", sorted(LOSS_KEYS_READ))
@@ -268,8 +276,8 @@ def test_alpha_where_it_has_no_meaning_is_refused_saying_why(loss_type, reason):
     message = str(info.value)
     assert message.startswith(
         f"loss.alpha: 0.95 has no effect with loss.type={loss_type}: alpha is H-DPO's entropy weight, the "
-        "factor on the policy's log-prob in the reward alpha*beta*lp - beta*ref that only hdpo, robust, "
-        "sigmoid_norm build; "
+        "factor on the policy's log-prob in the reward alpha*beta*lp - beta*ref that only dpop, hdpo, "
+        "robust, sigmoid_norm build; "
     ), message
     assert reason in message and message.endswith("; leave it at 1.0")
 
@@ -297,6 +305,12 @@ def test_exo_pair_label_smoothing_defaults_to_exos_epsilon():
     assert _cfg("loss.type=hdpo").loss.label_smoothing == 0.0  # the others keep 0
     with pytest.raises(ConfigError, match=r"^loss.label_smoothing: must lie in \[0, 0.5\)"):
         _cfg("loss.type=exo_pair", "loss.label_smoothing=0.5")
+
+
+@pytest.mark.parametrize("value", ["-1.0", ".inf"])
+def test_dpop_lambda_must_be_finite_and_not_negative(value):
+    with pytest.raises(ConfigError, match=r"^loss.dpop_lambda: must be a finite number >= 0, got "):
+        _cfg("loss.type=dpop", f"loss.dpop_lambda={value}")
 
 
 @pytest.mark.parametrize("value", ["0", "-0.1"])

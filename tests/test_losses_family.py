@@ -1,5 +1,5 @@
 """The sequence-level losses from the literature beyond H-DPO (robust, exo_pair, nca_pair, sppo_hard,
-apo_zero, apo_down, discopop, sigmoid_norm): hand-worked numbers, float64 gradient checks, finiteness at
+apo_zero, apo_down, discopop, sigmoid_norm, dpop): hand-worked numbers, float64 gradient checks, finiteness at
 log-ratios of +-200 in float32, and the limit identities each one has.
 
 Shared worked example unless a test says otherwise (one pair), as in tests/test_losses.py:
@@ -37,6 +37,7 @@ NEW_TYPES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "dpop",
 )
 
 
@@ -64,6 +65,28 @@ def test_robust_worked_example():
     = 0.5846917248."""
     out = preference_loss(*_pair(), loss_type="robust", beta=0.1, alpha=0.9, label_smoothing=0.1)
     _check(out, 0.6071917248407819 - 0.0225, 0.2, 0.02)
+
+
+def test_dpop_worked_example():
+    """The chosen response below its reference: lp_w = -12, lp_l = -14, ref_w = ref_l = -11, beta = 0.1,
+    lambda = 5. alpha 1: z = 0.1*(-12 + 14) - 0.1*0 = 0.2, penalty 0.1*5*max(0, -11 + 12) = 0.5, loss =
+    softplus(0.5 - 0.2) = softplus(0.3) = 0.8543552444; alpha 0.9: z = 0.9*0.1*2 = 0.18, loss = softplus(0.32)
+    = 0.8658929372. Rewards alpha*beta*lp - beta*ref: -0.1 and -0.3 (alpha 1), 0.02 and -0.16 (alpha 0.9).
+    Above the reference (the shared example, r_w = 1) the penalty is 0 and DPOP is H-DPO."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    below = (t(-12.0), t(-14.0), t(-11.0), t(-11.0))
+    out = preference_loss(*below, loss_type="dpop", beta=0.1, dpop_lambda=5.0)
+    _check(out, 0.8543552444, -0.1, -0.3)
+    out = preference_loss(*below, loss_type="dpop", beta=0.1, alpha=0.9, dpop_lambda=5.0)
+    _check(out, 0.8658929372, 0.02, -0.16)
+    for alpha in (1.0, 0.9):
+        dpop = preference_loss(*_pair(), loss_type="dpop", beta=0.1, alpha=alpha, dpop_lambda=5.0)
+        hdpo = preference_loss(*_pair(), loss_type="hdpo", beta=0.1, alpha=alpha)
+        for got, want in zip(dpop, hdpo, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # lambda = 0 is H-DPO below the reference too
+    zero = preference_loss(*below, loss_type="dpop", beta=0.1, alpha=0.9, dpop_lambda=0.0)
+    torch.testing.assert_close(zero.losses, preference_loss(*below, beta=0.1, alpha=0.9).losses)
 
 
 def test_exo_pair_worked_example():
@@ -135,6 +158,7 @@ KWARGS = {
     "apo_down": {},
     "discopop": {"discopop_tau": 0.05},
     "sigmoid_norm": {"alpha": 0.9, "label_smoothing": 0.1},
+    "dpop": {"alpha": 0.9, "dpop_lambda": 5.0},
 }
 
 
@@ -409,7 +433,7 @@ def test_alpha_applies_exactly_to_the_losses_built_on_hdpos_reward():
     """Every other type, TDPO included, has a reason on record (the config error quotes it)."""
     for loss_type in (*LOSS_TYPES, *TDPO_LOSS_TYPES):
         why = alpha_does_not_apply(loss_type)
-        if loss_type in ("hdpo", "robust", "sigmoid_norm"):
+        if loss_type in ("hdpo", "robust", "sigmoid_norm", "dpop"):
             assert why is None
         else:
             assert why.startswith("alpha is H-DPO's entropy weight") and len(why) > 150, (loss_type, why)
@@ -421,6 +445,7 @@ def test_alpha_applies_exactly_to_the_losses_built_on_hdpos_reward():
         ({"loss_type": "exo_pair"}, "label_smoothing"),
         ({"loss_type": "nca_pair", "label_smoothing": 0.1}, "label_smoothing"),
         ({"loss_type": "discopop", "discopop_tau": 0.0}, "discopop_tau"),
+        ({"loss_type": "dpop", "dpop_lambda": -1.0}, "dpop_lambda must be a finite number >= 0"),
         ({"loss_type": "sigmoid_norm"}, "chosen_token_counts"),
         ({"loss_type": "sigmoid_norm", "chosen_token_counts": torch.tensor([3])}, "rejected_token_counts"),
         ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing"),

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 __all__ = [
     "ALPHA_LOSS_TYPES",
     "DISCOPOP_DEFAULT_TAU",
+    "DPOP_DEFAULT_LAMBDA",
     "EXO_DEFAULT_EPSILON",
     "LABEL_SMOOTHING_LOSS_TYPES",
     "LOSS_TYPES",
@@ -78,10 +79,11 @@ LOSS_TYPES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "dpop",
 )
 _ALIASES = {"dpo": "hdpo", "sigmoid": "hdpo"}
 # The losses whose logit is H-DPO's z, a difference of rewards alpha*beta*lp - beta*ref: alpha applies.
-ALPHA_LOSS_TYPES = frozenset({"hdpo", "robust", "sigmoid_norm"})
+ALPHA_LOSS_TYPES = frozenset({"hdpo", "robust", "sigmoid_norm", "dpop"})
 # What label_smoothing (eps) is to each loss that reads it: cDPO's smoothing for the logistic losses,
 # rDPO's flip rate for robust, EXO's target mass on the rejected response for exo_pair.
 LABEL_SMOOTHING_LOSS_TYPES = frozenset(
@@ -90,6 +92,9 @@ LABEL_SMOOTHING_LOSS_TYPES = frozenset(
 )
 EXO_DEFAULT_EPSILON = 1e-3  # EXO's eps when none is given (TRL's default); eps = 0 makes the loss infinite
 DISCOPOP_DEFAULT_TAU = 0.05  # the temperature of DiscoPOP's mixing weight, as the paper sets it
+# DPOP's lambda: our default, large enough that any fall of the chosen log-ratio below 0 outweighs the
+# margin it buys (a tuning choice of this project; set loss.dpop_lambda for your data)
+DPOP_DEFAULT_LAMBDA = 50.0
 
 # Why H-DPO's alpha has no meaning for the other losses (config.py and preference_loss refuse alpha != 1).
 _NO_ALPHA = {
@@ -165,6 +170,7 @@ def _check_hyperparameters(
     f_alpha: float,
     nll_weight: float,
     discopop_tau: float,
+    dpop_lambda: float = DPOP_DEFAULT_LAMBDA,
 ) -> None:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got beta={beta!r}")
@@ -178,6 +184,8 @@ def _check_hyperparameters(
         raise ValueError(f"nll_weight must be >= 0, got nll_weight={nll_weight!r}")
     if not discopop_tau > 0:
         raise ValueError(f"discopop_tau must be > 0, got discopop_tau={discopop_tau!r}")
+    if not (dpop_lambda >= 0 and math.isfinite(dpop_lambda)):
+        raise ValueError(f"dpop_lambda must be a finite number >= 0, got dpop_lambda={dpop_lambda!r}")
     name = canonical_loss_type(loss_type)
     if label_smoothing > 0 and name not in LABEL_SMOOTHING_LOSS_TYPES:
         raise ValueError(
@@ -239,6 +247,23 @@ def _robust(lp_w, lp_l, ref_w, ref_l, *, beta: float, alpha: float, eps: float) 
     z = chosen - rejected
     losses = ((1 - eps) * F.softplus(-z) - eps * F.softplus(z)) / (1 - 2 * eps)
     return losses, chosen, rejected
+
+
+def _dpop(lp_w, lp_l, ref_w, ref_l, *, beta: float, alpha: float, lam: float) -> _Terms:
+    """DPO-Positive (Pal et al. 2024, "Smaug", arXiv:2402.13228: the DPOP loss; equation number not
+    pinned), with H-DPO's reward.
+
+    With z = alpha*beta*(lp_w - lp_l) - beta*(ref_w - ref_l), H-DPO's logit, and a penalty on any fall of
+    the chosen response's log-prob below the reference's:
+        loss = -logsigmoid(z - beta * lam * max(0, ref_w - lp_w))
+    DPO can lower both responses' likelihood as long as the rejected one falls further (on pairs that
+    differ in a few tokens, the shared ones go down too); the penalty takes that route away. It reads the
+    plain chosen log-ratio whatever alpha, so it holds the chosen likelihood at the reference's; alpha = 1
+    is the paper's DPOP, lam = 0 is H-DPO. Rewards: alpha*beta*lp - beta*ref (without the penalty).
+    """
+    chosen, rejected = alpha * beta * lp_w - beta * ref_w, alpha * beta * lp_l - beta * ref_l
+    penalty = beta * lam * torch.relu(ref_w - lp_w)
+    return F.softplus(penalty - (chosen - rejected)), chosen, rejected
 
 
 def _exo_pair(r_w, r_l, *, beta: float, eps: float) -> _Terms:
@@ -362,6 +387,7 @@ def preference_loss(
     nll_weight: float = 0.0,
     discopop_tau: float = DISCOPOP_DEFAULT_TAU,
     nll_logps: torch.Tensor | None = None,
+    dpop_lambda: float = DPOP_DEFAULT_LAMBDA,
 ) -> PreferenceLossOutput:
     """Per-pair preference loss of the DPO family.
 
@@ -374,7 +400,7 @@ def preference_loss(
         beta: strength of the divergence penalty, > 0.
         alpha: H-DPO entropy coefficient, > 0 (1 = DPO; < 1 sharpens, > 1 spreads). It multiplies the
             policy's log-prob in the reward alpha*beta*lp - beta*ref, so it applies to the losses built on
-            that reward, ALPHA_LOSS_TYPES (hdpo, robust, sigmoid_norm); alpha != 1 elsewhere raises,
+            that reward, ALPHA_LOSS_TYPES (hdpo, robust, sigmoid_norm, dpop); alpha != 1 elsewhere raises,
             saying why (`alpha_does_not_apply`).
         label_smoothing: eps in [0, 0.5): cDPO's assumed flip probability for hdpo, f-DPO and
             sigmoid_norm; rDPO's flip rate for robust; EXO's target mass on the rejected response for
@@ -386,12 +412,13 @@ def preference_loss(
         discopop_tau: DiscoPOP's temperature, > 0 (default 0.05), for "discopop".
         nll_logps: (num_pairs,) the chosen log-probs the NLL term reads, when they differ from
             `policy_chosen_logps` (LD-DPO's desensitised sums feed the loss, the plain ones the NLL).
+        dpop_lambda: DPOP's lambda, >= 0 (default DPOP_DEFAULT_LAMBDA = 50), for "dpop".
 
     Returns:
         PreferenceLossOutput(losses, chosen_rewards, rejected_rewards), each (num_pairs,), computed in
         float32 (float64 for float64 inputs). Losses are per pair, not reduced; rewards are detached:
-        alpha*beta*lp - beta*ref for hdpo and robust, that divided by n for sigmoid_norm, beta*(lp - ref)
-        for the others.
+        alpha*beta*lp - beta*ref for hdpo, robust and dpop, that divided by n for sigmoid_norm,
+        beta*(lp - ref) for the others.
 
     Formulas (docs/design.md §4), with r = lp - ref and h = r_w - r_l:
         hdpo:   z = alpha*beta*(lp_w - lp_l) - beta*(ref_w - ref_l)        (H-DPO, Omura et al. Sec. 3)
@@ -402,10 +429,12 @@ def preference_loss(
         f-DPO:  z = beta*(g(r_w) - g(r_l)), loss as for hdpo                (Wang et al. Sec. 4)
                 g = f'(exp(r)): forward KL -exp(-r); JS log 2 - softplus(-r);
                 alpha-divergence (1 - exp(-f_alpha*r)) / f_alpha, exponents capped (FDPO_MAX_EXPONENT).
-        robust, exo_pair, nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm: see the
+        robust, exo_pair, nca_pair, sppo_hard, apo_zero, apo_down, discopop, sigmoid_norm, dpop: see the
                 private function of each name (its paper and equation).
     """
-    _check_hyperparameters(loss_type, beta, alpha, label_smoothing, f_alpha, nll_weight, discopop_tau)
+    _check_hyperparameters(
+        loss_type, beta, alpha, label_smoothing, f_alpha, nll_weight, discopop_tau, dpop_lambda
+    )
     name = canonical_loss_type(loss_type)
     inputs = (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     shape = policy_chosen_logps.shape
@@ -445,6 +474,10 @@ def preference_loss(
         losses, chosen_rewards, rejected_rewards = _apo(r_w, r_l, beta=beta, down=name == "apo_down")
     elif name == "discopop":
         losses, chosen_rewards, rejected_rewards = _discopop(r_w, r_l, beta=beta, tau=discopop_tau)
+    elif name == "dpop":
+        losses, chosen_rewards, rejected_rewards = _dpop(
+            lp_w, lp_l, ref_w, ref_l, beta=beta, alpha=alpha, lam=dpop_lambda
+        )
     else:  # sigmoid_norm
         why = "loss_type='sigmoid_norm'"
         n_w = _token_counts(chosen_token_counts, "chosen_token_counts", shape, dtype, why)

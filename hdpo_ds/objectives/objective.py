@@ -36,6 +36,7 @@ from hdpo_ds.objectives.logprobs import segment_sums, token_kl
 from hdpo_ds.objectives.losses import (
     ALPHA_LOSS_TYPES,
     DISCOPOP_DEFAULT_TAU,
+    DPOP_DEFAULT_LAMBDA,
     TDPO_LOSS_TYPES,
     preference_loss,
     tdpo_loss,
@@ -124,7 +125,7 @@ class Objective(Protocol):
 @dataclass(frozen=True)
 class SequenceObjective:
     """The sequence-level losses (objectives/losses.py `preference_loss`, `LOSS_TYPES`: H-DPO, DPO, cDPO,
-    IPO, hinge, f-DPO, rDPO, EXO, NCA, SPPO, APO, DiscoPOP, length-normalised DPO) on summed sequence
+    IPO, hinge, f-DPO, rDPO, EXO, NCA, SPPO, APO, DiscoPOP, length-normalised DPO, DPOP) on summed sequence
     log-probs; alpha is H-DPO's and may change from step to step (the adaptive controller)."""
 
     loss_type: str
@@ -133,6 +134,7 @@ class SequenceObjective:
     f_alpha: float = 0.5
     nll_weight: float = 0.0
     discopop_tau: float = DISCOPOP_DEFAULT_TAU
+    dpop_lambda: float = DPOP_DEFAULT_LAMBDA
     needs_reference: bool = True
     needs_reference_logits: bool = False
     has_kl: bool = False
@@ -161,6 +163,7 @@ class SequenceObjective:
             nll_weight=self.nll_weight,
             discopop_tau=self.discopop_tau,
             nll_logps=terms.nll_chosen,
+            dpop_lambda=self.dpop_lambda,
         )
         return PairLoss(out.losses, out.chosen_rewards, out.rejected_rewards)
 
@@ -375,8 +378,9 @@ class CombinedObjective:
 
 def make_objective(loss: Any, *, chunk_size: int) -> Objective:
     """The objective of a `loss` config section (duck-typed: type (a name or a list of names), weights,
-    beta, label_smoothing, f_alpha, nll_weight, discopop_tau, tdpo_alpha, simpo_gamma); `chunk_size`
-    bounds the (chunk, V) buffers of the token-level KL. config.py has validated the combination."""
+    beta, label_smoothing, f_alpha, nll_weight, discopop_tau, dpop_lambda, tdpo_alpha, simpo_gamma);
+    `chunk_size` bounds the (chunk, V) buffers of the token-level KL. config.py has validated the
+    combination."""
     if isinstance(loss.type, (list, tuple)):
         weights = loss.weights or [1.0] * len(loss.type)
         terms = tuple(None if name == SFT_TERM else _single(loss, name, chunk_size) for name in loss.type)
@@ -392,5 +396,11 @@ def _single(loss: Any, loss_type: str, chunk_size: int) -> Objective:
     if loss_type in COUPLED_LOSS_TYPES:
         return CoupledObjective(loss_type, loss.beta, loss.label_smoothing, loss.nll_weight)
     return SequenceObjective(
-        loss_type, loss.beta, loss.label_smoothing, loss.f_alpha, loss.nll_weight, loss.discopop_tau
+        loss_type,
+        loss.beta,
+        loss.label_smoothing,
+        loss.f_alpha,
+        loss.nll_weight,
+        loss.discopop_tau,
+        loss.dpop_lambda,
     )
