@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from hdpo_ds.runtime import stop
+
 
 def main(ds_path: str, out_path: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,3 +94,4 @@ def main(ds_path: str, out_path: str) -> None:
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     main(args[0], args[1])
+    stop.exit_process(0)  # no interpreter teardown after a finished probe (runtime/stop.py)

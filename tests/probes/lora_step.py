@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from hdpo_ds.runtime import stop
+
 # The loss types checked at step 0, with the keys each needs beside LOSS_BETA.
 LOSS_BETA = 0.2
 LOSS_TYPES = {
@@ -186,3 +188,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    stop.exit_process(0)  # no interpreter teardown after a finished probe (runtime/stop.py)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
+from hdpo_ds.runtime import stop
+
 
 def main(ds_path: str, overrides: list[str]) -> None:
     from hdpo_ds.config import load_config
@@ -36,3 +38,4 @@ def main(ds_path: str, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2:])
+    stop.exit_process(0)  # no interpreter teardown after a finished probe (runtime/stop.py)

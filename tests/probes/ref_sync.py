@@ -21,6 +21,8 @@ import sys
 
 import torch
 
+from hdpo_ds.runtime import stop
+
 ALPHA = 0.6
 
 
@@ -125,3 +127,4 @@ def main(policy_dir, ref_dir, z3_path, infer_path, out_dir) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:6])
+    stop.exit_process(0)  # no interpreter teardown after a finished probe (runtime/stop.py)
