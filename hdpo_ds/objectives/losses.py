@@ -82,7 +82,8 @@ LOSS_TYPES = (
     "dpop",
 )
 _ALIASES = {"dpo": "hdpo", "sigmoid": "hdpo"}
-# The losses whose logit is H-DPO's z, a difference of rewards alpha*beta*lp - beta*ref: alpha applies.
+# The losses whose logit is built on H-DPO's z, a difference of rewards alpha*beta*lp - beta*ref (dpop
+# subtracts its penalty from it): alpha applies.
 ALPHA_LOSS_TYPES = frozenset({"hdpo", "robust", "sigmoid_norm", "dpop"})
 # What label_smoothing (eps) is to each loss that reads it: cDPO's smoothing for the logistic losses,
 # rDPO's flip rate for robust, EXO's target mass on the rejected response for exo_pair.
@@ -170,7 +171,7 @@ def _check_hyperparameters(
     f_alpha: float,
     nll_weight: float,
     discopop_tau: float,
-    dpop_lambda: float = DPOP_DEFAULT_LAMBDA,
+    dpop_lambda: float,
 ) -> None:
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got beta={beta!r}")

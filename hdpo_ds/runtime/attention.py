@@ -276,17 +276,15 @@ def check_packed_forward(model: torch.nn.Module, source: str) -> None:
     max_length_q/k: `PackedBatch.model_inputs`), to the causal LM and to its decoder (the fused head).
     A forward that takes neither **kwargs nor all four names (some remote code) would fail at the first step
     with a TypeError deep in the model; refuse it at load time instead, naming the key."""
-    modules = [model]
-    if callable(getattr(model, "get_decoder", None)) and model.get_decoder() is not None:
-        modules.append(model.get_decoder())
-    for module in modules:
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    for module in (model,) if decoder is None else (model, decoder):
         params = inspect.signature(module.forward).parameters
         if any(p.kind is p.VAR_KEYWORD for p in params.values()) or params.keys() >= _BOUNDARY_KWARGS:
             continue
         raise ConfigError(
-            f"data.packing: {type(module).__name__}.forward of {source} takes no **kwargs, so a packed row's "
-            "sequence boundaries (cu_seq_lens_q/k) cannot reach its attention; set data.packing=false "
-            "(padded rows with an attention mask)"
+            f"data.packing: {type(module).__name__}.forward of {source} takes neither **kwargs nor all of "
+            f"{', '.join(sorted(_BOUNDARY_KWARGS))}, so a packed row's sequence boundaries cannot reach its "
+            "attention; set data.packing=false (padded rows with an attention mask)"
         )
 
 

@@ -104,7 +104,7 @@ def smoke_study(setting: Setting) -> Study:
         trajectory_epochs=2,
         trajectory_evals=2,
         trajectory_samples=4,
-        control=False,  # keeps the smoke within 2 minutes; tests/test_reproduce.py checks the control's parts
+        control=False,  # keeps the smoke short; tests/test_reproduce.py checks the control's parts alone
     )
 
 
